@@ -1,0 +1,42 @@
+# hal0 — `make demo` on a fresh clone sets everything up and runs it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo run test fuzz lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+## demo: venv + install + migrate + admin login + simulator if no lemond + serve on :8000
+demo: $(VENV)/.installed
+	$(PY) manage.py demo
+
+## run: serve against the real lemond at HAL0_LEMONADE_URL (no simulator)
+run: $(VENV)/.installed
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py ensure_admin
+	$(PY) manage.py serve
+
+## test: lint + the whole test suite
+test: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+## fuzz: the property-based tests with fresh random inputs, 1500 examples each (~3 min)
+fuzz: $(VENV)/.installed
+	HAL0_PROPERTY_EXPLORE=1 HAL0_PROPERTY_EXAMPLES=1500 $(PY) -m pytest -q tests/test_properties.py
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+bench: $(VENV)/.installed
+	$(PY) bench/dashboard.py
+	$(PY) bench/gateway.py
+	$(PY) bench/faults.py
+
+clean:
+	rm -rf $(VENV) var/test-hal0.sqlite3 test-artifacts

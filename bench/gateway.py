@@ -1,0 +1,266 @@
+"""Gateway benchmark: what hal0's gateway adds to a request, next to a bare passthrough.
+
+    .venv/bin/python bench/gateway.py [--requests 1000] [--concurrency 1,16]
+                                      [--stream-requests 200] [--json FILE]
+
+In one run it starts the lemond simulator, hal0 (`manage.py serve`, fresh SQLite in a temp
+dir, a token from `manage.py tokens create`) and the bare passthrough (`bench/passthrough.py`:
+Daphne + httpx, no auth, no routing), all on loopback, then sends the same non-streaming
+chat completion
+
+* directly to the simulator (model = the lemond model),
+* through hal0 (model = "chat": token check, routing, model substitution, serving count,
+  metrics),
+* through the passthrough,
+
+`--requests` times per target at each concurrency, interleaved in rounds so that noise
+hits every target alike. "Added" latency is a target's percentile minus the direct
+percentile. Then, with the simulator answering its first token after 50 ms, it measures
+the time to the first streamed byte direct and through hal0 (and the passthrough).
+Prints a Markdown report (the "Gateway" section of docs/benchmarks.md) and optionally JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.sim_fixtures import free_port, start_simulator  # noqa: E402
+
+MODEL = "Qwen3-4B-Instruct-2507-GGUF"  # the seeded chat slot's model
+# hal0 = `manage.py serve` as hal0site/asgi.py wires it; hal0-asgi = the same project served
+# by Daphne through slots.gateway_asgi (the gateway's fast path in front of Django).
+TARGETS = ("direct", "hal0", "hal0-asgi", "passthrough")
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def wait_http(url: str, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with {process.returncode}")
+        try:
+            httpx.get(url, timeout=0.5)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+
+
+class Stack:
+    """The simulator, hal0 and the passthrough, started and stopped together."""
+
+    def __init__(self):
+        self.tmp = Path(tempfile.mkdtemp(prefix="hal0-bench-"))
+        self.processes: list[subprocess.Popen] = []
+        self.sim = None
+
+    def __enter__(self) -> Stack:
+        self.sim = start_simulator(load_delay=0.1, ttft=0.0, token_delay=0.001)
+        env = {**os.environ, "HAL0_VAR_DIR": str(self.tmp), "HAL0_LEMONADE_URL": self.sim.url,
+               "DJANGO_SETTINGS_MODULE": "hal0site.settings", "PYTHONUNBUFFERED": "1",
+               "HAL0_LOG_LEVEL": "WARNING"}
+        python = sys.executable
+        subprocess.run([python, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
+        self.token = subprocess.run(
+            [python, "manage.py", "tokens", "create", "bench"], cwd=ROOT, env=env, check=True,
+            capture_output=True, text=True).stdout.strip()
+        self.ports = {"hal0": free_port(), "hal0-asgi": free_port(), "passthrough": free_port()}
+        self._start([python, "manage.py", "serve", "--port", str(self.ports["hal0"]),
+                     "--no-reconciler"], env, "hal0")
+        self._start([python, "-m", "daphne", "-b", "127.0.0.1", "-p",
+                     str(self.ports["hal0-asgi"]), "slots.gateway_asgi:application"],
+                    env, "hal0-asgi")
+        self._start([python, "-m", "daphne", "-b", "127.0.0.1", "-p",
+                     str(self.ports["passthrough"]), "bench.passthrough:app"],
+                    {**env, "PASSTHROUGH_UPSTREAM": self.sim.url}, "passthrough")
+        for (name, port), process in zip(self.ports.items(), self.processes, strict=True):
+            wait_http(f"http://127.0.0.1:{port}/live" if name == "passthrough"
+                      else f"http://127.0.0.1:{port}/api/health", process=process)
+        return self
+
+    def _start(self, cmd: list[str], env: dict, name: str) -> None:
+        log = open(self.tmp / f"{name}.log", "wb")
+        self.processes.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
+                                               stderr=subprocess.STDOUT))
+
+    def __exit__(self, *exc) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if self.sim is not None:
+            self.sim.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def target(self, name: str) -> tuple[str, dict, str]:
+        """(base URL, headers, model) for a target."""
+        if name == "direct":
+            return self.sim.url, {}, MODEL
+        url = f"http://127.0.0.1:{self.ports[name]}"
+        if name.startswith("hal0"):
+            return url, {"Authorization": f"Bearer {self.token}"}, "chat"
+        return url, {}, MODEL
+
+
+async def run_batch(client: httpx.AsyncClient, url: str, headers: dict, model: str,
+                    count: int, concurrency: int) -> tuple[list[float], int]:
+    """`count` chat completions with `concurrency` workers: (latencies ms, errors)."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Say hello."}],
+            "max_tokens": 8}
+    latencies: list[float] = []
+    errors = 0
+    remaining = count
+
+    async def worker():
+        nonlocal remaining, errors
+        while remaining > 0:
+            remaining -= 1
+            start = time.perf_counter()
+            try:
+                response = await client.post(f"{url}/v1/chat/completions", json=body,
+                                             headers=headers)
+                ok = response.status_code == 200 and b"choices" in response.content
+            except httpx.HTTPError:
+                ok = False
+            latencies.append((time.perf_counter() - start) * 1000.0)
+            errors += not ok
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, errors
+
+
+async def first_byte(client: httpx.AsyncClient, url: str, headers: dict, model: str) -> float:
+    body = {"model": model, "stream": True, "max_tokens": 8,
+            "messages": [{"role": "user", "content": "Say hello."}]}
+    start = time.perf_counter()
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body,
+                             headers=headers) as response:
+        response.raise_for_status()
+        ttfb = None
+        async for _chunk in response.aiter_raw():  # read to the end: a reusable connection
+            if ttfb is None:
+                ttfb = (time.perf_counter() - start) * 1000.0
+    return ttfb
+
+
+async def bench(stack: Stack, requests: int, levels: list[int], stream_requests: int,
+                rounds: int) -> dict:
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    clients = {name: httpx.AsyncClient(timeout=60, limits=limits, trust_env=False)
+               for name in TARGETS}
+    results: dict = {"latency": {}, "stream": {}}
+    try:
+        for name in TARGETS:  # warm up: connections, the chat slot's load, Django's caches
+            url, headers, model = stack.target(name)
+            await run_batch(clients[name], url, headers, model, 50, 4)
+        for concurrency in levels:
+            collected = {name: ([], 0) for name in TARGETS}
+            per_round = max(1, requests // rounds)
+            for round_no in range(rounds):
+                shift = round_no % len(TARGETS)
+                order = TARGETS[shift:] + TARGETS[:shift]
+                for name in order:
+                    url, headers, model = stack.target(name)
+                    lat, err = await run_batch(clients[name], url, headers, model, per_round,
+                                               concurrency)
+                    collected[name] = (collected[name][0] + lat, collected[name][1] + err)
+            results["latency"][concurrency] = {
+                name: {"n": len(lat), "errors": err, "p50": percentile(lat, 0.50),
+                       "p99": percentile(lat, 0.99), "mean": statistics.fmean(lat)}
+                for name, (lat, err) in collected.items()}
+        stack.sim.configure(ttft=0.05)
+        ttfb: dict[str, list[float]] = {name: [] for name in TARGETS}
+        for i in range(stream_requests):
+            shift = i % len(TARGETS)
+            for name in TARGETS[shift:] + TARGETS[:shift]:
+                url, headers, model = stack.target(name)
+                ttfb[name].append(await first_byte(clients[name], url, headers, model))
+        results["stream"] = {name: {"n": len(v), "p50": percentile(v, 0.5),
+                                    "p99": percentile(v, 0.99)} for name, v in ttfb.items()}
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    return results
+
+
+def report(results: dict, requests: int) -> str:
+    lines = []
+    for concurrency, row in results["latency"].items():
+        direct = row["direct"]
+        added = {name: (row[name]["p50"] - direct["p50"], row[name]["p99"] - direct["p99"])
+                 for name in TARGETS[1:]}
+        lines += [f"**Concurrency {concurrency}** ({requests} requests per target)", "",
+                  "| target | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name in TARGETS:
+            a50, a99 = added.get(name, (0.0, 0.0))
+            lines.append(f"| {name} | {row[name]['p50']:.2f} | {row[name]['p99']:.2f} | "
+                         f"{a50:.2f} | {a99:.2f} | {row[name]['errors']} |")
+        lines.append("")
+        base = added["passthrough"]
+        row["added"], row["ratios"] = added, {}
+        for name in ("hal0", "hal0-asgi"):
+            ratios = tuple(a / b if b > 0 else float("inf")
+                           for a, b in zip(added[name], base, strict=True))
+            row["ratios"][name] = ratios
+            lines.append(f"{name} added / passthrough added: p50 **{ratios[0]:.2f}×**, "
+                         f"p99 **{ratios[1]:.2f}×**  ")
+        lines.append("")
+    stream = results["stream"]
+    lines += [f"**Streaming, time to first byte** (upstream first token after 50 ms, "
+              f"{stream['direct']['n']} streams per target, concurrency 1)", "",
+              "| target | p50 ms | p99 ms | p50 / direct |", "|---|---:|---:|---:|"]
+    for name in TARGETS:
+        lines.append(f"| {name} | {stream[name]['p50']:.2f} | {stream[name]['p99']:.2f} | "
+                     f"{stream[name]['p50'] / stream['direct']['p50']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--concurrency", default="1,16")
+    parser.add_argument("--stream-requests", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--json", help="also write the raw results here")
+    args = parser.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    started = time.monotonic()
+    with Stack() as stack:
+        results = asyncio.run(bench(stack, args.requests, levels, args.stream_requests,
+                                    args.rounds))
+    text = report(results, args.requests)
+    header = (f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+              f"{time.strftime('%Y-%m-%d %H:%M')}, run took {time.monotonic() - started:.0f} s")
+    print(header + "\n\n" + text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": header, **results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

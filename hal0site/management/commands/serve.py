@@ -1,0 +1,90 @@
+"""`manage.py serve`: the dashboard, API and gateway on Daphne, with the reconciler loop
+running inside the same process (the embedded default: one process does everything)."""
+
+import daphne.server  # isort:skip  (installs Twisted's asyncio reactor; must come first)
+
+import asyncio
+import contextlib
+import logging
+
+from django.core.management.base import BaseCommand, CommandError
+
+log = logging.getLogger("hal0.serve")
+
+
+class Command(BaseCommand):
+    help = "Serve hal0 (dashboard, JSON API, OpenAI gateway, websockets) with its reconciler."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument("--no-reconciler", action="store_true",
+                            help="don't run the reconciler here (run `manage.py reconcile` "
+                                 "as its own process instead)")
+        parser.add_argument("--access-log", action="store_true", help="log every request")
+
+    def handle(self, *args, host, port, no_reconciler, access_log, **options):
+        from daphne.access import AccessLogGenerator
+        from daphne.endpoints import build_endpoint_description_strings
+        from twisted.internet import reactor
+
+        from hal0site.asgi import application
+
+        if not 0 < port < 65536:
+            raise CommandError(f"--port {port} is not a TCP port")
+        if not no_reconciler:
+            from twisted.internet import defer
+
+            from slots import reconciler
+
+            running: dict[str, asyncio.Task] = {}
+
+            def start_reconciler():
+                task = daphne.server.twisted_loop.create_task(reconciler.run_forever())
+                task.add_done_callback(_report_crash)
+                running["task"] = task
+
+            def stop_reconciler():
+                # On SIGTERM/Ctrl-C, let the loop give its node leases back so another
+                # process takes over at once instead of waiting out the lease TTL.
+                task = running.get("task")
+                if task is None or task.done():
+                    return None
+                task.cancel()
+                return defer.Deferred.fromFuture(asyncio.ensure_future(_settle(task)))
+
+            reactor.callWhenRunning(start_reconciler)
+            reactor.addSystemEventTrigger("before", "shutdown", stop_reconciler)
+        endpoints = build_endpoint_description_strings(host=host, port=port)
+        shown = f"[{host}]" if ":" in host else host
+        self.stdout.write(f"hal0 listening on http://{shown}:{port}/ "
+                          f"({'without' if no_reconciler else 'with'} the reconciler)")
+        self.stdout.flush()
+        server = daphne.server.Server(
+            application=application,
+            endpoints=endpoints,
+            action_logger=AccessLogGenerator(self.stdout) if access_log else None,
+            # lemond loads can take minutes; the gateway keeps its own time limits
+            http_timeout=None,
+            websocket_timeout=86400,
+            application_close_timeout=10,
+            server_name="hal0",
+        )
+        server.run()
+        if server.abort_start:
+            raise CommandError(f"could not listen on {host}:{port} (is the port in use?)")
+        from slots import services
+
+        # Daphne has stopped (SIGTERM, Ctrl-C): requests still open were cut off, so give
+        # this process's serving claims back now rather than after their TTL.
+        services.release_serving_claims()
+
+
+async def _settle(task: asyncio.Task, timeout: float = 5.0) -> None:
+    with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
+        await asyncio.wait_for(asyncio.shield(task), timeout)
+
+
+def _report_crash(task):
+    if not task.cancelled() and task.exception():
+        log.error("the reconciler stopped", exc_info=task.exception())

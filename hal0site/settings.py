@@ -1,0 +1,315 @@
+"""hal0 settings: everything comes from the environment (twelve-factor).
+
+The embedded defaults run on a fresh machine with nothing else installed: SQLite under
+`var/`, the in-memory channel layer, lemond on 127.0.0.1:13305. Production (HAL0_DEBUG
+unset or false and not the demo) refuses to start without HAL0_SECRET_KEY.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("HAL0_VAR_DIR", BASE_DIR / "var"))
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"{name}={raw!r} is not a boolean (use 1/0, true/false)")
+
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a number") from None
+
+
+TESTING = "pytest" in sys.modules or (len(sys.argv) > 1 and sys.argv[1] == "test")
+DEBUG = env_bool("HAL0_DEBUG", default=False)
+# Production is declared by saying HAL0_DEBUG=0 (the installer's env file does). Left
+# unset, hal0 runs as the embedded demo: same code, but it may invent its own secret.
+PRODUCTION = os.environ.get("HAL0_DEBUG", "") != "" and not DEBUG
+
+
+def _demo_secret_key() -> str:
+    """A random per-checkout key kept in var/, so a demo's sessions survive restarts
+    without anyone shipping a well-known key."""
+    path = VAR_DIR / "secret_key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        import secrets
+
+        VAR_DIR.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_urlsafe(50)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process won the race; use its key
+            return path.read_text().strip()
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key)
+        return key
+
+
+SECRET_KEY = os.environ.get("HAL0_SECRET_KEY", "")
+if not SECRET_KEY:
+    if PRODUCTION:
+        raise ImproperlyConfigured(
+            "HAL0_SECRET_KEY is not set and HAL0_DEBUG=0 says this is production. Set it, "
+            "e.g. HAL0_SECRET_KEY=$(python -c 'import secrets; print(secrets.token_urlsafe(50))')"
+        )
+    SECRET_KEY = _demo_secret_key()
+
+ALLOWED_HOSTS = [
+    h.strip()
+    for h in os.environ.get("HAL0_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]").split(",")
+    if h.strip()
+]
+CSRF_TRUSTED_ORIGINS = [
+    o.strip() for o in os.environ.get("HAL0_CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()
+]
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "channels",
+    "django_htmx",
+    "template_partials",
+    "hal0site",
+    "providers",
+    "slots",
+    "installer",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "hal0site.security.ContentSecurityPolicyMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "hal0site.urls"
+ASGI_APPLICATION = "hal0site.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.environ.get("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'hal0.sqlite3'}",
+        conn_max_age=0,
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Several async tasks (reconciler, gateway, views) share one SQLite file: wait for
+    # the write lock instead of failing with "database is locked".
+    DATABASES["default"].setdefault("OPTIONS", {})
+    DATABASES["default"]["OPTIONS"].setdefault("timeout", 20)
+    DATABASES["default"]["OPTIONS"].setdefault(
+        "init_command", "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
+    )
+    DATABASES["default"]["OPTIONS"].setdefault("transaction_mode", "IMMEDIATE")
+    # A file (not :memory:) so worker threads in tests share it with normal locking; one per
+    # test process so two test runs in one checkout don't trample each other.
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / f"test-hal0-{os.getpid()}.sqlite3")}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = os.environ.get("REDIS_URL", "")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            # redis-py >= 6 reads with a 5 s socket timeout by default, the same 5 s a
+            # consumer blocks in BZPOPMIN waiting for a message: an idle dashboard socket
+            # then died with "Timeout reading from redis" (1011). Read longer than that.
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}]},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/accounts/login/"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = os.environ.get("HAL0_TIME_ZONE", "UTC")
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = Path(os.environ.get("HAL0_STATIC_ROOT", VAR_DIR / "staticfiles"))
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": (
+            "whitenoise.storage.CompressedManifestStaticFilesStorage"
+            if PRODUCTION
+            else "django.contrib.staticfiles.storage.StaticFilesStorage"
+        )
+    },
+}
+# The demo serves straight from static/; production serves what `collectstatic` gathered.
+WHITENOISE_USE_FINDERS = not PRODUCTION
+if not PRODUCTION:
+    STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+
+# Security headers: on by default; HTTPS-only ones follow HAL0_HTTPS because most
+# installs are plain HTTP on a LAN behind no proxy.
+HTTPS = env_bool("HAL0_HTTPS", default=False)
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SECURE = HTTPS
+CSRF_COOKIE_SECURE = HTTPS
+SECURE_SSL_REDIRECT = HTTPS and env_bool("HAL0_SSL_REDIRECT", default=True)
+SECURE_HSTS_SECONDS = 31536000 if HTTPS else 0
+SECURE_HSTS_INCLUDE_SUBDOMAINS = HTTPS
+SECURE_HSTS_PRELOAD = HTTPS
+if HTTPS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+# `check --deploy` warns about HSTS (W004), the https redirect (W008) and Secure cookies
+# (W012, W016). Over plain HTTP on a LAN (HAL0_HTTPS=0, the home-install default) those
+# settings cannot be on: a Secure cookie never comes back over http, so nobody could log in.
+# They are silenced exactly then, and nothing else is; docs/operations.md recommends TLS at a
+# reverse proxy + HAL0_HTTPS=1, where all four are on and the check is clean without this.
+# With HAL0_HTTPS=1 HAL0_SSL_REDIRECT=0 the proxy itself redirects http to https.
+if not HTTPS:
+    SILENCED_SYSTEM_CHECKS = ["security.W004", "security.W008", "security.W012", "security.W016"]
+elif not SECURE_SSL_REDIRECT:
+    SILENCED_SYSTEM_CHECKS = ["security.W008"]
+# Served on every Django response (hal0site.security). Scripts only from our own static
+# files (htmx runs with allowEval=false, see base.html); `<style>` only from static files,
+# but style *attributes* are allowed (a card group's `--cards` width, the admin's state
+# badges): with img-src/font-src/connect-src limited to 'self' an injected style attribute
+# cannot reach another origin. connect-src 'self' covers the same-origin ws:/wss: socket.
+CONTENT_SECURITY_POLICY = "; ".join([
+    "default-src 'self'",
+    "script-src 'self'",
+    "style-src 'self'",
+    "style-src-attr 'unsafe-inline'",
+    "img-src 'self' data:",
+    "font-src 'self'",
+    "connect-src 'self'",
+    "object-src 'none'",
+    "base-uri 'none'",
+    "form-action 'self'",
+    "frame-ancestors 'none'",
+])
+
+# --- lemond -------------------------------------------------------------------
+HAL0_LEMONADE_URL = os.environ.get("HAL0_LEMONADE_URL", "http://127.0.0.1:13305").rstrip("/")
+HAL0_LEMONADE_API_KEY = os.environ.get("HAL0_LEMONADE_API_KEY", "")
+HAL0_LEMONADE_ADMIN_API_KEY = os.environ.get("HAL0_LEMONADE_ADMIN_API_KEY", "")
+# Plain calls are quick; loads and pulls can take minutes (download + lemond's own
+# global_timeout of 300-600 s), so they get their own budget.
+HAL0_LEMONADE_TIMEOUT = env_float("HAL0_LEMONADE_TIMEOUT", 5.0)
+HAL0_LEMONADE_LOAD_TIMEOUT = env_float("HAL0_LEMONADE_LOAD_TIMEOUT", 900.0)
+
+# Reconciler poll periods (seconds): fast while a dashboard is open, slow otherwise.
+HAL0_POLL_ACTIVE_S = env_float("HAL0_POLL_ACTIVE_S", 1.0)
+HAL0_POLL_IDLE_S = env_float("HAL0_POLL_IDLE_S", 10.0)
+
+LOG_LEVEL = os.environ.get("HAL0_LOG_LEVEL", "INFO").upper()
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
+    "loggers": {
+        "hal0": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        "django": {"handlers": ["console"], "level": "WARNING", "propagate": False},
+    },
+}
+
+
+# --- gateway ------------------------------------------------------------------
+# How long a gateway request waits for its slot to load before answering 503 + Retry-After
+# (the load itself goes on; the dashboard shows it).
+HAL0_GATEWAY_LOAD_WAIT_S = env_float("HAL0_GATEWAY_LOAD_WAIT_S", 300.0)
+HAL0_GATEWAY_CONNECT_TIMEOUT_S = env_float("HAL0_GATEWAY_CONNECT_TIMEOUT_S", 5.0)
+# Between two bytes from lemond (a long prefill sends nothing for a while).
+HAL0_GATEWAY_READ_TIMEOUT_S = env_float("HAL0_GATEWAY_READ_TIMEOUT_S", 600.0)
+HAL0_GATEWAY_RETRY_AFTER_S = int(env_float("HAL0_GATEWAY_RETRY_AFTER_S", 5))
+# The slot routing table is cached this long per process (edits show up within it).
+HAL0_GATEWAY_ROUTE_CACHE_S = env_float("HAL0_GATEWAY_ROUTE_CACHE_S", 1.0)
+# A slot goes serving -> ready this long after its last in-flight request ends, so
+# back-to-back requests do not write the state twice each.
+HAL0_SERVING_LINGER_S = env_float("HAL0_SERVING_LINGER_S", 0.5)
+# With several gateway processes: a process's "I am serving this slot" claim lives this
+# long unless renewed (every third of it), so one that died mid-request stops holding
+# its slots at serving after this.
+HAL0_SERVING_CLAIM_TTL_S = env_float("HAL0_SERVING_CLAIM_TTL_S", 30.0)
+# Verified API tokens are cached this long: revocation elsewhere takes effect within it.
+HAL0_TOKEN_CACHE_S = env_float("HAL0_TOKEN_CACHE_S", 10.0)
+# Request metrics: kept this many hours, written in batches every few seconds.
+HAL0_METRICS_RETENTION_H = env_float("HAL0_METRICS_RETENTION_H", 24.0)
+HAL0_METRICS_FLUSH_S = env_float("HAL0_METRICS_FLUSH_S", 2.0)
+
+# --- dashboard and reconciler --------------------------------------------------
+# (HAL0_POLL_ACTIVE_S / HAL0_POLL_IDLE_S above set how often the reconciler polls.)
+# A node's whole poll (health + stats) must answer within this, or it counts as unreachable.
+HAL0_RECONCILE_TIMEOUT_S = env_float("HAL0_RECONCILE_TIMEOUT_S", 3.0)
+# CPU/RAM/VRAM and tokens/s are read at most this often (health is read every poll).
+HAL0_STATS_EVERY_S = env_float("HAL0_STATS_EVERY_S", 5.0)
+# lemond moves a model's last_use on every request; hal0 writes it (and a node's last_seen)
+# only when it moved by more than this, so a busy box is not a database write per poll.
+HAL0_OBSERVE_RESOLUTION_S = env_float("HAL0_OBSERVE_RESOLUTION_S", 15.0)
+# With several reconcilers, one holds each node's lease; a dead holder's lease is taken over
+# after this many seconds (docs/scaleout.md).
+HAL0_LEASE_TTL_S = env_float("HAL0_LEASE_TTL_S", 10.0)
+# Reloading an evicted keep-loaded slot backs off from this, doubling up to the max.
+HAL0_RESTORE_BACKOFF_S = env_float("HAL0_RESTORE_BACKOFF_S", 5.0)
+HAL0_RESTORE_BACKOFF_MAX_S = env_float("HAL0_RESTORE_BACKOFF_MAX_S", 300.0)
+# Worker threads for actions started from the dashboard (they return before the load ends).
+HAL0_BACKGROUND_WORKERS = int(env_float("HAL0_BACKGROUND_WORKERS", 4))
+# Reads the pages make from lemond (model picker, raw model entry) give up after this.
+HAL0_PAGE_LEMOND_TIMEOUT_S = env_float("HAL0_PAGE_LEMOND_TIMEOUT_S", 3.0)

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class InstallerConfig(AppConfig):
+    name = "installer"
+    verbose_name = "Installer"

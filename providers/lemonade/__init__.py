@@ -1,0 +1,1 @@
+"""The Lemonade Server (lemond) runtime: HTTP client, slot provider, simulator."""

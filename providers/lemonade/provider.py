@@ -1,0 +1,160 @@
+"""How a slot maps onto lemond: the `/v1/load` body, unload, status and inspection helpers.
+
+This is the only place that knows lemond's per-recipe option keys. It raises the typed
+errors of `providers.lemonade.errors` (except `status`, which never raises) and never
+touches the database: `slots.services` owns state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+
+from .client import Health, LoadedModel, SyncLemonadeClient
+from .errors import LemonadeError, LemonadeNotLoaded
+
+if TYPE_CHECKING:  # pragma: no cover
+    from slots.models import Node, Slot
+
+# device -> (recipe, llamacpp-style backend); None is left out of the load body
+DEVICE_BACKENDS: dict[str, tuple[str | None, str | None]] = {
+    "gpu-rocm": (None, "rocm"),
+    "gpu-vulkan": (None, "vulkan"),
+    "cpu": (None, "cpu"),
+    "npu": ("flm", None),
+}
+
+# capability -> (recipe lemond uses for it, the load key for its backend, for its args)
+# (lemond-api.md §2.4 and §4.1). kokoro (tts) has neither a backend nor an args option.
+RECIPE_KEYS: dict[str, tuple[str, str | None, str | None]] = {
+    "chat": ("llamacpp", "llamacpp_backend", "llamacpp_args"),
+    "embed": ("llamacpp", "llamacpp_backend", "llamacpp_args"),
+    "rerank": ("llamacpp", "llamacpp_backend", "llamacpp_args"),
+    "stt": ("whispercpp", "whispercpp_backend", "whispercpp_args"),
+    "img": ("sd-cpp", "sd-cpp_backend", "sdcpp_args"),
+    "tts": ("kokoro", None, None),
+}
+# recipes whose load honours ctx_size
+CTX_RECIPES = {"llamacpp", "flm"}
+
+
+def device_to_backend(device: str) -> tuple[str | None, str | None]:
+    """`gpu-rocm -> (None, "rocm")`, …, `npu -> ("flm", None)` (design.md, slot vocabulary)."""
+    try:
+        return DEVICE_BACKENDS[device]
+    except KeyError:
+        raise ValueError(f"unknown device {device!r}") from None
+
+
+@dataclass(frozen=True)
+class SlotStatus:
+    """What lemond says about one slot; `reachable=False` when it could not be asked."""
+
+    reachable: bool
+    entry: LoadedModel | None = None
+    health: Health | None = None
+    error: str = ""
+
+    @property
+    def state(self) -> str:
+        if not self.reachable:
+            return "unreachable"
+        return "loaded" if self.entry else "not loaded"
+
+
+class LemonadeProvider:
+    name = "lemonade"
+
+    # --- wiring ------------------------------------------------------------------------
+    def client(self, node: Node) -> SyncLemonadeClient:
+        return SyncLemonadeClient(
+            node.base_url,
+            api_key=node.api_key,
+            admin_api_key=node.admin_api_key,
+            timeout=settings.HAL0_LEMONADE_TIMEOUT,
+            load_timeout=settings.HAL0_LEMONADE_LOAD_TIMEOUT,
+        )
+
+    # --- mapping -----------------------------------------------------------------------
+    def recipe(self, slot: Slot) -> str:
+        recipe, _ = device_to_backend(slot.device)
+        return recipe or RECIPE_KEYS[slot.capability][0]
+
+    def load_body(self, slot: Slot, model_name: str | None = None) -> dict[str, Any]:
+        """The `/v1/load` request for this slot (optionally for another model: swap)."""
+        recipe, backend = device_to_backend(slot.device)
+        _, backend_key, args_key = RECIPE_KEYS[slot.capability]
+        body: dict[str, Any] = {"model_name": model_name or slot.model_name}
+        if recipe is not None:
+            body["recipe"] = recipe
+            args_key = f"{recipe}_args"  # npu runs on FastFlowLM: flm_args
+        elif backend is not None and backend_key:
+            body[backend_key] = backend
+        if slot.ctx_size and self.recipe(slot) in CTX_RECIPES:
+            body["ctx_size"] = slot.ctx_size
+        if slot.extra_args and slot.extra_args.strip() and args_key:
+            body[args_key] = slot.extra_args.strip()
+        if slot.node.supports_pinning:
+            # lemond < 10.8 has no pins; hal0 protects pinned slots itself there
+            body["pinned"] = bool(slot.pinned)
+        return body
+
+    def environment(self, slot: Slot) -> dict[str, str]:
+        """The slot's identity block, as a process serving it would see it."""
+        _, backend = device_to_backend(slot.device)
+        return {
+            "HAL0_SLOT_NAME": slot.name,
+            "HAL0_CAPABILITY": slot.capability,
+            "HAL0_DEVICE": slot.device,
+            "HAL0_PROVIDER": self.name,
+            "HAL0_NODE": slot.node.name,
+            "HAL0_LEMONADE_URL": slot.node.base_url,
+            "HAL0_LEMONADE_MODEL": slot.model_name,
+            "HAL0_LEMONADE_TYPE": slot.lemond_type,
+            "HAL0_LEMONADE_RECIPE": self.recipe(slot),
+            "HAL0_LEMONADE_BACKEND": backend or "",
+            "HAL0_CTX_SIZE": str(slot.ctx_size or ""),
+        }
+
+    def image_ref(self, slot: Slot) -> str:
+        recipe, backend = device_to_backend(slot.device)
+        if recipe:
+            return f"lemonade://recipe/{recipe}"
+        own_recipe, backend_key, _ = RECIPE_KEYS[slot.capability]
+        if backend_key is None:
+            return f"lemonade://recipe/{own_recipe}"
+        return f"lemonade://{own_recipe}/{backend}"
+
+    # --- calls -------------------------------------------------------------------------
+    def load(self, slot: Slot, model_name: str | None = None) -> dict:
+        return self.client(slot.node).load(self.load_body(slot, model_name))
+
+    def unload(self, slot: Slot, model_name: str | None = None) -> dict:
+        """Unload the slot's model. Idempotent: 'not loaded' is success."""
+        model = model_name or slot.loaded_model or slot.model_name
+        if not model:
+            return {"ok": True, "noop": "no model to unload"}
+        try:
+            result = self.client(slot.node).unload(model)
+        except LemonadeNotLoaded:
+            return {"ok": True, "noop": f"{model} was not loaded"}
+        return {"ok": True, **(result if isinstance(result, dict) else {})}
+
+    def pin(self, slot: Slot, pinned: bool) -> dict:
+        return self.client(slot.node).pin(slot.loaded_model or slot.model_name, pinned)
+
+    def health(self, node: Node) -> Health:
+        return self.client(node).health()
+
+    def status(self, slot: Slot) -> SlotStatus:
+        """Never raises: lemond's entry for the slot's model, or why it is unknown."""
+        try:
+            health = self.health(slot.node)
+        except LemonadeError as exc:
+            return SlotStatus(reachable=False, error=str(exc))
+        except Exception as exc:  # a status read must never take a page or a command down
+            return SlotStatus(reachable=False, error=f"{exc.__class__.__name__}: {exc}")
+        entry = health.find(slot.model_name)
+        return SlotStatus(reachable=True, entry=entry, health=health)

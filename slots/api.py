@@ -1,0 +1,173 @@
+"""The JSON API over slots: `/api/slots/…` and `/api/health`.
+
+Authentication is a session (browser, CSRF enforced) or a bearer token (scripts; no CSRF).
+Errors are the actions' stable envelope `{"error": {"code", "message", "slot"}}`.
+Lifecycle calls wait for the action to finish; they run on a worker thread so a long load
+never blocks the rest of the site.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from functools import wraps
+
+from asgiref.sync import sync_to_async
+from django.db import connection
+from django.http import JsonResponse
+from django.middleware.csrf import CsrfViewMiddleware
+from django.utils import timezone
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_POST
+
+from . import services
+from .models import Node, Slot
+from .services import SlotError
+
+
+def error_response(code: str, message: str, status: int, slot: str | None = None) -> JsonResponse:
+    return JsonResponse({"error": {"code": code, "message": message, "slot": slot}},
+                         status=status)
+
+
+def authenticate(request):
+    """The user behind a session (CSRF-checked for unsafe methods) or a bearer token;
+    returns (user_or_token, None) or (None, error response)."""
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        from . import tokens  # the gateway's API tokens
+
+        token = tokens.authenticate(header[7:].strip())
+        if token is None:
+            return None, error_response("auth.invalid_token", "Invalid or expired API token.", 401)
+        return token, None
+    user = getattr(request, "user", None)
+    if user is None or not user.is_authenticated:
+        return None, error_response("auth.required", "Log in or send an API token.", 401)
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        reason = CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
+        if reason is not None:
+            return None, error_response("auth.csrf", "CSRF check failed: send the X-CSRFToken "
+                                        "header with a session.", 403)
+    return user, None
+
+
+def api_view(view):
+    """Auth for API views; sync or async."""
+    if inspect.iscoroutinefunction(view):
+        @wraps(view)
+        async def wrapper(request, *args, **kwargs):
+            principal, denied = await sync_to_async(authenticate)(request)
+            if denied:
+                return denied
+            request.principal = principal
+            return await view(request, *args, **kwargs)
+    else:
+        @wraps(view)
+        def wrapper(request, *args, **kwargs):
+            principal, denied = authenticate(request)
+            if denied:
+                return denied
+            request.principal = principal
+            return view(request, *args, **kwargs)
+    return csrf_exempt(wrapper)
+
+
+def _allowed(request, slot_name: str) -> bool:
+    scope = getattr(request.principal, "allows_slot", None)
+    return scope(slot_name) if scope else True
+
+
+@require_GET
+@api_view
+def slot_list(request):
+    slots = [s.as_json() for s in Slot.objects.for_dashboard() if _allowed(request, s.name)]
+    return JsonResponse({"slots": slots})
+
+
+@require_GET
+@api_view
+def slot_detail(request, name: str):
+    if not _allowed(request, name):
+        return error_response("auth.forbidden", f"This token may not use slot {name!r}.", 403, name)
+    try:
+        slot = services.get_slot(name)
+    except SlotError as exc:
+        return JsonResponse(exc.envelope(), status=exc.http_status)
+    return JsonResponse(slot.as_json())
+
+
+ACTIONS = {
+    "load": services.load_slot,
+    "unload": services.unload_slot,
+    "restart": services.restart_slot,
+    "pin": services.pin_slot,
+    "unpin": services.unpin_slot,
+}
+
+
+def _run_action(action: str, name: str, body: dict, actor) -> tuple[dict, int]:
+    try:
+        if action == "swap":
+            model = body.get("model") or body.get("model_name")
+            if not isinstance(model, str) or not model.strip():
+                return {"error": {"code": "slot.config_error", "slot": name,
+                                  "message": 'swap needs {"model": "<model name>"}'}}, 400
+            slot = services.swap_slot(name, model, actor=actor)
+        else:
+            slot = ACTIONS[action](name, actor=actor)
+        slot.refresh_from_db()
+        return slot.as_json(), 200
+    except SlotError as exc:
+        return exc.envelope(), exc.http_status
+    finally:
+        connection.close()  # worker threads must not keep connections open
+
+
+@require_POST
+@api_view
+async def slot_action(request, name: str, action: str):
+    if action not in ACTIONS and action != "swap":
+        return error_response("api.not_found", f"Unknown action {action!r}.", 404, name)
+    if not _allowed(request, name):
+        return error_response("auth.forbidden", f"This token may not use slot {name!r}.", 403, name)
+    body: dict = {}
+    if request.content_type == "application/json" and request.body:
+        try:
+            body = json.loads(request.body)
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+            return error_response("api.bad_json", "The request body is not valid JSON.", 400, name)
+        if not isinstance(body, dict):
+            return error_response("api.bad_json", "The request body must be a JSON object.",
+                                  400, name)
+    elif request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        body = request.POST.dict()  # e.g. an htmx form posting model=...
+    user = request.principal
+    actor = user if hasattr(user, "get_username") else f"token:{getattr(user, 'name', '?')}"
+    # thread_sensitive=False: a load takes minutes and must not hold Django's shared
+    # sync thread, which every other sync view needs.
+    data, status = await sync_to_async(_run_action, thread_sensitive=False)(
+        action, name, body, actor)
+    return JsonResponse(data, status=status)
+
+
+@require_GET
+def health(request):
+    """hal0's own health; the nodes' reachability (as last observed) for a logged-in caller."""
+    try:
+        Slot.objects.exists()
+        database = "ok"
+    except Exception as exc:  # the database is the one thing hal0 cannot work without
+        return JsonResponse({"status": "error", "database": str(exc)[:200]}, status=503)
+    data = {"status": "ok", "database": database, "time": timezone.now().isoformat()}
+    _, denied = authenticate(request)
+    if not denied:
+        data["nodes"] = [
+            {"name": n.name, "url": n.base_url, "enabled": n.enabled, "reachable": n.reachable,
+             "version": n.version, "simulated": n.simulated,
+             "last_seen": n.last_seen.isoformat() if n.last_seen else None,
+             "unreachable_since": n.unreachable_since.isoformat() if n.unreachable_since else None,
+             "last_error": n.last_error}
+            for n in Node.objects.all()
+        ]
+    return JsonResponse(data)

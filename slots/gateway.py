@@ -1,0 +1,596 @@
+"""The OpenAI-compatible gateway: `/v1/...` requests routed to slots and proxied to lemond.
+
+A request's `model` names a slot (`chat`), a capability (`embed` -> that capability's
+default slot) or a model a slot serves. The gateway loads the slot through the `load`
+action when it is not loaded (so the dashboard shows it loading), counts the request as
+in flight (`services.acquire_serving`: the slot shows `serving` and is never idle-unloaded
+meanwhile), forwards the body to the slot's lemond node with the slot's model substituted,
+and passes the answer back: SSE chunk by chunk, binary and multipart as they are. A client
+that disconnects cancels the upstream request.
+
+The hot path stays lean: API tokens are verified from an in-memory cache, the slot routing
+table is cached for HAL0_GATEWAY_ROUTE_CACHE_S, one `httpx.AsyncClient` per process (per
+event loop) is shared by all requests, and metrics are appended to an in-memory buffer that
+`slots.metrics` writes in batches. Nothing in the request path writes to the database.
+
+Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import httpx
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
+from django.db import connection
+from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http.multipartparser import MultiPartParserError
+from django.utils import timezone
+from django.views.decorators.csrf import csrf_exempt
+
+from . import metrics, services, tokens
+from .metrics import Observation
+from .models import Capability, Slot, State, parse_version
+from .services import SlotError
+
+log = logging.getLogger("hal0.gateway")
+
+# endpoint (after /v1/) -> the capability that serves it
+ENDPOINTS: dict[str, str] = {
+    "chat/completions": Capability.CHAT,
+    "completions": Capability.CHAT,
+    "embeddings": Capability.EMBED,
+    "rerank": Capability.RERANK,
+    "audio/transcriptions": Capability.STT,
+    "audio/speech": Capability.TTS,
+    "images/generations": Capability.IMG,
+}
+MULTIPART_ENDPOINTS = {"audio/transcriptions"}
+
+# what a client may write for a capability (hal0's names, lemond's type names, plurals)
+CAPABILITY_ALIASES: dict[str, str] = {
+    "chat": "chat", "llm": "chat",
+    "embed": "embed", "embedding": "embed", "embeddings": "embed",
+    "rerank": "rerank", "reranking": "rerank", "reranker": "rerank",
+    "stt": "stt", "transcription": "stt", "transcriptions": "stt", "audio": "stt",
+    "tts": "tts", "speech": "tts",
+    "img": "img", "image": "img", "images": "img",
+}
+
+LOADED = (State.READY, State.SERVING)
+TAIL_KEEP = 16_384  # bytes of a stream kept to read its final `usage`/`timings`
+
+# Loads wait minutes on a thread: give them their own pool so they never starve the
+# default executor that short database calls use.
+_load_executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hal0-gw-load")
+
+
+# --- errors --------------------------------------------------------------------------------
+
+def openai_error(status: int, message: str, *, type_: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None,
+                 retry_after: int | None = None) -> JsonResponse:
+    response = JsonResponse(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}},
+        status=status)
+    if retry_after is not None:
+        response["Retry-After"] = str(retry_after)
+    return response
+
+
+def _unavailable(message: str, code: str = "lemond_unavailable") -> JsonResponse:
+    return openai_error(503, message, type_="server_error", code=code,
+                        retry_after=settings.HAL0_GATEWAY_RETRY_AFTER_S)
+
+
+def _slot_error(exc: SlotError) -> JsonResponse:
+    """An action's failure, as the gateway answers it (issue #6 §7)."""
+    code = exc.code.replace(".", "_")
+    if exc.code == "slot.disabled":
+        return openai_error(409, exc.message, code="slot_disabled")
+    if exc.code == "slot.not_found":
+        return openai_error(404, exc.message, code="model_not_found", param="model")
+    if exc.code in ("lemond.unavailable", "slot.illegal_transition"):
+        return _unavailable(exc.message, code)
+    if exc.code == "lemond.timeout":
+        return openai_error(504, exc.message, type_="server_error", code=code)
+    # spawn failures, unknown models, lemond errors: lemond's message, 502
+    return openai_error(502, exc.message, type_="server_error", code="model_load_error")
+
+
+# --- routing ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    pk: int
+    name: str
+    capability: str
+    model_name: str
+    loaded_model: str
+    state: str
+    enabled: bool
+    is_default: bool
+    upstream: str  # base URL + the lemond API prefix, e.g. http://127.0.0.1:13305/v1
+    api_key: str = field(repr=False)
+
+    @property
+    def loaded(self) -> bool:
+        return self.state in LOADED
+
+    @property
+    def serves_its_model(self) -> bool:
+        """Loaded with the slot's own model. After an edit the old model may still be up:
+        forwarding then would make lemond load the new one by itself, without the slot's
+        device, context size and args, so the gateway runs the load action instead."""
+        return self.loaded and self.loaded_model in ("", self.model_name)
+
+
+@dataclass
+class RouteTable:
+    slots: list[Route]
+    by_name: dict[str, Route]
+    defaults: dict[str, Route]
+    by_model: dict[str, list[Route]]
+
+    @classmethod
+    def build(cls, routes: list[Route]) -> RouteTable:
+        by_model: dict[str, list[Route]] = {}
+        defaults: dict[str, Route] = {}
+        for route in routes:
+            by_model.setdefault(route.model_name, []).append(route)
+            if route.loaded_model and route.loaded_model != route.model_name:
+                by_model.setdefault(route.loaded_model, []).append(route)
+            if route.is_default:
+                defaults[route.capability] = route
+        for route in routes:  # a capability without a declared default: its first slot
+            defaults.setdefault(route.capability, route)
+        return cls(routes, {r.name: r for r in routes}, defaults, by_model)
+
+    def resolve(self, model: str | None, capability: str | None) -> Route | None:
+        """A capability's own name with a declared default slot, then a slot name, then a
+        capability alias (its default slot), then a model a slot serves."""
+        if not model:
+            return self.defaults.get(capability) if capability else None
+        # The seeded slots are named after their capabilities and cannot be renamed, so
+        # "embed" must follow is_default to another slot ("requests naming the capability
+        # go to this slot"); the seeded slot stays reachable by its model's name.
+        declared = self.defaults.get(model)
+        if declared is not None and declared.is_default:
+            return declared
+        route = self.by_name.get(model)
+        if route is not None:
+            return route
+        alias = CAPABILITY_ALIASES.get(model.lower())
+        if alias is not None:
+            return self.defaults.get(alias)
+        candidates = self.by_model.get(model) or self.by_model.get(model.removesuffix(":latest"))
+        if not candidates:
+            return None
+        return min(candidates, key=lambda r: (r.capability != capability, not r.enabled,
+                                              not r.loaded, not r.is_default, r.name))
+
+
+def _load_routes() -> RouteTable:
+    routes = []
+    for slot in Slot.objects.select_related("node").order_by("name"):
+        node = slot.node
+        version = parse_version(node.version)
+        # lemond-api.md: /api/v1 is served by every version; before 10.1 (the 10.0 shape)
+        # it may be the only prefix, from 10.1 on the unprefixed /v1 is the documented one
+        prefix = "/api/v1" if version and version < (10, 1) else "/v1"
+        routes.append(Route(
+            pk=slot.pk, name=slot.name, capability=slot.capability,
+            model_name=slot.model_name, loaded_model=slot.loaded_model, state=slot.state,
+            enabled=slot.enabled and node.enabled, is_default=slot.is_default,
+            upstream=node.base_url.rstrip("/") + prefix, api_key=node.api_key))
+    return RouteTable.build(routes)
+
+
+_table: RouteTable | None = None
+_table_until = 0.0
+
+
+async def route_table() -> RouteTable:
+    global _table, _table_until
+    if _table is None or time.monotonic() >= _table_until:
+        _table = await sync_to_async(_load_routes)()
+        _table_until = time.monotonic() + settings.HAL0_GATEWAY_ROUTE_CACHE_S
+    return _table
+
+
+def invalidate_routes() -> None:
+    global _table
+    _table = None
+
+
+# --- the shared upstream client --------------------------------------------------------------
+
+_http: httpx.AsyncClient | None = None
+_http_loop: asyncio.AbstractEventLoop | None = None
+
+
+def http_client() -> httpx.AsyncClient:
+    """One client per process, created on (and bound to) the running event loop."""
+    global _http, _http_loop
+    loop = asyncio.get_running_loop()
+    if _http is None or _http_loop is not loop or _http.is_closed:
+        _http = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.HAL0_GATEWAY_READ_TIMEOUT_S,
+                                  connect=settings.HAL0_GATEWAY_CONNECT_TIMEOUT_S,
+                                  pool=settings.HAL0_GATEWAY_CONNECT_TIMEOUT_S),
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+            trust_env=False,  # lemond is on loopback/LAN: never via an environment proxy
+        )
+        _http_loop = loop
+    return _http
+
+
+# --- on-demand load ----------------------------------------------------------------------------
+
+_loads: dict[int, asyncio.Future] = {}
+
+
+def _ensure_loaded_in_thread(name: str, timeout: float) -> None:
+    try:
+        services.ensure_loaded(name, timeout)
+    finally:
+        connection.close()
+
+
+def _forget_load(pk: int, future: asyncio.Future) -> None:
+    if _loads.get(pk) is future:
+        del _loads[pk]
+    if not future.cancelled():
+        future.exception()  # retrieved: the waiting requests report it
+
+
+async def ensure_loaded(route: Route) -> None:
+    """Load the slot (one load per slot per process, shared by every request waiting for
+    it); wait at most HAL0_GATEWAY_LOAD_WAIT_S. Raises SlotError or TimeoutError."""
+    wait = settings.HAL0_GATEWAY_LOAD_WAIT_S
+    future = _loads.get(route.pk)
+    if future is None or future.done():
+        run = sync_to_async(_ensure_loaded_in_thread, thread_sensitive=False,
+                            executor=_load_executor)
+        # the load goes on after a client gave up waiting: the dashboard shows it finish
+        future = asyncio.ensure_future(run(route.name, settings.HAL0_LEMONADE_LOAD_TIMEOUT))
+        _loads[route.pk] = future
+        future.add_done_callback(functools.partial(_forget_load, route.pk))
+    try:
+        await asyncio.wait_for(asyncio.shield(future), wait)
+    finally:
+        invalidate_routes()
+    services.refresh_serving_state(route.pk, force=True)  # in flight: ready -> serving
+
+
+# --- auth --------------------------------------------------------------------------------------
+
+async def _principal(request) -> tuple[tokens.Principal | None, JsonResponse | None]:
+    header = request.headers.get("Authorization", "")
+    raw = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    principal, why = await tokens.averify(raw)
+    if principal is not None:
+        return principal, None
+    message = {
+        "missing": "Missing API key: send `Authorization: Bearer <token>` (create one with "
+                   "`manage.py tokens create NAME` or in the admin).",
+        "expired": "This API key has expired.",
+    }.get(why, "Invalid API key (unknown or revoked).")
+    response = openai_error(401, message, code="invalid_api_key")
+    response["WWW-Authenticate"] = 'Bearer realm="hal0"'
+    return None, response
+
+
+# --- the proxy ---------------------------------------------------------------------------------
+
+class Flight:
+    """One request in flight for a slot: counted as serving until `finish()`."""
+
+    __slots__ = ("done", "endpoint", "route", "started", "started_at", "stream", "ttft_ms")
+
+    def __init__(self, route: Route, endpoint: str, started: float, started_at):
+        self.route = route
+        self.endpoint = endpoint
+        self.started = started
+        self.started_at = started_at
+        self.stream = False
+        self.ttft_ms: float | None = None
+        self.done = False
+        services.acquire_serving(route.pk)
+
+    def finish(self, status: int, payload: bytes = b"") -> None:
+        if self.done:
+            return
+        self.done = True
+        services.release_serving(self.route.pk)
+        latency_ms = (time.perf_counter() - self.started) * 1000.0
+        usage = metrics.usage_of(payload) if payload and status < 400 else {}
+        ttft_ms = self.ttft_ms if self.stream else usage.get("prompt_ms")
+        tokens_out, tps = usage.get("tokens_out"), usage.get("tokens_per_s")
+        if tps is None and tokens_out and self.stream and ttft_ms is not None \
+                and latency_ms > ttft_ms:
+            tps = tokens_out * 1000.0 / (latency_ms - ttft_ms)
+        metrics.observe(Observation(
+            slot_name=self.route.name, endpoint=self.endpoint, status=status,
+            started_at=self.started_at, latency_ms=round(latency_ms, 3),
+            ttft_ms=round(ttft_ms, 3) if ttft_ms is not None else None,
+            tokens_in=usage.get("tokens_in"), tokens_out=tokens_out,
+            tokens_per_s=round(tps, 2) if tps is not None else None, stream=self.stream))
+
+
+def _json_body(raw: bytes) -> tuple[dict | None, JsonResponse | None]:
+    try:
+        data = json.loads(raw) if raw else None
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+        return None, openai_error(400, "The request body is not valid JSON.")
+    if not isinstance(data, dict):
+        return None, openai_error(400, "The request body must be a JSON object.")
+    return data, None
+
+
+async def _relay(response: httpx.Response, flight: Flight):
+    """Pass an upstream stream through chunk by chunk; closing it cancels upstream."""
+    status = response.status_code
+    tail = bytearray()
+    try:
+        async for chunk in response.aiter_raw():
+            if flight.ttft_ms is None:
+                flight.ttft_ms = (time.perf_counter() - flight.started) * 1000.0
+            tail += chunk
+            if len(tail) > 2 * TAIL_KEEP:
+                del tail[:-TAIL_KEEP]
+            yield chunk
+    except httpx.HTTPError as exc:  # lemond went away mid-stream: end the stream
+        status = 502
+        log.warning("slot %s: upstream stream broke: %s", flight.route.name,
+                    exc.__class__.__name__)
+    except (asyncio.CancelledError, GeneratorExit):
+        status = 499  # the client went away (nginx's code): upstream is closed below
+        raise
+    finally:
+        await response.aclose()
+        flight.finish(status, bytes(tail))
+
+
+def _abandon(response: httpx.Response, flight: Flight) -> None:
+    if flight.done:
+        return
+    flight.finish(499)
+    try:
+        asyncio.get_running_loop().create_task(response.aclose())
+    except RuntimeError:  # no loop any more: the connection dies with the client
+        pass
+
+
+def _upstream_error_body(content: bytes) -> bytes:
+    """lemond's error shapes vary (lemond-api.md §1); OpenAI clients want error.message."""
+    try:
+        data = json.loads(content)
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict) \
+            and "message" in data["error"]:
+        return content
+    from providers.lemonade.errors import parse_error_body
+
+    message, code, error_type = parse_error_body(content.decode("utf-8", "replace"))
+    return json.dumps({"error": {"message": message, "type": error_type or "upstream_error",
+                                 "param": None, "code": code}}).encode()
+
+
+async def _forward(request, endpoint: str, route: Route, flight: Flight, *, content=None,
+                   data=None, files=None):
+    headers = {"Accept-Encoding": "identity",
+               "Accept": request.headers.get("Accept", "*/*")}
+    if content is not None:
+        headers["Content-Type"] = "application/json"
+    if route.api_key:  # lemond's key: only ever in this upstream header
+        headers["Authorization"] = f"Bearer {route.api_key}"
+    client = http_client()
+    upstream = client.build_request("POST", f"{route.upstream}/{endpoint}", headers=headers,
+                                    content=content, data=data, files=files)
+    try:
+        response = await client.send(upstream, stream=True)
+    except httpx.TimeoutException as exc:
+        if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
+            flight.finish(503)
+            return _unavailable(f"lemond for slot {route.name!r} is unreachable "
+                                "(connection timed out).")
+        flight.finish(504)
+        return openai_error(504, f"lemond did not answer in time for slot {route.name!r}.",
+                            type_="server_error", code="lemond_timeout")
+    except httpx.HTTPError as exc:
+        flight.finish(503)
+        return _unavailable(f"lemond for slot {route.name!r} is unreachable "
+                            f"({exc.__class__.__name__}).")
+    content_type = response.headers.get("content-type", "application/octet-stream")
+    if response.status_code < 400 and content_type.startswith("text/event-stream"):
+        flight.stream = True
+        relay = _relay(response, flight)
+        # If the client leaves before Django starts iterating, the generator never runs
+        # its `finally`: release the slot and the upstream connection when it is dropped.
+        weakref.finalize(relay, _abandon, response, flight)
+        out = StreamingHttpResponse(relay, status=response.status_code,
+                                    content_type=content_type)
+        out["Cache-Control"] = "no-cache"
+        out["X-Accel-Buffering"] = "no"
+        return out
+    try:
+        payload = await response.aread()
+    except httpx.HTTPError as exc:
+        flight.finish(502)
+        return openai_error(502, f"lemond's answer broke off ({exc.__class__.__name__}).",
+                            type_="server_error", code="upstream_error")
+    finally:
+        await response.aclose()
+    flight.finish(response.status_code, payload)
+    if response.status_code >= 400:
+        return HttpResponse(_upstream_error_body(payload), status=response.status_code,
+                            content_type="application/json")
+    return HttpResponse(payload, status=response.status_code, content_type=content_type)
+
+
+async def _proxy(request, endpoint: str):
+    started = time.perf_counter()
+    principal, denied = await _principal(request)
+    if denied:
+        return denied
+    capability = ENDPOINTS[endpoint]
+    multipart = endpoint in MULTIPART_ENDPOINTS
+    data: dict | None = None
+    raw = b""
+    if multipart:
+        if not request.content_type.startswith("multipart/form-data"):
+            return openai_error(400, f"/v1/{endpoint} takes multipart/form-data.")
+        try:
+            model = request.POST.get("model")
+        except (MultiPartParserError, SuspiciousOperation, RequestDataTooBig) as exc:
+            return openai_error(400, f"The multipart body cannot be read: {exc}")
+    else:
+        raw = request.read()
+        data, bad = _json_body(raw)
+        if bad:
+            return bad
+        model = data.get("model")
+        if model is not None and not isinstance(model, str):
+            return openai_error(400, "`model` must be a string.", param="model")
+    table = await route_table()
+    route = table.resolve(model, capability)
+    if route is None:
+        return openai_error(404, f"The model {model!r} does not exist: name a slot, a "
+                                 "capability or a model a slot serves (GET /v1/models).",
+                            code="model_not_found", param="model")
+    named = table.by_name.get(model) if model else None
+    if named is not None and not principal.allows_slot(route.name) \
+            and principal.allows_slot(named.name):
+        route = named  # a key scoped to the seeded `embed` slot still reaches it by name
+    if not principal.allows_slot(route.name):
+        return openai_error(403, f"This API key may not use slot {route.name!r}.",
+                            type_="permission_error", code="slot_not_allowed", param="model")
+    if route.capability != capability:
+        return openai_error(400, f"Slot {route.name!r} serves {route.capability}; "
+                                 f"/v1/{endpoint} needs a {capability} slot.",
+                            code="model_not_supported", param="model")
+    if not route.enabled:
+        return openai_error(409, f"Slot {route.name!r} is disabled; enable it first.",
+                            code="slot_disabled")
+
+    flight = Flight(route, endpoint, started, timezone.now())
+    metrics.ensure_flusher()
+    try:
+        if not route.serves_its_model or services.is_idle_unloading(route.pk):
+            try:
+                await ensure_loaded(route)
+            except SlotError as exc:
+                response = _slot_error(exc)
+                flight.finish(response.status_code)
+                return response
+            except TimeoutError:
+                flight.finish(503)
+                return _unavailable(f"Slot {route.name!r} is still loading; try again shortly.",
+                                    code="slot_loading")
+            route = (await route_table()).by_name.get(route.name, route)
+        if multipart:
+            # lists, not items(): repeated fields such as timestamp_granularities[] keep
+            # every value
+            fields = dict(request.POST.lists())
+            fields["model"] = route.model_name
+            files = [(name, (f.name, f.read(), f.content_type or "application/octet-stream"))
+                     for name, uploads in request.FILES.lists() for f in uploads]
+            return await _forward(request, endpoint, route, flight, data=fields, files=files)
+        if data.get("model") != route.model_name:
+            data["model"] = route.model_name
+            raw = json.dumps(data).encode()
+        return await _forward(request, endpoint, route, flight, content=raw)
+    except asyncio.CancelledError:
+        flight.finish(499)  # the client went away while we waited or forwarded
+        raise
+    finally:
+        if not flight.done and not flight.stream:
+            flight.finish(500)
+
+
+def internal_error() -> JsonResponse:
+    """hal0's own failure (a bug, the database gone): the cause is in the log."""
+    return openai_error(500, "hal0's gateway failed on this request; see its log.",
+                        type_="server_error", code="internal_error")
+
+
+def gateway_view(endpoint: str):
+    @csrf_exempt
+    async def view(request):
+        if request.method != "POST":
+            return openai_error(405, f"Use POST for /v1/{endpoint}.",
+                                code="method_not_allowed")
+        try:
+            return await _proxy(request, endpoint)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("gateway error on /v1/%s", endpoint)
+            return internal_error()
+
+    view.__name__ = f"gateway_{endpoint.replace('/', '_')}"
+    return view
+
+
+# --- /v1/models ----------------------------------------------------------------------------------
+
+def _model_json(route: Route, created: int) -> dict:
+    return {"id": route.name, "object": "model", "created": created, "owned_by": "hal0",
+            "capability": route.capability, "model": route.model_name,
+            "loaded_model": route.loaded_model or None, "state": route.state,
+            "default": route.is_default, "enabled": route.enabled}
+
+
+@csrf_exempt
+async def models(request, model_id: str | None = None):
+    if request.method not in ("GET", "HEAD"):
+        return openai_error(405, "Use GET for /v1/models.", code="method_not_allowed")
+    principal, denied = await _principal(request)
+    if denied:
+        return denied
+    table = await route_table()
+    invalidate_routes()  # a listing is rare and should show fresh states
+    created = int(time.time())
+    if model_id is not None:
+        # ids are slot names (as listed): look the name up first, then what resolve() knows
+        route = table.by_name.get(model_id) or table.resolve(model_id, None)
+        if route is None or not principal.allows_slot(route.name):
+            return openai_error(404, f"The model {model_id!r} does not exist.",
+                                code="model_not_found", param="model")
+        return JsonResponse(_model_json(route, created))
+    return JsonResponse({"object": "list",
+                         "data": [_model_json(r, created) for r in table.slots
+                                  if principal.allows_slot(r.name)]})
+
+
+# --- /metrics ------------------------------------------------------------------------------------
+
+@csrf_exempt
+async def prometheus(request):
+    """Prometheus text; needs an API token (any) or a logged-in staff session."""
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        _, denied = await _principal(request)
+        if denied:
+            return denied
+    else:
+        user = await request.auser()
+        if not (user.is_authenticated and user.is_staff):
+            response = HttpResponse("authentication required: send an API token\n",
+                                    status=401, content_type="text/plain")
+            response["WWW-Authenticate"] = 'Bearer realm="hal0"'
+            return response
+    text = await sync_to_async(metrics.prometheus_text)()
+    return HttpResponse(text, content_type="text/plain; version=0.0.4; charset=utf-8")
+

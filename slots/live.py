@@ -1,0 +1,122 @@
+"""Live pages: what goes out on the dashboard websocket group, and who is watching.
+
+Every push is HTML: the same partials the pages render (`slots/_slot_card.html`,
+`slots/_node.html`, …), marked for an htmx out-of-band swap by element id. Nothing here
+talks to lemond.
+
+Pushes can start on any thread (actions run on worker threads). The in-memory channel
+layer is not thread-safe, so a push from a foreign thread is handed to the event loop the
+consumers run on (`bind_loop`), never run on a loop of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.db import transaction
+from django.template.loader import render_to_string
+
+log = logging.getLogger("hal0.live")
+
+GROUP = "dashboard"
+
+_home_loop: asyncio.AbstractEventLoop | None = None
+_pending: set[asyncio.Task] = set()  # pushes scheduled from async code, kept until sent
+_viewers = 0
+_viewers_lock = threading.Lock()
+
+
+def bind_loop(loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Remember the event loop the websockets live on (called by consumers and the
+    reconciler from inside it)."""
+    global _home_loop
+    _home_loop = loop or asyncio.get_running_loop()
+
+
+# --- who is watching (the reconciler polls faster while anyone is) ----------------------
+
+def viewer_joined() -> None:
+    global _viewers
+    with _viewers_lock:
+        _viewers += 1
+
+
+def viewer_left() -> None:
+    global _viewers
+    with _viewers_lock:
+        _viewers = max(0, _viewers - 1)
+
+
+def viewers() -> int:
+    """Dashboards connected to this process."""
+    return _viewers
+
+
+# --- pushing ---------------------------------------------------------------------------
+
+def send(html: str) -> None:
+    """Push an HTML fragment to every open dashboard. Never raises: a broken channel
+    layer must not fail the action that triggered the push."""
+    layer = get_channel_layer()
+    if layer is None or not html:
+        return
+    message = {"type": "push.html", "html": html}
+    try:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        loop = _home_loop
+        if running is not None:  # called from async code: schedule, don't block the loop
+            task = running.create_task(layer.group_send(GROUP, message))
+            _pending.add(task)
+            task.add_done_callback(_pending.discard)
+        elif loop is not None and loop.is_running() and not loop.is_closed():
+            future = asyncio.run_coroutine_threadsafe(layer.group_send(GROUP, message), loop)
+            future.result(timeout=5)
+        else:
+            async_to_sync(layer.group_send)(GROUP, message)
+    except Exception:  # e.g. Redis down: the dashboard catches up on its next load
+        log.exception("could not push a dashboard update")
+
+
+def render_slot_card(slot) -> str:
+    return render_to_string("slots/_slot_card.html", {"slot": slot, "oob": True})
+
+
+def render_node(node) -> str:
+    return render_to_string("slots/_node.html", {"node": node, "oob": True})
+
+
+def broadcast_slot(slot_id: int) -> None:
+    from .models import Slot
+
+    slot = Slot.objects.select_related("node").filter(pk=slot_id).first()
+    if slot is not None:
+        send(render_slot_card(slot))
+
+
+def broadcast_slot_on_commit(slot_id: int) -> None:
+    transaction.on_commit(lambda: broadcast_slot(slot_id))
+
+
+def broadcast_node(node_id: int) -> None:
+    from .models import Node
+
+    node = Node.objects.filter(pk=node_id).first()
+    if node is not None:
+        send(render_node(node))
+
+
+def broadcast_node_on_commit(node_id: int) -> None:
+    transaction.on_commit(lambda: broadcast_node(node_id))
+
+
+def broadcast_removed_on_commit(name: str) -> None:
+    transaction.on_commit(
+        lambda: send(f'<div id="slot-{name}" hx-swap-oob="delete"></div>')
+    )

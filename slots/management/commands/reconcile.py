@@ -1,0 +1,40 @@
+"""`manage.py reconcile`: the reconciler loop as its own process (for several web processes
+sharing Redis; run those with `serve --no-reconciler`).
+
+Several `reconcile` processes may run (e.g. one per box for failover): each lemond node is
+polled by the one holding its lease, and another takes over within `HAL0_LEASE_TTL_S` + 1 s
+when that one dies. Ctrl-C or SIGTERM gives the leases back at once.
+"""
+
+import asyncio
+import logging
+import signal
+
+from django.core.management.base import BaseCommand
+
+log = logging.getLogger("hal0.reconciler")
+
+
+class Command(BaseCommand):
+    help = "Run the reconciler alone: poll lemond, record what changed, push it to dashboards."
+
+    def handle(self, *args, **options):
+        self.stdout.write("hal0 reconciler running (Ctrl-C to stop)")
+        self.stdout.flush()
+        try:
+            asyncio.run(self.main())
+        except KeyboardInterrupt:
+            pass
+        self.stdout.write("reconciler stopped")
+
+    async def main(self):
+        from slots import reconciler
+
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        # SIGTERM (systemd stop) ends the loop like Ctrl-C: leases are released on the way out
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            await reconciler.run_forever(standalone=True)
+        except asyncio.CancelledError:
+            pass

@@ -1,0 +1,372 @@
+"""Gateway request metrics: observed in memory, written in batches, pruned, summarised.
+
+The request path only calls `observe()` (an append and a few counter bumps). A background
+task (`ensure_flusher`, started by the gateway on its event loop) writes the buffer with one
+`bulk_create` every HAL0_METRICS_FLUSH_S seconds, stamps tokens' `last_used_at`, and prunes
+rows older than HAL0_METRICS_RETENTION_H hours. `slot_stats()` summarises a slot for its
+page; `prometheus_text()` is what `/metrics` serves (slot state from the database, gateway
+counters of this process since it started).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import connection
+from django.utils import timezone
+
+from .models import Node, RequestMetric, Slot, State
+
+log = logging.getLogger("hal0.metrics")
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+PRUNE_EVERY_S = 300.0
+BUFFER_MAX = 100_000  # if the database is gone for long, drop the oldest rather than grow
+
+
+@dataclass(slots=True)
+class Observation:
+    slot_name: str
+    endpoint: str
+    status: int
+    started_at: datetime
+    latency_ms: float
+    ttft_ms: float | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    tokens_per_s: float | None = None
+    stream: bool = False
+
+    def row(self) -> RequestMetric:
+        return RequestMetric(
+            slot_name=self.slot_name[:32], endpoint=self.endpoint[:40], status=self.status,
+            started_at=self.started_at, latency_ms=self.latency_ms, ttft_ms=self.ttft_ms,
+            tokens_in=self.tokens_in, tokens_out=self.tokens_out,
+            tokens_per_s=self.tokens_per_s, stream=self.stream)
+
+
+class _Counters:
+    """Process-lifetime counters for Prometheus (reset on restart, as counters may)."""
+
+    def __init__(self):
+        self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
+        self.latency_buckets: dict[str, list[int]] = defaultdict(
+            lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+        self.latency_sum: dict[str, float] = defaultdict(float)
+        self.ttft_sum: dict[str, float] = defaultdict(float)
+        self.ttft_count: dict[str, int] = defaultdict(int)
+        self.tokens_in: dict[str, int] = defaultdict(int)
+        self.tokens_out: dict[str, int] = defaultdict(int)
+        self.written = 0
+        self.dropped = 0
+
+    def add(self, obs: Observation) -> None:
+        slot = obs.slot_name
+        self.requests[(slot, obs.endpoint, obs.status)] += 1
+        seconds = obs.latency_ms / 1000.0
+        buckets = self.latency_buckets[slot]
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                buckets[i] += 1
+                break
+        else:
+            buckets[-1] += 1
+        self.latency_sum[slot] += seconds
+        if obs.ttft_ms is not None:
+            self.ttft_sum[slot] += obs.ttft_ms / 1000.0
+            self.ttft_count[slot] += 1
+        self.tokens_in[slot] += obs.tokens_in or 0
+        self.tokens_out[slot] += obs.tokens_out or 0
+
+
+_buffer: list[Observation] = []
+counters = _Counters()
+_flusher: asyncio.Task | None = None
+_last_prune = 0.0
+
+
+def observe(obs: Observation) -> None:
+    """Record one finished request. Never touches the database."""
+    counters.add(obs)
+    _buffer.append(obs)
+    if len(_buffer) > BUFFER_MAX:
+        counters.dropped += len(_buffer) - BUFFER_MAX
+        del _buffer[: len(_buffer) - BUFFER_MAX]
+
+
+def pending() -> list[Observation]:
+    return list(_buffer)
+
+
+# --- writing -------------------------------------------------------------------------------
+
+def flush(now: datetime | None = None) -> int:
+    """Write buffered observations (one bulk insert), token stamps, and prune. Sync."""
+    global _buffer
+    from . import tokens
+
+    # first, and on its own: a batch that cannot be written must not let claims lapse
+    try:
+        _renew_claims_if_due()
+    except Exception:
+        log.exception("could not renew serving claims (will retry)")
+    batch, _buffer = _buffer, []
+    if batch:
+        try:
+            RequestMetric.objects.bulk_create([o.row() for o in batch], batch_size=500)
+            counters.written += len(batch)
+        except Exception:
+            _buffer = batch + _buffer  # keep them for the next try
+            raise
+    tokens.flush_last_used()
+    prune_if_due(now)
+    return len(batch)
+
+
+_last_renewal = 0.0
+
+
+def _renew_claims_if_due() -> None:
+    """The gateway process's serving claims outlive long streams (slots.services)."""
+    global _last_renewal
+    from . import services
+
+    if time.monotonic() - _last_renewal >= services._claim_ttl() / 3:
+        _last_renewal = time.monotonic()
+        services.renew_serving_claims()
+
+
+def prune_if_due(now: datetime | None = None) -> int:
+    """Prune at most once per PRUNE_EVERY_S. Called by the flusher and by the reconciler's
+    housekeeping, so a process that serves no gateway request still prunes."""
+    global _last_prune
+    if time.monotonic() - _last_prune < PRUNE_EVERY_S:
+        return 0
+    _last_prune = time.monotonic()
+    return prune(now)
+
+
+def prune(now: datetime | None = None) -> int:
+    """Delete metrics older than the retention window."""
+    cutoff = (now or timezone.now()) - timedelta(hours=settings.HAL0_METRICS_RETENTION_H)
+    deleted, _ = RequestMetric.objects.filter(started_at__lt=cutoff).delete()
+    return deleted
+
+
+def _flush_in_thread() -> int:
+    try:
+        return flush()
+    finally:
+        connection.close()
+
+
+async def _flush_forever() -> None:
+    while True:
+        await asyncio.sleep(settings.HAL0_METRICS_FLUSH_S)
+        try:
+            await sync_to_async(_flush_in_thread, thread_sensitive=False)()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("could not write gateway metrics (will retry)")
+
+
+def ensure_flusher() -> None:
+    """Start the background writer on the running loop (once per loop)."""
+    global _flusher
+    if _flusher is not None and not _flusher.done():
+        return
+    loop = asyncio.get_running_loop()
+    _flusher = loop.create_task(_flush_forever())
+
+
+# --- reading usage from a response -----------------------------------------------------------
+
+_decoder = json.JSONDecoder()
+
+
+def _object_after(text: str, key: str) -> dict | None:
+    """The JSON object after the last `"key":` in text (cheap: no full parse)."""
+    marker = f'"{key}"'
+    at = text.rfind(marker)
+    while at >= 0:
+        i = at + len(marker)
+        while i < len(text) and text[i] in " \t\r\n:":
+            i += 1
+        if i < len(text) and text[i] == "{":
+            try:
+                value, _ = _decoder.raw_decode(text, i)
+            except ValueError:
+                return None
+            return value if isinstance(value, dict) else None
+        at = text.rfind(marker, 0, at)  # e.g. "usage": null in an earlier chunk
+    return None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _count(value: float | None) -> int | None:
+    """A token count the column can hold (PositiveIntegerField: 0 … 2**31 - 1); anything
+    else from upstream is dropped rather than failing the whole batch."""
+    if value is None or not 0 <= value < 2**31:
+        return None
+    return int(value)
+
+
+def usage_of(payload: bytes) -> dict[str, float | None]:
+    """tokens_in/out, tokens_per_s and the backend's prompt time from a response body or
+    the tail of an SSE stream (`usage` and llama.cpp `timings`)."""
+    text = payload.decode("utf-8", "ignore")
+    usage = _object_after(text, "usage") or {}
+    timings = _object_after(text, "timings") or {}
+    tokens_in = _number(usage.get("prompt_tokens", usage.get("input_tokens")))
+    tokens_out = _number(usage.get("completion_tokens", usage.get("output_tokens")))
+    if tokens_in is None:
+        tokens_in = _number(timings.get("prompt_n"))
+    if tokens_out is None:
+        tokens_out = _number(timings.get("predicted_n"))
+    return {
+        "tokens_in": _count(tokens_in),
+        "tokens_out": _count(tokens_out),
+        "tokens_per_s": _number(timings.get("predicted_per_second")),
+        "prompt_ms": _number(timings.get("prompt_ms")),
+    }
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+def _percentile(sorted_values: list[float], fraction: float) -> float | None:
+    """Nearest-rank percentile."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(fraction * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def slot_stats(slot_name: str, window: timedelta = timedelta(hours=1),
+               now: datetime | None = None) -> dict[str, Any]:
+    """The slot page's numbers over the last `window`: count, errors, requests_per_min,
+    p50_ms, p95_ms (latency), ttft_p50_ms, tokens_per_s (mean of what responses reported),
+    tokens_in, tokens_out. Includes observations not written yet."""
+    now = now or timezone.now()
+    since = now - window
+    rows = list(RequestMetric.objects.filter(slot_name=slot_name, started_at__gte=since,
+                                             started_at__lte=now)
+                .values_list("status", "latency_ms", "ttft_ms", "tokens_per_s", "tokens_in",
+                             "tokens_out"))
+    rows += [(o.status, o.latency_ms, o.ttft_ms, o.tokens_per_s, o.tokens_in, o.tokens_out)
+             for o in pending() if o.slot_name == slot_name and since <= o.started_at <= now]
+    latencies = sorted(r[1] for r in rows)
+    ttfts = sorted(r[2] for r in rows if r[2] is not None)
+    rates = [r[3] for r in rows if r[3]]
+    minutes = max(window.total_seconds() / 60.0, 1e-9)
+
+    def rounded(value: float | None, digits: int = 1) -> float | None:
+        return round(value, digits) if value is not None else None
+
+    return {
+        "slot": slot_name,
+        "window_s": int(window.total_seconds()),
+        "count": len(rows),
+        "errors": sum(1 for r in rows if r[0] >= 400),
+        "requests_per_min": round(len(rows) / minutes, 2),
+        "p50_ms": rounded(_percentile(latencies, 0.50)),
+        "p95_ms": rounded(_percentile(latencies, 0.95)),
+        "ttft_p50_ms": rounded(_percentile(ttfts, 0.50)),
+        "tokens_per_s": rounded(sum(rates) / len(rates) if rates else None),
+        "tokens_in": sum(r[4] or 0 for r in rows),
+        "tokens_out": sum(r[5] or 0 for r in rows),
+    }
+
+
+def _label(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def prometheus_text() -> str:
+    """Prometheus text exposition (version 0.0.4) for slots, nodes and the gateway."""
+    from . import services
+
+    out: list[str] = []
+
+    def family(name: str, kind: str, help_text: str) -> None:
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} {kind}")
+
+    slots = list(Slot.objects.select_related("node").order_by("name"))
+    family("hal0_slot_info", "gauge", "A declared slot (value 1) and its configuration.")
+    for s in slots:
+        out.append(f'hal0_slot_info{{slot="{_label(s.name)}",capability="{s.capability}",'
+                   f'device="{s.device}",model="{_label(s.model_name)}",'
+                   f'node="{_label(s.node.name)}",enabled="{str(s.enabled).lower()}"}} 1')
+    family("hal0_slot_state", "gauge", "1 for the slot's current observed state.")
+    for s in slots:
+        for state in State.values:
+            out.append(f'hal0_slot_state{{slot="{_label(s.name)}",state="{state}"}} '
+                       f'{int(s.state == state)}')
+    family("hal0_slot_loaded", "gauge", "1 when the slot's model is loaded (ready or serving).")
+    for s in slots:
+        out.append(f'hal0_slot_loaded{{slot="{_label(s.name)}"}} {int(s.is_loaded)}')
+    family("hal0_slot_in_flight_requests", "gauge",
+           "Gateway requests in flight for the slot in this process.")
+    for s in slots:
+        out.append(f'hal0_slot_in_flight_requests{{slot="{_label(s.name)}"}} '
+                   f'{services.serving_count(s)}')
+    family("hal0_slot_last_load_seconds", "gauge", "How long the slot's last load took.")
+    for s in slots:
+        if s.last_load_ms is not None:
+            out.append(f'hal0_slot_last_load_seconds{{slot="{_label(s.name)}"}} '
+                       f'{s.last_load_ms / 1000:.3f}')
+    family("hal0_node_reachable", "gauge", "1 when the reconciler last reached the lemond node.")
+    for n in Node.objects.order_by("name"):
+        out.append(f'hal0_node_reachable{{node="{_label(n.name)}"}} {int(n.reachable)}')
+
+    family("hal0_gateway_requests_total", "counter", "Gateway requests by slot, endpoint, status.")
+    for (slot, endpoint, status), value in sorted(counters.requests.items()):
+        out.append(f'hal0_gateway_requests_total{{slot="{_label(slot)}",'
+                   f'endpoint="{_label(endpoint)}",status="{status}"}} {value}')
+    family("hal0_gateway_request_duration_seconds", "histogram",
+           "Gateway request latency (to the last byte) by slot.")
+    for slot, buckets in sorted(counters.latency_buckets.items()):
+        cumulative = 0
+        for bound, count in zip((*LATENCY_BUCKETS, math.inf), buckets, strict=True):
+            cumulative += count
+            le = "+Inf" if bound == math.inf else repr(bound)
+            out.append(f'hal0_gateway_request_duration_seconds_bucket{{slot="{_label(slot)}",'
+                       f'le="{le}"}} {cumulative}')
+        out.append(f'hal0_gateway_request_duration_seconds_sum{{slot="{_label(slot)}"}} '
+                   f'{counters.latency_sum[slot]:.6f}')
+        out.append(f'hal0_gateway_request_duration_seconds_count{{slot="{_label(slot)}"}} '
+                   f'{cumulative}')
+    family("hal0_gateway_time_to_first_token_seconds", "summary",
+           "Time to the first streamed byte (or the backend's prompt time) by slot.")
+    for slot in sorted(counters.ttft_count):
+        out.append(f'hal0_gateway_time_to_first_token_seconds_sum{{slot="{_label(slot)}"}} '
+                   f'{counters.ttft_sum[slot]:.6f}')
+        out.append(f'hal0_gateway_time_to_first_token_seconds_count{{slot="{_label(slot)}"}} '
+                   f'{counters.ttft_count[slot]}')
+    family("hal0_gateway_tokens_total", "counter", "Tokens through the gateway by slot.")
+    for slot in sorted(set(counters.tokens_in) | set(counters.tokens_out)):
+        out.append(f'hal0_gateway_tokens_total{{slot="{_label(slot)}",direction="in"}} '
+                   f'{counters.tokens_in[slot]}')
+        out.append(f'hal0_gateway_tokens_total{{slot="{_label(slot)}",direction="out"}} '
+                   f'{counters.tokens_out[slot]}')
+    family("hal0_gateway_metrics_buffered", "gauge", "Request metrics not yet written.")
+    out.append(f"hal0_gateway_metrics_buffered {len(_buffer)}")
+    family("hal0_gateway_metrics_written_total", "counter", "Request metrics written.")
+    out.append(f"hal0_gateway_metrics_written_total {counters.written}")
+    return "\n".join(out) + "\n"

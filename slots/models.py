@@ -1,0 +1,471 @@
+"""Slots own hal0's data: the desired state (`Slot`), the lemond nodes that serve it
+(`Node`) and the audit log (`SlotEvent`).
+
+Desired fields are written by the operator (forms, admin, API, CLI, import) through the
+actions in `slots.services`; observed fields are written only by those actions and the
+reconciler, from what lemond reports. Validation lives in `clean()` so every entry point
+shares it.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class Capability(models.TextChoices):
+    CHAT = "chat", "chat"
+    EMBED = "embed", "embeddings"
+    RERANK = "rerank", "reranking"
+    STT = "stt", "speech-to-text"
+    TTS = "tts", "text-to-speech"
+    IMG = "img", "image generation"
+
+
+class Device(models.TextChoices):
+    GPU_ROCM = "gpu-rocm", "GPU (ROCm)"
+    GPU_VULKAN = "gpu-vulkan", "GPU (Vulkan)"
+    CPU = "cpu", "CPU"
+    NPU = "npu", "NPU"
+
+
+class State(models.TextChoices):
+    OFFLINE = "offline", "offline"
+    PULLING = "pulling", "pulling"
+    LOADING = "loading", "loading"
+    READY = "ready", "ready"
+    SERVING = "serving", "serving"
+    UNLOADING = "unloading", "unloading"
+    ERROR = "error", "error"
+
+
+# capability -> lemond model type (lemond >= 10.5 names; `audio` before, see provider)
+LEMOND_TYPE = {
+    Capability.CHAT: "llm",
+    Capability.EMBED: "embedding",
+    Capability.RERANK: "reranking",
+    Capability.STT: "transcription",
+    Capability.TTS: "tts",
+    Capability.IMG: "image",
+}
+
+# Which devices each capability's lemond recipe can run on (lemond-api.md §4.1):
+# kokoro (tts) is CPU-only; sd-cpp (img) has no NPU backend.
+SUPPORTED_DEVICES = {
+    Capability.CHAT: set(Device.values),
+    Capability.EMBED: set(Device.values),
+    Capability.RERANK: {Device.GPU_ROCM, Device.GPU_VULKAN, Device.CPU},
+    Capability.STT: set(Device.values),
+    Capability.TTS: {Device.CPU},
+    Capability.IMG: {Device.GPU_ROCM, Device.GPU_VULKAN, Device.CPU},
+}
+
+SLOT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+CTX_MIN, CTX_MAX = 128, 1_048_576
+# llama-server flags lemond sets itself and refuses in llamacpp_args (lemond-api.md §2.4),
+# plus the short/long spellings of the same flags.
+FORBIDDEN_FLAGS = (
+    "-m", "--model", "--port", "--ctx-size", "-c", "-ngl", "--jinja", "--mmproj",
+    "--embeddings", "--reranking",
+)
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def validate_extra_args(value: str) -> None:
+    """Reject what lemond would reject, naming the offending flag."""
+    if not value:
+        return
+    if _CONTROL_RE.search(value):
+        raise ValidationError(
+            "extra_args must be one line: newlines and control characters are not allowed.",
+            code="control_chars",
+        )
+    try:
+        tokens = shlex.split(value)
+    except ValueError as exc:
+        raise ValidationError(f"extra_args cannot be parsed: {exc}.", code="unparsable") from None
+    for token in tokens:
+        flag = token.split("=", 1)[0]
+        if flag in FORBIDDEN_FLAGS:
+            raise ValidationError(
+                f"extra_args may not contain {flag}: lemond sets it itself.",
+                code="forbidden_flag",
+            )
+
+
+class Node(models.Model):
+    """A lemond endpoint. Keys are write-only: forms and pages never render them back."""
+
+    name = models.SlugField(max_length=32, unique=True)
+    base_url = models.URLField("base URL", max_length=200)
+    api_key = models.CharField("API key", max_length=256, blank=True)
+    admin_api_key = models.CharField("admin API key", max_length=256, blank=True)
+    enabled = models.BooleanField(default=True)
+
+    # observed (reconciler)
+    reachable = models.BooleanField(default=False)
+    last_seen = models.DateTimeField(null=True, blank=True)
+    unreachable_since = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=500, blank=True)
+    version = models.CharField("lemond version", max_length=40, blank=True)
+    simulated = models.BooleanField(default=False)
+    max_loaded_models = models.IntegerField(null=True, blank=True)
+    system_stats = models.JSONField(default=dict, blank=True)
+    request_stats = models.JSONField(default=dict, blank=True)
+    # e.g. "3 keep-loaded llm slots but lemond keeps 1 llm model": shown, never looped on
+    config_warning = models.CharField(max_length=500, blank=True)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    LOCAL = "local"
+
+    @classmethod
+    def local(cls) -> Node:
+        """The default node, created from HAL0_LEMONADE_URL on first use."""
+        node, _ = cls.objects.get_or_create(
+            name=cls.LOCAL,
+            defaults={
+                "base_url": settings.HAL0_LEMONADE_URL,
+                "api_key": settings.HAL0_LEMONADE_API_KEY,
+                "admin_api_key": settings.HAL0_LEMONADE_ADMIN_API_KEY,
+            },
+        )
+        return node
+
+    @property
+    def version_tuple(self) -> tuple[int, ...]:
+        return parse_version(self.version)
+
+    @property
+    def supports_pinning(self) -> bool:
+        """lemond only knows pins from v10.8; below, hal0 protects pinned slots itself."""
+        return self.version_tuple >= (10, 8)
+
+    @property
+    def transcription_type(self) -> str:
+        return "audio" if self.version and self.version_tuple < (10, 5) else "transcription"
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """'10.6.0-sim' -> (10, 6, 0); anything unparsable -> ()."""
+    parts = []
+    for piece in re.split(r"[.\-+]", text or ""):
+        if not piece.isdigit():
+            break
+        parts.append(int(piece))
+    return tuple(parts)
+
+
+class SlotQuerySet(models.QuerySet):
+    def enabled(self):
+        return self.filter(enabled=True)
+
+    def for_dashboard(self):
+        return self.select_related("node").order_by("capability", "name")
+
+
+class Slot(models.Model):
+    """One thing the appliance serves: desired config plus what lemond was last seen doing."""
+
+    name = models.CharField(max_length=32, unique=True)
+    capability = models.CharField(max_length=8, choices=Capability.choices)
+    device = models.CharField(max_length=12, choices=Device.choices)
+    model_name = models.CharField("model", max_length=200)
+    ctx_size = models.PositiveIntegerField(
+        "context size", null=True, blank=True, help_text="Empty = lemond's default."
+    )
+    extra_args = models.CharField(
+        "extra args", max_length=1000, blank=True,
+        help_text="Sent to lemond as the backend's args (llamacpp_args for llama.cpp).",
+    )
+    pinned = models.BooleanField(default=False, help_text="Never evicted by lemond's LRU.")
+    keep_loaded = models.BooleanField(
+        default=False, help_text="Reloaded by hal0 whenever lemond drops it."
+    )
+    idle_timeout_s = models.PositiveIntegerField(
+        "idle timeout (s)", default=300, help_text="Unload after this long unused; 0 = never."
+    )
+    enabled = models.BooleanField(default=True)
+    is_default = models.BooleanField(
+        "default for its capability", default=False,
+        help_text="Requests naming the capability (e.g. 'embed') go to this slot.",
+    )
+    seeded = models.BooleanField(default=False, editable=False)
+    node = models.ForeignKey(Node, on_delete=models.PROTECT, related_name="slots")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    # observed: written only by slots.services and slots.reconciler
+    state = models.CharField(max_length=10, choices=State.choices, default=State.OFFLINE)
+    loaded_model = models.CharField(max_length=200, blank=True)
+    last_use_at = models.DateTimeField(null=True, blank=True)
+    state_message = models.CharField(max_length=1000, blank=True)
+    error_code = models.CharField(max_length=40, blank=True)
+    state_changed_at = models.DateTimeField(default=timezone.now)
+    last_load_ms = models.PositiveIntegerField(null=True, blank=True)
+    lemond_entry = models.JSONField(default=dict, blank=True)
+
+    objects = SlotQuerySet.as_manager()
+
+    DESIRED_FIELDS = (
+        "name", "capability", "device", "model_name", "ctx_size", "extra_args", "pinned",
+        "keep_loaded", "idle_timeout_s", "enabled", "is_default",
+    )
+
+    class Meta:
+        ordering = ["capability", "name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["capability"], condition=Q(is_default=True),
+                name="one_default_slot_per_capability",
+                violation_error_message="Another slot is already the default for this capability.",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    # --- validation ---------------------------------------------------------------
+    def clean(self) -> None:
+        errors = self.config_errors()
+        if self.is_default and self.capability:
+            clash = Slot.objects.filter(capability=self.capability, is_default=True)
+            if self.pk:
+                clash = clash.exclude(pk=self.pk)
+            other = clash.values_list("name", flat=True).first()
+            if other:
+                errors.setdefault("is_default", []).append(
+                    f"Slot {other!r} is already the default {self.capability} slot.")
+        if errors:
+            raise ValidationError(errors)
+
+    def config_errors(self) -> dict[str, list[str]]:
+        """Every rule that needs only this slot (clean() adds the one-default rule)."""
+        errors: dict[str, list[str]] = {}
+
+        def add(field: str, message: str) -> None:
+            errors.setdefault(field, []).append(message)
+
+        if not SLOT_NAME_RE.match(self.name or ""):
+            add("name", "Slot names are 1-32 characters: lowercase letters, digits, '-' and "
+                        "'_', starting with a letter or digit.")
+        if self.capability not in Capability.values:
+            add("capability", f"Unknown capability {self.capability!r}; choose one of "
+                              f"{', '.join(Capability.values)}.")
+        if self.device not in Device.values:
+            add("device", f"Unknown device {self.device!r}; choose one of "
+                          f"{', '.join(Device.values)}.")
+        elif self.capability in Capability.values and \
+                self.device not in SUPPORTED_DEVICES[self.capability]:
+            allowed = ", ".join(d for d in Device.values if d in SUPPORTED_DEVICES[self.capability])
+            add("device", f"A {self.capability} slot cannot run on {self.device}; "
+                          f"supported: {allowed}.")
+        if not (self.model_name or "").strip():
+            add("model_name", "A slot needs a model.")
+        elif _CONTROL_RE.search(self.model_name) or " " in self.model_name.strip():
+            add("model_name", "Model names cannot contain spaces or control characters.")
+        if self.ctx_size is not None and not (CTX_MIN <= self.ctx_size <= CTX_MAX):
+            add("ctx_size", f"Context size must be between {CTX_MIN} and {CTX_MAX:,} "
+                            "(or empty for lemond's default).")
+        # only llama.cpp and FastFlowLM take a context size; kokoro takes no args at all
+        ctx_capable = self.capability in ("chat", "embed", "rerank") or self.device == "npu"
+        if self.ctx_size is not None and not ctx_capable and "ctx_size" not in errors:
+            add("ctx_size", f"A {self.capability} slot has no context size; leave it empty.")
+        if self.capability == Capability.TTS and (self.extra_args or "").strip():
+            add("extra_args", "Text-to-speech (kokoro) takes no extra args; leave it empty.")
+        try:
+            validate_extra_args(self.extra_args or "")
+        except ValidationError as exc:
+            errors.setdefault("extra_args", []).extend(exc.messages)
+        return errors
+
+    # --- what lemond sees ----------------------------------------------------------
+    @property
+    def lemond_type(self) -> str:
+        kind = LEMOND_TYPE[Capability(self.capability)]
+        if kind == "transcription" and self.node_id:
+            return self.node.transcription_type
+        return kind
+
+    @property
+    def drift(self) -> str:
+        """A sentence when lemond serves something other than what the slot asks for."""
+        if self.loaded_model and self.loaded_model != self.model_name:
+            return f"lemond has {self.loaded_model} loaded, the slot wants {self.model_name}"
+        return ""
+
+    # Which lifecycle actions are legal from which observed state. Busy states (pulling,
+    # loading, unloading) admit nothing; a load during a load joins it (see services).
+    LEGAL_FROM = {
+        "load": {State.OFFLINE, State.READY, State.SERVING, State.ERROR},
+        "unload": {State.OFFLINE, State.READY, State.SERVING, State.ERROR},
+        "restart": {State.OFFLINE, State.READY, State.SERVING, State.ERROR},
+        "swap": {State.OFFLINE, State.READY, State.SERVING, State.ERROR},
+        "pin": set(State.values),
+        "unpin": set(State.values),
+    }
+
+    @classmethod
+    def can(cls, action: str, state: str) -> bool:
+        return state in cls.LEGAL_FROM.get(action, ())
+
+    @property
+    def actions(self) -> dict[str, bool]:
+        """For templates: which buttons are enabled now."""
+        enabled = {a: self.enabled and self.can(a, self.state) for a in self.LEGAL_FROM}
+        enabled["unload"] = self.can("unload", self.state)
+        return enabled
+
+    @property
+    def is_loaded(self) -> bool:
+        return self.state in (State.READY, State.SERVING)
+
+    def as_json(self) -> dict:
+        """Desired plus observed state, for the JSON API and `slots … --json`."""
+        return {
+            **self.export_dict(),
+            "state": self.state,
+            "loaded_model": self.loaded_model,
+            "error_code": self.error_code,
+            "state_message": self.state_message,
+            "state_changed_at": self.state_changed_at.isoformat(),
+            "last_use_at": self.last_use_at.isoformat() if self.last_use_at else None,
+            "last_load_ms": self.last_load_ms,
+            "seeded": self.seeded,
+            "drift": self.drift or None,
+            "simulated": self.node.simulated,
+        }
+
+    def export_dict(self) -> dict:
+        """The desired state only: what `slots export` writes and `slots import` reads."""
+        data = {field: getattr(self, field) for field in self.DESIRED_FIELDS}
+        data["node"] = self.node.name
+        return data
+
+
+class EventActor:
+    RECONCILER = "reconciler"
+    GATEWAY = "gateway"
+    CLI = "cli"
+    API = "api"
+    ADMIN = "admin"
+
+
+class SlotEvent(models.Model):
+    """The audit log: one row per action or observed change, never edited."""
+
+    ACTIONS = (
+        "create", "update", "delete", "load", "unload", "restart", "swap", "pin", "unpin",
+        "evicted", "adopted", "restored", "idle-unload", "error", "pull",
+    )
+
+    slot = models.ForeignKey(
+        Slot, null=True, blank=True, on_delete=models.SET_NULL, related_name="events"
+    )
+    # kept so the history stays readable after a slot is deleted
+    slot_name = models.CharField(max_length=32)
+    action = models.CharField(max_length=16, choices=[(a, a) for a in ACTIONS])
+    actor = models.CharField(max_length=150, default=EventActor.CLI)
+    from_state = models.CharField(max_length=10, blank=True)
+    to_state = models.CharField(max_length=10, blank=True)
+    model = models.CharField(max_length=200, blank=True)
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    ok = models.BooleanField(default=True)
+    error_code = models.CharField(max_length=40, blank=True)
+    message = models.CharField(max_length=1000, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["slot", "-created_at"], name="slotevent_slot_newest")]
+
+    def __str__(self) -> str:
+        return f"{self.slot_name} {self.action} {'ok' if self.ok else 'failed'}"
+
+
+class ApiTokenQuerySet(models.QuerySet):
+    def active(self):
+        now = timezone.now()
+        return self.filter(revoked_at__isnull=True).filter(
+            Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+
+
+class ApiToken(models.Model):
+    """A bearer token for the JSON API and the OpenAI gateway. Only a hash is stored; the
+    token itself is shown once when created."""
+
+    name = models.SlugField(max_length=64, unique=True)
+    prefix = models.CharField(max_length=16, db_index=True,
+                              help_text="The token's first characters, to tell tokens apart.")
+    key_hash = models.CharField(max_length=128, unique=True)
+    slots = models.CharField(max_length=500, blank=True,
+                             help_text="Comma-separated slot names this token may use; "
+                                       "empty = all.")
+    expires_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    created_by = models.CharField(max_length=150, blank=True)
+
+    objects = ApiTokenQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def allowed_slots(self) -> list[str]:
+        return [s.strip() for s in self.slots.split(",") if s.strip()]
+
+    def allows_slot(self, slot_name: str) -> bool:
+        allowed = self.allowed_slots
+        return not allowed or slot_name in allowed
+
+
+class RequestMetric(models.Model):
+    """One gateway request, kept for a configurable window (see the gateway's pruning)."""
+
+    slot_name = models.CharField(max_length=32)
+    endpoint = models.CharField(max_length=40)
+    status = models.PositiveSmallIntegerField()
+    started_at = models.DateTimeField(db_index=True)
+    latency_ms = models.FloatField()
+    ttft_ms = models.FloatField(null=True, blank=True)
+    tokens_in = models.PositiveIntegerField(null=True, blank=True)
+    tokens_out = models.PositiveIntegerField(null=True, blank=True)
+    tokens_per_s = models.FloatField(null=True, blank=True)
+    stream = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["-started_at"]
+        indexes = [models.Index(fields=["slot_name", "-started_at"], name="metric_slot_newest")]
+
+    def __str__(self) -> str:
+        return f"{self.slot_name} {self.endpoint} {self.status} {self.latency_ms:.0f} ms"
+
+
+class Lease(models.Model):
+    """A named lease in the database, e.g. "reconciler:<node>": only its holder polls that
+    node; another process takes over once it expires."""
+
+    name = models.CharField(max_length=100, unique=True)
+    holder = models.CharField(max_length=100)
+    expires_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.name} held by {self.holder}"

@@ -1,0 +1,131 @@
+"""Shared fixtures: a real lemond simulator on a free loopback port, nodes and slots
+pointing at it, logged-in users. Module-specific fixtures live in their test modules."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ("tests.sim_fixtures",)
+
+
+def pytest_collection_modifyitems(config, items):
+    """With HAL0_REQUIRE_SERVICES=1 (set by .ci/run) a missing PostgreSQL, Redis or
+    Chromium fails the run at once instead of skipping the suites that need them: CI must
+    never go green without the scale-out and browser tests."""
+    import os
+
+    if os.environ.get("HAL0_REQUIRE_SERVICES") != "1":
+        return
+    from tests.browser import CHROMIUM, HAVE_CHROMIUM
+    from tests.stack import postgres_available, redis_available
+
+    markers = {m.name for item in items for m in item.iter_markers()}
+    missing = []
+    if "scaleout" in markers and not postgres_available():
+        missing.append("PostgreSQL on 127.0.0.1:5432 (user postgres, trust)")
+    if "scaleout" in markers and not redis_available():
+        missing.append("Redis on 127.0.0.1:6379")
+    if "browser" in markers and not HAVE_CHROMIUM:
+        missing.append(f"{CHROMIUM} (apt-get install -y chromium)")
+    if missing:
+        raise pytest.UsageError("HAL0_REQUIRE_SERVICES=1 but these are missing: "
+                                + "; ".join(missing))
+
+
+@pytest.fixture
+def sim(lemond_sim):
+    """The shared simulator (v10.6 shape, one model per type, fast loads), reset to its
+    startup state: nothing loaded, no faults. `lemond_sim_factory` starts private ones."""
+    return lemond_sim
+
+
+@pytest.fixture
+def node(db, sim):
+    """The `local` node, pointed at the simulator."""
+    from slots.models import Node
+
+    local = Node.local()
+    local.base_url = sim.url
+    local.save()
+    return local
+
+
+@pytest.fixture
+def dead_node(db):
+    """The `local` node pointed at a loopback port where nothing listens."""
+    import socket
+
+    from slots.models import Node
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    local = Node.local()
+    local.base_url = f"http://127.0.0.1:{port}"
+    local.save()
+    return local
+
+
+@pytest.fixture
+def session_cookie(client, admin_user):
+    """A logged-in admin's session cookie, as a websocket handshake header."""
+    client.force_login(admin_user)
+    return (b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode())
+
+
+@pytest.fixture
+def make_slot(db):
+    """A factory for extra slots: make_slot("chat2", capability="chat", …)."""
+    from slots.models import Node, Slot
+
+    def make(name: str, **fields):
+        fields.setdefault("capability", "chat")
+        fields.setdefault("device", "gpu-vulkan")
+        fields.setdefault("model_name", "Qwen3-0.6B-GGUF")
+        fields.setdefault("node", Node.local())
+        slot = Slot(name=name, **fields)
+        slot.full_clean()
+        slot.save()
+        return slot
+
+    return make
+
+
+@pytest.fixture
+def admin_user(db, django_user_model):
+    return django_user_model.objects.create_superuser("boss", "", "correct-horse-battery")
+
+
+@pytest.fixture
+def admin_client(client, admin_user):
+    client.force_login(admin_user)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _seeded_slots(request):
+    """Transactional tests flush the database, seeded rows included; put them back so every
+    database test starts from what `migrate` gives a fresh install."""
+    marker = request.node.get_closest_marker("django_db")
+    wants_db = marker is not None or {"db", "transactional_db"} & set(request.fixturenames)
+    if not wants_db:
+        yield
+        return
+    transactional = "transactional_db" in request.fixturenames or (
+        marker is not None and marker.kwargs.get("transaction"))
+    request.getfixturevalue("transactional_db" if transactional else "db")
+    from django.apps import apps
+
+    from slots.models import Slot
+
+    if not Slot.objects.filter(seeded=True).exists():
+        import importlib
+
+        seed = importlib.import_module("slots.migrations.0002_seed_default_slots").seed
+        seed(apps, None)
+    yield
+    # Actions a test started in the background must not write into the next test's rows
+    # (a flushed SQLite database reuses primary keys).
+    from slots import services
+
+    assert services.wait_for_background(30), "a background action outlived its test"

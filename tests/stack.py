@@ -1,0 +1,220 @@
+"""Run real hal0 processes for end-to-end tests: `serve`/`reconcile` subprocesses on free
+loopback ports against a database of the test's choosing (a fresh PostgreSQL database for
+the scale-out suites), logged in over HTTP like a browser would be."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+from tests.sim_fixtures import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_DSN = os.environ.get("HAL0_TEST_PG_ADMIN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
+PG_URL = os.environ.get("HAL0_TEST_PG_URL", "postgres://postgres@127.0.0.1:5432/{name}")
+REDIS_URL = os.environ.get("HAL0_TEST_REDIS_URL", "redis://127.0.0.1:6379/{db}")
+PASSWORD = "stack-test-password"
+
+
+def postgres_available() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN_DSN, connect_timeout=3):
+            return True
+    except Exception:
+        return False
+
+
+@contextlib.contextmanager
+def fresh_postgres_database():
+    """A new, empty PostgreSQL database; dropped afterwards. Yields its DATABASE_URL."""
+    import psycopg
+
+    name = f"hal0_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_URL.format(name=name)
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class Stack:
+    """hal0 processes sharing one environment (database, channel layer, lemond URL)."""
+
+    def __init__(self, tmp_path: Path, **env: str):
+        self.tmp_path = tmp_path
+        clean = {k: v for k, v in os.environ.items()
+                 if not k.startswith(("HAL0_", "DATABASE_URL", "REDIS_URL"))}
+        self.env = {**clean, "HAL0_VAR_DIR": str(tmp_path), "HAL0_POLL_IDLE_S": "0.5",
+                    "HAL0_POLL_ACTIVE_S": "0.25", "PYTHONUNBUFFERED": "1", **env}
+        self.procs: list[subprocess.Popen] = []
+
+    def manage(self, *args: str, check: bool = True, timeout: float = 120,
+               **extra_env: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, text=True,
+                              capture_output=True, timeout=timeout,
+                              env={**self.env, **extra_env})
+        if check and proc.returncode != 0:
+            raise AssertionError(f"manage.py {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def setup(self) -> None:
+        """Migrate and create the `admin` login."""
+        self.manage("migrate", "--noinput", "-v0")
+        pw = self.tmp_path / "pw"
+        pw.write_text(PASSWORD)
+        self.manage("ensure_admin", "--password-file", str(pw))
+
+    def start(self, *args: str, name: str = "serve", **extra_env: str) -> subprocess.Popen:
+        log = open(self.tmp_path / f"{name}-{len(self.procs)}.log", "w")
+        proc = subprocess.Popen([sys.executable, "manage.py", *args], cwd=ROOT,
+                                env={**self.env, **extra_env},
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc.log_path = log.name  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def serve(self, *extra: str) -> str:
+        """Start a `serve` process; returns its base URL once it answers."""
+        port = free_port()
+        proc = self.start("serve", "--port", str(port), *extra)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"serve exited:\n{Path(proc.log_path).read_text()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/api/health", timeout=1).status_code == 200:
+                    return url
+            time.sleep(0.1)
+        raise AssertionError(f"serve did not answer:\n{Path(proc.log_path).read_text()}")
+
+    def kill(self, proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        proc.wait(10)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill(proc)
+
+    def logs(self) -> str:
+        return "\n".join(Path(p.log_path).read_text() for p in self.procs)
+
+
+def login(url: str, client_class=httpx.Client, **kwargs):
+    """An httpx client logged in as the stack's admin, sending the CSRF header."""
+    client = client_class(base_url=url, timeout=kwargs.pop("timeout", 60), **kwargs)
+    if client_class is httpx.Client:
+        client.get("/accounts/login/")
+        response = client.post("/accounts/login/", data={
+            "username": "admin", "password": PASSWORD,
+            "csrfmiddlewaretoken": client.cookies["csrftoken"]})
+    else:
+        raise TypeError("log in with httpx.Client, then copy its cookies")
+    assert response.status_code == 302, response.text[:500]
+    client.headers["X-CSRFToken"] = client.cookies["csrftoken"]
+    return client
+
+
+def redis_available(url: str = "redis://127.0.0.1:6379/0") -> bool:
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:
+        return False
+
+
+def websocket(url: str, client: httpx.Client, path: str = "/ws/slots/"):
+    """A dashboard websocket on the `serve` at `url`, with `client`'s logged-in session and
+    the Origin a browser on that page would send. Returns a `Socket`."""
+    from websockets.sync.client import connect
+
+    cookie = "; ".join(f"{name}={value}" for name, value in client.cookies.items())
+    ws_url = url.replace("http://", "ws://", 1) + path
+    return Socket(connect(ws_url, additional_headers={"Cookie": cookie, "Origin": url},
+                          open_timeout=10, max_size=2**24))
+
+
+class Socket:
+    """A websocket that remembers what it received, to wait for a fragment matching a
+    condition (`wait(pred, timeout)` -> the message, its arrival time)."""
+
+    def __init__(self, connection):
+        self.connection = connection
+        self.received: list[tuple[float, str]] = []
+
+    def wait(self, predicate, timeout: float = 10.0, since: float = 0.0) -> tuple[str, float]:
+        for at, message in self.received:
+            if at >= since and predicate(message):
+                return message, at
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no matching websocket message within {timeout} s; got "
+                                     f"{[m[:120] for _, m in self.received[-5:]]}")
+            try:
+                message = self.connection.recv(timeout=left)
+            except TimeoutError:
+                continue
+            at = time.monotonic()
+            self.received.append((at, message))
+            if at >= since and predicate(message):
+                return message, at
+
+    def drain(self, seconds: float = 0.2) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                self.received.append((time.monotonic(),
+                                      self.connection.recv(timeout=deadline - time.monotonic())))
+            except TimeoutError:
+                break
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.connection.close()
+
+
+def card_state(message: str, slot: str) -> str | None:
+    """The `data-state` of slot `slot`'s card in a pushed fragment, if it carries it."""
+    import re
+
+    match = re.search(rf'<article id="slot-{re.escape(slot)}"[^>]*data-state="([a-z]+)"', message)
+    return match.group(1) if match else None
+
+
+def wait_for(check, timeout: float, interval: float = 0.05):
+    """Call `check()` until it returns something truthy; returns (value, seconds taken)."""
+    started = time.monotonic()
+    while True:
+        value = check()
+        if value:
+            return value, time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not true within {timeout} s: {check}")
+        time.sleep(interval)

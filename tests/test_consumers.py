@@ -1,0 +1,162 @@
+"""The websockets, through the real ASGI application (auth, Origin check, routing)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.test import AsyncClient
+
+from hal0site.asgi import application
+from slots import live, services
+from slots.models import Slot, State
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ORIGIN = (b"origin", b"http://127.0.0.1:8000")
+
+
+def communicator(path: str, *headers) -> WebsocketCommunicator:
+    return WebsocketCommunicator(application, path,
+                                 headers=[(b"host", b"127.0.0.1:8000"), *headers])
+
+
+async def receive_until(comm: WebsocketCommunicator, needle: str, timeout: float = 5) -> str:
+    """Messages until one contains `needle` (pushes of earlier changes may come first)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        remaining = deadline - asyncio.get_running_loop().time()
+        html = await comm.receive_from(timeout=max(remaining, 0.01))
+        if needle in html:
+            return html
+
+
+async def test_anonymous_socket_is_refused(node):
+    comm = communicator("/ws/slots/", ORIGIN)
+    connected, code = await comm.connect()
+    assert not connected and code == 4401
+    await comm.disconnect()
+
+
+async def test_foreign_origin_is_refused(node, session_cookie):
+    comm = communicator("/ws/slots/", (b"origin", b"http://evil.example"), session_cookie)
+    connected, _ = await comm.connect()
+    assert not connected
+    comm = communicator("/ws/slots/", session_cookie)  # no Origin at all
+    connected, _ = await comm.connect()
+    assert not connected
+
+
+async def test_connect_resyncs_the_page_and_counts_the_viewer(node, session_cookie):
+    before = live.viewers()
+    comm = communicator("/ws/slots/", ORIGIN, session_cookie)
+    connected, _ = await comm.connect()
+    assert connected
+    html = await comm.receive_from()
+    assert 'id="live-status"' in html and "live" in html
+    assert 'id="slot-chat"' in html and 'id="node-local"' in html
+    assert html.count('hx-swap-oob="true"') >= 1 + 1 + 6
+    assert live.viewers() == before + 1
+    await comm.disconnect()
+    assert live.viewers() == before
+
+
+async def test_the_slot_page_resyncs_only_its_card(node, session_cookie):
+    comm = communicator("/ws/slots/?slot=embed", ORIGIN, session_cookie)
+    assert (await comm.connect())[0]
+    html = await comm.receive_from()
+    assert 'id="slot-embed"' in html and 'id="slot-chat"' not in html
+    await comm.disconnect()
+
+
+async def test_an_action_pushes_the_card_partial(node, session_cookie):
+    comm = communicator("/ws/slots/", ORIGIN, session_cookie)
+    assert (await comm.connect())[0]
+    await comm.receive_from()  # the resync
+    await sync_to_async(services.pin_slot)("chat", actor="cli")
+    html = await receive_until(comm, 'id="slot-chat"')
+    assert html.lstrip().startswith('<article id="slot-chat"')
+    assert 'hx-swap-oob="true"' in html and "pinned" in html
+    assert html == live.render_slot_card(
+        await Slot.objects.select_related("node").aget(name="chat"))
+    await comm.disconnect()
+
+
+async def test_a_button_pushes_loading_then_ready_to_every_dashboard(node, session_cookie,
+                                                                     admin_user):
+    watchers = [communicator("/ws/slots/", ORIGIN, session_cookie) for _ in range(2)]
+    for comm in watchers:
+        assert (await comm.connect())[0]
+        await comm.receive_from()
+    client = AsyncClient()
+    await sync_to_async(client.force_login)(admin_user)
+    response = await client.post("/slots/chat/do/load/", headers={"HX-Request": "true"})
+    assert response.status_code == 200
+    for comm in watchers:
+        await receive_until(comm, 'data-state="loading"')
+        ready = await receive_until(comm, 'data-state="ready"')
+        assert "Qwen3-4B-Instruct-2507-GGUF" in ready
+    assert (await Slot.objects.aget(name="chat")).state == State.READY
+    for comm in watchers:
+        await comm.disconnect()
+
+
+async def test_logs_are_relayed_from_lemond(node, sim, session_cookie):
+    comm = communicator("/ws/logs/", ORIGIN, session_cookie)
+    assert (await comm.connect())[0]
+    # lemond 10.6 serves its log websocket on a port of its own, named in /v1/health
+    following = await receive_until(comm, "Following lemond")
+    assert f":{sim.websocket_port}/" in following and sim.websocket_port != sim.port
+    snapshot = await receive_until(comm, 'id="log-lines"')
+    # the snapshot ends with what lemond logged last: the simulator reset before this test
+    assert 'hx-swap-oob="afterbegin"' in snapshot and "Reset to the startup state" in snapshot
+    # something happens in lemond: its log line arrives
+    await sync_to_async(services.load_slot)("embed")
+    line = await receive_until(comm, "nomic-embed-text-v1-GGUF")
+    assert 'class="log lvl-info"' in line
+
+    # pause holds lines back; resume sends them
+    await comm.send_to(text_data='{"pause": "1"}')
+    controls = await receive_until(comm, 'id="log-pause"')
+    assert "Resume" in controls
+    await sync_to_async(services.unload_slot)("embed")
+    assert await comm.receive_nothing(timeout=0.3)
+    await comm.send_to(text_data='{"pause": "0"}')
+    released = await receive_until(comm, "Unloaded nomic-embed-text-v1-GGUF")
+    assert 'id="log-lines"' in released
+
+    # the level filter re-renders what is kept
+    await comm.send_to(text_data='{"level": "error"}')
+    filtered = await receive_until(comm, 'hx-swap-oob="innerHTML"')
+    assert "lvl-info" not in filtered
+    await comm.disconnect()
+
+
+async def test_logs_from_lemond_10_0_come_over_server_sent_events(node, lemond_sim_factory,
+                                                                  session_cookie):
+    old = lemond_sim_factory(version_shape="10.0")
+    node.base_url = old.url
+    await node.asave()
+    comm = communicator("/ws/logs/", ORIGIN, session_cookie)
+    assert (await comm.connect())[0]
+    await receive_until(comm, "server-sent events, lemond &lt;= 10.0")
+    await sync_to_async(services.load_slot)("embed")
+    line = await receive_until(comm, "nomic-embed-text-v1-GGUF")
+    assert 'class="log lvl-' in line
+    await comm.disconnect()
+
+
+async def test_logs_socket_needs_a_login(node):
+    comm = communicator("/ws/logs/", ORIGIN)
+    connected, code = await comm.connect()
+    assert not connected and code == 4401
+
+
+async def test_logs_say_so_when_lemond_is_down(dead_node, session_cookie):
+    comm = communicator("/ws/logs/", ORIGIN, session_cookie)
+    assert (await comm.connect())[0]
+    status = await receive_until(comm, 'id="log-status"')
+    assert "unavailable" in status and 'class="error"' in status
+    await comm.disconnect()

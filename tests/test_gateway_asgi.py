@@ -1,0 +1,139 @@
+"""The gateway's ASGI fast path in-process: what it forwards, and how it answers when one of
+its own views fails. The upstream here is a tiny loopback HTTP server that echoes what it
+receives (the simulator does not echo request bodies); the gateway talks real HTTP to it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from asgiref.sync import async_to_sync
+
+from slots import gateway, gateway_asgi, tokens
+from slots.models import Node, Slot, State
+
+
+class Echo(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        reply = json.dumps({"path": self.path, "content_type": self.headers["Content-Type"],
+                            "body": body.decode("latin1")}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def echo():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+async def _call(method: str, path: str, body: bytes = b"", headers: dict | None = None):
+    """One request through gateway_asgi.serve; returns (status, headers, body)."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
+             "root_path": "", "query_string": b"", "client": ("127.0.0.1", 50000),
+             "server": ("127.0.0.1", 8000),
+             "headers": [(b"host", b"127.0.0.1"),
+                         (b"content-length", str(len(body)).encode())]
+             + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]}
+    sent: list[dict] = []
+    request_done = asyncio.Event()
+
+    async def receive():
+        if not request_done.is_set():
+            request_done.set()
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(3600)  # the client never disconnects
+
+    async def send(message):
+        sent.append(message)
+
+    await asyncio.wait_for(gateway_asgi.serve(scope, receive, send), 10)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    # the response ended: a client would otherwise wait for its own timeout
+    assert sent[-1]["type"] == "http.response.body" and not sent[-1].get("more_body"), sent
+    content = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], dict(start["headers"]), content
+
+
+@pytest.mark.django_db(transaction=True)
+def test_repeated_multipart_fields_reach_lemond_with_every_value(echo):
+    node = Node.objects.create(name="echo", base_url=echo)
+    Slot.objects.create(name="ears", capability="stt", device="cpu", model_name="Whisper-Tiny",
+                        node=node, state=State.READY, loaded_model="Whisper-Tiny")
+    gateway.invalidate_routes()
+    raw = tokens.create_token("t")[1]
+    parts = [("model", "ears"), ("timestamp_granularities[]", "word"),
+             ("timestamp_granularities[]", "segment")]
+    form = b"".join(f'--b\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                    for k, v in parts)
+    form += (b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+             b"Content-Type: audio/wav\r\n\r\nRIFF....WAVE\r\n--b--\r\n")
+    status, _, content = async_to_sync(_call)(
+        "POST", "/v1/audio/transcriptions", form,
+        {"Authorization": f"Bearer {raw}", "Content-Type": "multipart/form-data; boundary=b"})
+    assert status == 200, content
+    upstream = json.loads(content)
+    assert upstream["path"] == "/v1/audio/transcriptions"
+    forwarded = upstream["body"]
+    assert forwarded.count('name="timestamp_granularities[]"') == 2
+    assert "\r\n\r\nword\r\n" in forwarded and "\r\n\r\nsegment\r\n" in forwarded
+    assert "\r\n\r\nWhisper-Tiny\r\n" in forwarded  # the slot's model, substituted
+    assert 'filename="a.wav"' in forwarded and "RIFF....WAVE" in forwarded
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failing_view_is_an_openai_500_not_a_hung_request(monkeypatch, caplog):
+    async def broken(request, model_id=None):
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(gateway_asgi, "_views", {"/v1/models": broken})
+    monkeypatch.setattr(logging.getLogger("hal0"), "propagate", True)  # into caplog
+    status, headers, content = async_to_sync(_call)("GET", "/v1/models")
+    assert status == 500
+    assert headers[b"Content-Type"] == b"application/json", headers
+    error = json.loads(content)["error"]
+    assert error["type"] == "server_error" and error["code"] == "internal_error"
+    assert "see its log" in error["message"]
+    assert "database went away" in caplog.text  # the operator finds the cause in the log
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("failure", ["before the headers", "mid-stream"])
+def test_a_response_that_fails_to_send_still_ends(monkeypatch, failure):
+    """An error while sending (a view bug that returns no response, a stream that breaks)
+    must still end the response: a 500 before the headers went out, the end of the body
+    after."""
+    from django.http import StreamingHttpResponse
+
+    async def view(request, model_id=None):
+        if failure == "before the headers":
+            return None  # fails in _send, before http.response.start
+
+        async def chunks():
+            yield b"data: one\n\n"
+            raise RuntimeError("upstream broke")
+
+        return StreamingHttpResponse(chunks(), content_type="text/event-stream")
+
+    monkeypatch.setattr(gateway_asgi, "_views", {"/v1/models": view})
+    status, _, content = async_to_sync(_call)("GET", "/v1/models")
+    if failure == "before the headers":
+        assert status == 500 and json.loads(content)["error"]["code"] == "internal_error"
+    else:
+        assert status == 200 and content == b"data: one\n\n"

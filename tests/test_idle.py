@@ -1,0 +1,161 @@
+"""Idle unload: which slots are idle, and the `idle-unload` action against the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import timedelta
+
+import pytest
+from asgiref.sync import async_to_sync, sync_to_async
+from django.utils import timezone
+
+from slots import idle, services
+from slots.models import Slot, SlotEvent, State
+from slots.reconciler import Reconciler
+
+EMBED_MODEL = "nomic-embed-text-v1-GGUF"
+CHAT_MODEL = "Qwen3-4B-Instruct-2507-GGUF"
+
+
+@pytest.fixture(autouse=True)
+def _no_gateway_state():
+    services._in_flight.clear()
+    services._last_request.clear()
+    yield
+    services._in_flight.clear()
+    services._last_request.clear()
+
+
+@pytest.fixture
+def idle_embed(node, sim):
+    """The seeded `embed` slot, loaded in the simulator, unused for ten minutes, 60 s timeout."""
+    slot = services.load_slot("embed")
+    past = timezone.now() - timedelta(minutes=10)
+    Slot.objects.filter(pk=slot.pk).update(state_changed_at=past, last_use_at=past,
+                                           idle_timeout_s=60)
+    return Slot.objects.get(pk=slot.pk)
+
+
+def test_an_idle_slot_is_unloaded_with_an_event(idle_embed, sim):
+    assert EMBED_MODEL in sim.state()["loaded_names"]
+    assert [s.name for s in idle.find_idle_slots()] == ["embed"]
+    assert idle.unload_idle_slots() == ["embed"]
+    idle_embed.refresh_from_db()
+    assert idle_embed.state == State.OFFLINE and idle_embed.loaded_model == ""
+    event = SlotEvent.objects.filter(slot=idle_embed).first()
+    assert (event.action, event.actor, event.from_state, event.to_state, event.ok) == \
+        ("idle-unload", "reconciler", "ready", "offline", True)
+    assert EMBED_MODEL not in sim.state()["loaded_names"]
+    assert idle.unload_idle_slots() == []  # nothing left to do
+
+
+def test_not_idle_before_its_timeout(idle_embed):
+    Slot.objects.filter(pk=idle_embed.pk).update(
+        last_use_at=timezone.now() - timedelta(seconds=30))
+    assert idle.find_idle_slots() == []
+    later = timezone.now() + timedelta(seconds=31)
+    assert [s.name for s in idle.find_idle_slots(now=later)] == ["embed"]
+
+
+@pytest.mark.parametrize("change", [{"pinned": True}, {"keep_loaded": True},
+                                    {"idle_timeout_s": 0}])
+def test_pinned_keep_loaded_and_never_idle_slots_stay(idle_embed, sim, change):
+    Slot.objects.filter(pk=idle_embed.pk).update(**change)
+    assert idle.find_idle_slots() == []
+    assert idle.unload_idle_slots() == []
+    assert services.idle_unload_slot("embed") is None  # the action re-checks, too
+    assert EMBED_MODEL in sim.state()["loaded_names"]
+
+
+def test_a_serving_slot_stays_and_counts_as_used(idle_embed, sim):
+    services.acquire_serving(idle_embed)
+    assert Slot.objects.get(pk=idle_embed.pk).state == State.SERVING
+    assert idle.find_idle_slots() == []
+    assert services.idle_unload_slot("embed") is None
+    services.acquire_serving(idle_embed)  # a second, concurrent request
+    services.release_serving(idle_embed)
+    assert Slot.objects.get(pk=idle_embed.pk).state == State.SERVING  # one still in flight
+    services.release_serving(idle_embed)
+    assert Slot.objects.get(pk=idle_embed.pk).state == State.READY
+    # it was just used: hal0's own request time keeps it loaded
+    assert idle.find_idle_slots() == []
+    later = timezone.now() + timedelta(seconds=61)
+    assert [s.name for s in idle.find_idle_slots(now=later)] == ["embed"]
+    assert EMBED_MODEL in sim.state()["loaded_names"]
+
+
+def test_in_flight_requests_protect_a_slot_whose_state_says_ready(idle_embed):
+    # e.g. the mirror write has not happened yet: the in-memory count is what counts
+    services._in_flight[idle_embed.pk] = 1
+    assert idle.find_idle_slots() == []
+    assert services.idle_unload_slot("embed") is None
+
+
+def test_lemonds_last_use_counts(idle_embed):
+    recent = int((time.time() - 5) * 1000)  # lemond sends ms since the epoch
+    Slot.objects.filter(pk=idle_embed.pk).update(lemond_entry={"last_use": recent})
+    assert idle.find_idle_slots() == []
+    Slot.objects.filter(pk=idle_embed.pk).update(
+        lemond_entry={"last_use": time.time() - 3600})  # seconds (its docs' shape)
+    assert [s.name for s in idle.find_idle_slots()] == ["embed"]
+
+
+def test_only_ready_slots_are_candidates(idle_embed):
+    for state in (State.OFFLINE, State.LOADING, State.ERROR, State.UNLOADING):
+        Slot.objects.filter(pk=idle_embed.pk).update(state=state)
+        assert idle.find_idle_slots() == [], state
+
+
+def test_a_failed_idle_unload_is_reported_not_raised(idle_embed, sim):
+    from slots.models import Node
+
+    Node.objects.filter(pk=idle_embed.node_id).update(base_url="http://127.0.0.1:9")
+    assert idle.unload_idle_slots() == []
+    event = SlotEvent.objects.filter(slot=idle_embed).first()
+    assert event.action == "idle-unload" and not event.ok
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_reconcilers_loop_unloads_idle_slots(node, sim, settings):
+    """Not `unload_idle_slots()` called by hand: the real loop (`run_forever`, lease and
+    polls included) runs it once per HAL0_POLL_IDLE_S and honours the timeout."""
+    settings.HAL0_POLL_IDLE_S = 0.5
+    settings.HAL0_POLL_ACTIVE_S = 0.5
+    settings.HAL0_RECONCILE_TIMEOUT_S = 1.0
+    services.load_slot("chat")
+    services.load_slot("embed")
+    Slot.objects.filter(name="embed").update(idle_timeout_s=1)
+    Slot.objects.filter(name="chat").update(idle_timeout_s=3600)
+    loaded_at = Slot.objects.get(name="embed").state_changed_at
+
+    async def run_until_unloaded(timeout: float) -> Slot:
+        task = asyncio.ensure_future(Reconciler().run_forever())
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                embed = await Slot.objects.aget(name="embed")
+                settled = embed.state not in (State.READY, *services.BUSY_STATES)
+                if settled or time.monotonic() > deadline:
+                    return embed
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await sync_to_async(services.wait_for_background)(10)
+
+    embed = async_to_sync(run_until_unloaded)(15)
+    assert embed.state == State.OFFLINE and embed.loaded_model == "", embed.state_message
+    event = SlotEvent.objects.filter(slot=embed).first()
+    assert (event.action, event.actor, event.from_state, event.to_state, event.ok) == \
+        ("idle-unload", "reconciler", "ready", "offline", True)
+    # not before its 1 s timeout ran out (lemond's last_use, refreshed by the polls, is the
+    # load time too)
+    assert event.created_at - loaded_at >= timedelta(seconds=1)
+    loaded = sim.state()["loaded_names"]
+    assert EMBED_MODEL not in loaded and CHAT_MODEL in loaded
+    chat = Slot.objects.get(name="chat")
+    assert chat.state == State.READY
+    assert not SlotEvent.objects.filter(slot=chat, action="idle-unload").exists()

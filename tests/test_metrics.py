@@ -1,0 +1,181 @@
+"""Gateway metrics: usage parsing, batched writes, pruning, slot stats, Prometheus text."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from slots import metrics
+from slots.metrics import Observation
+from slots.models import RequestMetric
+
+
+@pytest.fixture(autouse=True)
+def _fresh_metrics(monkeypatch):
+    monkeypatch.setattr(metrics, "_buffer", [])
+    monkeypatch.setattr(metrics, "counters", metrics._Counters())
+    monkeypatch.setattr(metrics, "_last_prune", 0.0)
+
+
+def obs(slot="chat", status=200, latency=100.0, ago=timedelta(minutes=1), **extra):
+    return Observation(slot_name=slot, endpoint="chat/completions", status=status,
+                       started_at=timezone.now() - ago, latency_ms=latency, **extra)
+
+
+# --- usage ---------------------------------------------------------------------------------------
+
+def test_usage_and_timings_of_a_chat_response():
+    body = json.dumps({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 15},
+                       "timings": {"prompt_ms": 3.5, "predicted_per_second": 42.0}}).encode()
+    assert metrics.usage_of(body) == {"tokens_in": 9, "tokens_out": 15, "tokens_per_s": 42.0,
+                                      "prompt_ms": 3.5}
+
+
+def test_usage_from_the_tail_of_a_stream():
+    chunks = [{"choices": [{"delta": {"content": "hi"}}], "usage": None},
+              {"choices": [{"delta": {}, "finish_reason": "stop"}],
+               "timings": {"prompt_n": 7, "predicted_n": 12, "predicted_per_second": 80.5}}]
+    stream = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    usage = metrics.usage_of(stream.encode())
+    assert usage["tokens_in"] == 7 and usage["tokens_out"] == 12
+    assert usage["tokens_per_s"] == 80.5
+
+
+def test_usage_of_things_without_usage():
+    assert metrics.usage_of(b"\xff\xfbID3 binary mp3")["tokens_out"] is None
+    assert metrics.usage_of(b'{"usage": {"prompt_tokens": 3, "total_tokens": 3}}') == \
+        {"tokens_in": 3, "tokens_out": None, "tokens_per_s": None, "prompt_ms": None}
+    assert metrics.usage_of(b'{"usage": {"broken": ')["tokens_in"] is None
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def test_observations_are_written_in_one_batch_on_flush(db):
+    for latency in (10, 20, 30):
+        metrics.observe(obs(latency=latency))
+    assert RequestMetric.objects.count() == 0  # observing never touches the database
+    assert metrics.flush() == 3
+    assert RequestMetric.objects.count() == 3
+    assert metrics.pending() == []
+    assert metrics.flush() == 0
+
+
+def test_old_rows_are_pruned(db, settings):
+    settings.HAL0_METRICS_RETENTION_H = 1
+    metrics.observe(obs(ago=timedelta(hours=2)))
+    metrics.observe(obs(ago=timedelta(minutes=5)))
+    metrics.flush()  # prunes on its first run
+    assert RequestMetric.objects.count() == 1
+    assert metrics.prune() == 0
+
+
+def test_the_reconcilers_housekeeping_prunes_without_any_gateway_traffic(db, settings):
+    """A process restarted after a quiet day serves no /v1 request, so the flusher never
+    starts; the reconciler's housekeeping still prunes (at most once per PRUNE_EVERY_S)."""
+    from asgiref.sync import async_to_sync
+
+    from slots import reconciler
+
+    settings.HAL0_METRICS_RETENTION_H = 1
+    RequestMetric.objects.bulk_create([obs(ago=timedelta(hours=3)).row(),
+                                       obs(ago=timedelta(minutes=5)).row()])
+    async_to_sync(reconciler._housekeeping)()
+    assert RequestMetric.objects.count() == 1
+    RequestMetric.objects.bulk_create([obs(ago=timedelta(hours=3)).row()])
+    async_to_sync(reconciler._housekeeping)()  # pruned a moment ago: not yet again
+    assert RequestMetric.objects.count() == 2
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+def test_slot_stats_over_the_last_hour(db):
+    for i in range(1, 101):
+        metrics.observe(obs(latency=float(i), tokens_per_s=50.0 if i <= 50 else 70.0,
+                            tokens_in=10, tokens_out=20, ttft_ms=5.0))
+    metrics.observe(obs(status=502, latency=1000.0))
+    metrics.observe(obs(latency=9999.0, ago=timedelta(hours=2)))  # outside the window
+    metrics.observe(obs(slot="embed", latency=1.0))
+    metrics.flush()
+    metrics.observe(obs(latency=0.5))  # not written yet: still counted
+    stats = metrics.slot_stats("chat")
+    assert stats["count"] == 102 and stats["errors"] == 1
+    assert stats["requests_per_min"] == pytest.approx(102 / 60, abs=0.01)
+    assert stats["p50_ms"] == 50.0 and stats["p95_ms"] == 96.0  # nearest rank of 102
+    assert stats["tokens_per_s"] == 60.0 and stats["ttft_p50_ms"] == 5.0
+    assert stats["tokens_in"] == 1000 and stats["tokens_out"] == 2000
+    empty = metrics.slot_stats("img")
+    assert empty["count"] == 0 and empty["p50_ms"] is None and empty["tokens_per_s"] is None
+
+
+def test_prometheus_text(db):
+    metrics.observe(obs(latency=30.0, tokens_in=5, tokens_out=7, ttft_ms=12.0))
+    metrics.observe(obs(status=503, latency=2.0))
+    text = metrics.prometheus_text()
+    lines = text.splitlines()
+    assert "# TYPE hal0_gateway_requests_total counter" in lines
+    assert 'hal0_gateway_requests_total{slot="chat",endpoint="chat/completions",status="200"} 1' \
+        in lines
+    assert 'hal0_gateway_requests_total{slot="chat",endpoint="chat/completions",status="503"} 1' \
+        in lines
+    assert 'hal0_gateway_request_duration_seconds_bucket{slot="chat",le="0.005"} 1' in lines
+    assert 'hal0_gateway_request_duration_seconds_bucket{slot="chat",le="+Inf"} 2' in lines
+    assert 'hal0_gateway_request_duration_seconds_count{slot="chat"} 2' in lines
+    assert 'hal0_gateway_tokens_total{slot="chat",direction="out"} 7' in lines
+    assert 'hal0_slot_state{slot="chat",state="offline"} 1' in lines
+    assert 'hal0_slot_loaded{slot="embed"} 0' in lines
+    assert "hal0_gateway_metrics_buffered 2" in lines
+    for line in lines:  # every sample line is `name{labels} value`
+        if not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            float(value)
+            assert name.startswith("hal0_")
+
+
+def test_slot_page_shows_the_last_hours_traffic(admin_client):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from slots.models import RequestMetric
+
+    now = timezone.now()
+    RequestMetric.objects.bulk_create([
+        RequestMetric(slot_name="chat", endpoint="chat/completions", status=200,
+                      started_at=now - timedelta(minutes=i), latency_ms=100 + i * 10,
+                      ttft_ms=20, tokens_in=5, tokens_out=10, tokens_per_s=40.0)
+        for i in range(10)])
+    page = admin_client.get("/slots/chat/").content.decode()
+    assert "Requests, last hour" in page
+    assert "requests/min" in page and "0.17" in page  # 10 requests / 60 min
+    assert "40.0" in page and "0 of 10" in page
+    assert "No gateway requests" in admin_client.get("/slots/embed/").content.decode()
+
+
+def test_nonsense_token_counts_are_dropped_not_written():
+    for bad in (-3, 2**31, 1e12):
+        body = json.dumps({"usage": {"prompt_tokens": bad, "completion_tokens": 5}}).encode()
+        usage = metrics.usage_of(body)
+        assert usage["tokens_in"] is None and usage["tokens_out"] == 5
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_that_cannot_be_written_does_not_stop_claim_renewal(dead_node, make_slot,
+                                                                    monkeypatch):
+    """The serving claims of a busy process are renewed even when the database refuses the
+    metrics batch (here a row its CHECK constraint rejects)."""
+    from django.db import IntegrityError
+
+    from slots import services
+    from slots.models import Lease
+
+    busy = make_slot("busy", node=dead_node)
+    monkeypatch.setattr(services, "_in_flight", {busy.pk: 1})
+    monkeypatch.setattr(metrics, "_last_renewal", 0.0)
+    metrics.observe(obs(tokens_in=-1))  # past usage_of's clamp: PositiveIntegerField says no
+    with pytest.raises(IntegrityError):
+        metrics.flush()
+    assert Lease.objects.filter(name__startswith=f"serving:{busy.pk}:").exists()
+    assert len(metrics.pending()) == 1  # kept for the next try

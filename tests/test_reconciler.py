@@ -1,0 +1,391 @@
+"""The reconciler against the lemond simulator: what it records, what it leaves alone."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import socket
+import time
+
+import httpx
+import pytest
+from asgiref.sync import async_to_sync, sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.db import connection
+from django.template.loader import render_to_string
+from django.test.utils import CaptureQueriesContext
+
+from hal0site.asgi import application
+from slots import live, reconciler, services
+from slots.models import Node, Slot, SlotEvent, State
+from slots.reconciler import Reconciler
+
+CHAT_MODEL = "Qwen3-4B-Instruct-2507-GGUF"
+SMALL_LLM = "Qwen3-0.6B-GGUF"
+
+
+@pytest.fixture(autouse=True)
+def _fast(settings):
+    settings.HAL0_STATS_EVERY_S = 0  # read stats on every poll
+    settings.HAL0_RECONCILE_TIMEOUT_S = 1.0
+    settings.HAL0_RESTORE_BACKOFF_S = 0.2
+
+
+def poll(reconciler: Reconciler) -> None:
+    async_to_sync(reconciler.poll_once)()
+
+
+def lemond(sim, path: str, **body) -> dict:
+    response = httpx.post(f"{sim.url}{path}", json=body or None, timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+def slot(name: str) -> Slot:
+    return Slot.objects.select_related("node").get(name=name)
+
+
+def last_event(name: str) -> SlotEvent:
+    return SlotEvent.objects.filter(slot_name=name).first()
+
+
+@pytest.mark.django_db
+def test_first_poll_records_the_node_and_a_quiet_poll_writes_nothing(node):
+    reconciler = Reconciler()
+    poll(reconciler)
+    node.refresh_from_db()
+    assert node.reachable and node.last_seen is not None
+    assert node.version == "10.6.0-sim" and node.simulated
+    assert node.max_loaded_models == 1
+    assert "cpu_percent" in node.system_stats
+    assert node.unreachable_since is None and node.last_error == ""
+
+    with CaptureQueriesContext(connection) as queries:
+        poll(reconciler)
+    writes = [q["sql"] for q in queries if not q["sql"].lstrip().upper().startswith("SELECT")]
+    assert writes == []
+
+
+@pytest.mark.django_db
+def test_a_model_unloaded_behind_hals_back_is_recorded_evicted(node, sim):
+    services.load_slot("chat")
+    reconciler = Reconciler()
+    poll(reconciler)
+    assert slot("chat").lemond_entry["model_name"] == CHAT_MODEL
+
+    lemond(sim, "/v1/unload", model_name=CHAT_MODEL)
+    poll(reconciler)
+    chat = slot("chat")
+    assert chat.state == State.OFFLINE and chat.loaded_model == "" and chat.lemond_entry == {}
+    event = last_event("chat")
+    assert (event.action, event.actor, event.from_state) == ("evicted", "reconciler", "ready")
+    assert "unloaded outside hal0" in event.message
+
+
+@pytest.mark.django_db
+def test_lru_eviction_names_the_model_that_pushed_it_out(node, sim):
+    services.load_slot("chat")
+    reconciler = Reconciler()
+    poll(reconciler)
+    lemond(sim, "/v1/load", model_name=SMALL_LLM)  # max_loaded_models=1: evicts the chat model
+    poll(reconciler)
+    event = last_event("chat")
+    assert event.action == "evicted"
+    assert "LRU" in event.message and SMALL_LLM in event.message
+    assert slot("chat").state == State.OFFLINE
+
+
+@pytest.mark.django_db
+def test_evict_all_after_a_failed_load(node, sim):
+    services.load_slot("chat")
+    services.load_slot("embed")
+    reconciler = Reconciler()
+    poll(reconciler)
+    sim.fault("fail_next_load", model="bge-reranker-v2-m3-GGUF")
+    with pytest.raises(services.SlotError):
+        services.load_slot("rerank")
+    poll(reconciler)
+    for name in ("chat", "embed"):
+        event = last_event(name)
+        assert event.action == "evicted"
+        assert "failed load" in event.message and "bge-reranker" in event.message
+    assert slot("rerank").state == State.ERROR
+
+
+@pytest.mark.django_db
+def test_a_lemond_restart_is_named(node, sim):
+    services.load_slot("chat")
+    httpx.post(f"{sim.url}/v1/chat/completions", timeout=10,
+               json={"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    reconciler = Reconciler()
+    poll(reconciler)
+    sim.fault("restart")
+    poll(reconciler)
+    event = last_event("chat")
+    assert event.action == "evicted" and "lemond restarted" in event.message
+
+
+@pytest.mark.django_db
+def test_a_model_loaded_outside_hal0_is_adopted(node, sim):
+    reconciler = Reconciler()
+    poll(reconciler)
+    lemond(sim, "/v1/load", model_name=CHAT_MODEL)
+    poll(reconciler)
+    chat = slot("chat")
+    assert chat.state == State.READY and chat.loaded_model == CHAT_MODEL
+    assert chat.lemond_entry["model_name"] == CHAT_MODEL and chat.last_use_at is not None
+    event = last_event("chat")
+    assert (event.action, event.to_state) == ("adopted", "ready")
+    assert "loaded outside hal0" in event.message
+    # nothing else wanted it
+    assert slot("embed").state == State.OFFLINE
+
+
+@pytest.mark.django_db
+def test_a_busy_slot_is_left_to_its_action(node, sim):
+    lemond(sim, "/v1/load", model_name=CHAT_MODEL)
+    Slot.objects.filter(name="chat").update(state=State.LOADING)
+    poll(Reconciler())
+    assert slot("chat").state == State.LOADING
+    assert not SlotEvent.objects.filter(slot_name="chat").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_keep_loaded_slots_are_restored_after_eviction(node, sim):
+    Slot.objects.filter(name="chat").update(keep_loaded=True)
+    services.load_slot("chat")
+    reconciler = Reconciler()
+    poll(reconciler)
+    sim.fault("evict_all")
+    poll(reconciler)
+    assert "hal0 reloads it" in SlotEvent.objects.filter(slot_name="chat", action="evicted")\
+        .get().message
+    reconciler.restores[slot("chat").pk].future.result(timeout=10)
+    chat = slot("chat")
+    assert chat.state == State.READY and chat.loaded_model == CHAT_MODEL
+    restored = last_event("chat")
+    assert (restored.action, restored.actor, restored.ok) == ("restored", "reconciler", True)
+    assert sim.state()["load_calls"][CHAT_MODEL] == 2
+    poll(reconciler)  # seen loaded again: nothing more to do
+    assert reconciler.restores == {}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_pinned_slots_are_protected_on_lemond_without_pins(node, sim):
+    Slot.objects.filter(name="embed").update(pinned=True)
+    services.load_slot("embed")
+    reconciler = Reconciler()
+    poll(reconciler)
+    lemond(sim, "/v1/unload", model_name="nomic-embed-text-v1-GGUF")
+    poll(reconciler)
+    reconciler.restores[slot("embed").pk].future.result(timeout=10)
+    assert slot("embed").state == State.READY
+    assert last_event("embed").action == "restored"
+
+
+@pytest.mark.django_db
+def test_no_restore_while_the_pool_is_full_of_another_model(node, sim):
+    Slot.objects.filter(name="chat").update(keep_loaded=True)
+    services.load_slot("chat")
+    reconciler = Reconciler()
+    poll(reconciler)
+    lemond(sim, "/v1/load", model_name=SMALL_LLM)  # the operator's own choice, via lemond
+    poll(reconciler)
+    assert slot("chat").state == State.OFFLINE
+    assert reconciler.restores[slot("chat").pk].future is None  # waiting for room, not fighting
+    lemond(sim, "/v1/unload", model_name=SMALL_LLM)
+    poll(reconciler)
+    assert reconciler.restores[slot("chat").pk].future is not None
+
+
+@pytest.mark.django_db
+def test_more_keep_loaded_slots_than_the_pool_holds_is_a_warning_not_a_loop(node, sim, make_slot):
+    Slot.objects.filter(name="chat").update(keep_loaded=True)
+    make_slot("chat2", model_name=SMALL_LLM, keep_loaded=True)
+    services.load_slot("chat")
+    reconciler = Reconciler()
+    poll(reconciler)
+    node.refresh_from_db()
+    assert "2 keep-loaded llm slots (chat, chat2)" in node.config_warning
+    assert "max_loaded_models" in node.config_warning
+    sim.fault("evict_all")
+    poll(reconciler)
+    poll(reconciler)
+    assert all(b.future is None for b in reconciler.restores.values())
+    assert sim.state()["load_calls"] == {CHAT_MODEL: 1}
+    html = render_to_string("slots/_node.html", {"node": node})
+    assert "Configuration: 2 keep-loaded llm slots" in html
+
+
+@pytest.mark.django_db
+def test_unreachable_node_shows_a_banner_and_recovers(dead_node, sim, monkeypatch,
+                                                      django_capture_on_commit_callbacks):
+    pushed: list[str] = []
+    monkeypatch.setattr(live, "send", pushed.append)
+    reconciler = Reconciler()
+    with django_capture_on_commit_callbacks(execute=True):
+        poll(reconciler)
+    node = Node.objects.get(pk=dead_node.pk)
+    assert not node.reachable and node.unreachable_since is not None
+    assert "cannot reach lemond" in node.last_error or "connect" in node.last_error
+    assert 'id="node-local"' in pushed[-1] and "unreachable since" in pushed[-1]
+    assert 'hx-swap-oob="true"' in pushed[-1]
+    since = node.unreachable_since
+
+    with django_capture_on_commit_callbacks(execute=True):
+        poll(reconciler)  # still down: same "since", nothing written or pushed
+    assert Node.objects.get(pk=node.pk).unreachable_since == since
+    assert len(pushed) == 1
+
+    Node.objects.filter(pk=node.pk).update(base_url=sim.url)
+    with django_capture_on_commit_callbacks(execute=True):
+        poll(reconciler)
+    node.refresh_from_db()
+    assert node.reachable and node.unreachable_since is None and node.last_error == ""
+    assert "unreachable since" not in pushed[-1] and "reachable" in pushed[-1]
+
+
+@pytest.mark.django_db
+def test_garbage_from_lemond_counts_as_unreachable(node, sim):
+    sim.fault("malformed_json")
+    poll(Reconciler())
+    node.refresh_from_db()
+    assert not node.reachable and "JSON" in node.last_error
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_hanging_node_does_not_hold_up_the_others(node, sim, settings):
+    settings.HAL0_RECONCILE_TIMEOUT_S = 0.5
+    settings.HAL0_POLL_ACTIVE_S = 0.2
+    listener = socket.socket()  # accepts connections, never answers
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    hung = Node.objects.create(name="hung", base_url=f"http://127.0.0.1:{listener.getsockname()[1]}")
+    reconciler = Reconciler()
+    live.viewer_joined()
+    try:
+        async def run_for(seconds: float) -> None:
+            task = asyncio.ensure_future(reconciler.run_forever())
+            await asyncio.sleep(seconds)
+            task.cancel()
+
+        started = time.monotonic()
+        async_to_sync(run_for)(2.0)
+        assert time.monotonic() - started < 4
+    finally:
+        live.viewer_left()
+        listener.close()
+    node.refresh_from_db()
+    hung.refresh_from_db()
+    assert node.reachable
+    assert not hung.reachable and "did not answer" in hung.last_error
+    # the healthy node kept its fast cadence (every 0.2 s) while the hung one timed out
+    # (each hung poll costs 0.5 s); margins leave room for a busy 2-core machine
+    healthy, stuck = reconciler.nodes[node.pk].polls, reconciler.nodes[hung.pk].polls
+    assert healthy >= 4 and healthy >= 2 * stuck, (healthy, stuck)
+
+
+# --- the real loop: cadence and restore backoff ------------------------------------------
+
+@pytest.fixture
+def fast_ticks(monkeypatch):
+    """The loop looks at its schedule every 20 ms instead of every 250 ms, so small poll
+    periods are honoured closely (the schedule itself is what is under test)."""
+    monkeypatch.setattr(reconciler, "TICK_S", 0.02)
+
+
+@contextlib.asynccontextmanager
+async def running(rec: Reconciler):
+    """The reconciler's real loop (`run_forever`) as a task on this event loop."""
+    task = asyncio.ensure_future(rec.run_forever())
+    try:
+        yield rec
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def polls_during(rec: Reconciler, node_pk: int, seconds: float) -> int:
+    """How many polls of the node completed during the next `seconds`."""
+    before = rec.nodes[node_pk].polls if node_pk in rec.nodes else 0
+    await asyncio.sleep(seconds)
+    return rec.nodes[node_pk].polls - before
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_polls_slowly_without_a_dashboard_and_fast_while_one_is_connected(
+        node, sim, settings, fast_ticks, session_cookie):
+    settings.HAL0_POLL_ACTIVE_S = 0.05
+    settings.HAL0_POLL_IDLE_S = 0.5
+    assert live.viewers() == 0
+    async with running(Reconciler()) as rec:
+        # no dashboard: one poll per 0.5 s, i.e. 4-5 in 2 s (20+ at the active rate)
+        slow = await polls_during(rec, node.pk, 2.0)
+        assert 2 <= slow <= 6, slow
+
+        # a dashboard connects (the real websocket consumer counts it): the next tick
+        # already uses the active period
+        comm = WebsocketCommunicator(application, "/ws/slots/", headers=[
+            (b"host", b"127.0.0.1:8000"), (b"origin", b"http://127.0.0.1:8000"),
+            session_cookie])
+        assert (await comm.connect())[0]
+        try:
+            assert live.viewers() == 1
+            fast = await polls_during(rec, node.pk, 1.0)
+        finally:
+            await comm.disconnect()
+        # every 0.05 s (plus the poll itself): ~10-16 in 1 s; the idle rate would give <= 3
+        assert fast >= 6, (slow, fast)
+
+        # the dashboard closed: back to the idle period
+        assert live.viewers() == 0
+        await asyncio.sleep(0.1)  # a poll started at the fast rate may still finish
+        again = await polls_during(rec, node.pk, 1.5)
+        assert again <= 5, (slow, fast, again)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_failed_restores_are_retried_with_growing_spacing(node, sim, settings,
+                                                                fast_ticks):
+    settings.HAL0_POLL_ACTIVE_S = 0.05
+    settings.HAL0_RESTORE_BACKOFF_S = 0.3
+    settings.HAL0_RESTORE_BACKOFF_MAX_S = 5.0
+    await Slot.objects.filter(name="chat").aupdate(keep_loaded=True)
+    await sync_to_async(services.load_slot)("chat")
+    async with running(Reconciler(always_active=True)) as rec:
+        deadline = time.monotonic() + 5
+        while not rec.nodes.get(node.pk) or not rec.nodes[node.pk].polls:
+            assert time.monotonic() < deadline, "the reconciler never polled"
+            await asyncio.sleep(0.05)
+        # lemond drops the model, and its next three loads of it fail
+        sim.fault("fail_next_load", model=CHAT_MODEL, count=3)
+        sim.fault("evict_all")
+        deadline = time.monotonic() + 20
+        evicted = SlotEvent.objects.filter(slot_name="chat", action="evicted")
+        while True:
+            chat = await Slot.objects.aget(name="chat")
+            if await evicted.aexists() and chat.state == State.READY and not rec.restores:
+                break  # restored, and seen loaded again (the backoff is forgotten)
+            assert time.monotonic() < deadline, (chat.state, chat.state_message)
+            await asyncio.sleep(0.05)
+
+    assert chat.loaded_model == CHAT_MODEL
+    events = [e async for e in SlotEvent.objects.filter(slot_name="chat", action="restored")
+              .order_by("created_at", "id")]
+    assert [e.ok for e in events] == [False, False, False, True], \
+        [(e.ok, e.message) for e in events]
+    assert all(e.actor == "reconciler" for e in events)
+    state = sim.state()
+    assert state["load_failures"].get(CHAT_MODEL) == 3, state["load_failures"]
+    assert state["load_calls"][CHAT_MODEL] == 2  # the first load and the restore
+    # when each attempt started: the row is written at its end, with its duration
+    starts = [e.created_at.timestamp() - e.duration_ms / 1000 for e in events]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    # backoff 0.3 s, doubling: attempts are scheduled no sooner than 0.3, 0.6, 1.2 s apart
+    # (a start measured from the row is late by the claim's few ms, hence 0.8 x), and not
+    # much later than that at the active poll rate
+    for gap, wait in zip(gaps, (0.3, 0.6, 1.2), strict=True):
+        assert 0.8 * wait <= gap <= wait + 1.5, (gaps, wait)
+    assert gaps[0] < gaps[1] < gaps[2], gaps

@@ -1,0 +1,257 @@
+"""Pages and buttons: login, the dashboard, the slot page's form, create/delete, actions,
+the swap picker and downloads."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.test import AsyncClient
+
+from slots import services
+from slots.models import Slot, SlotEvent, State
+
+HTMX = {"HX-Request": "true"}
+NOT_DOWNLOADED_LLM = "Llama-3.2-1B-Instruct-GGUF"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("path", ["/", "/slots/chat/", "/new-slot/", "/logs/",
+                                  "/slots/chat/delete/", "/slots/chat/models/"])
+def test_pages_need_a_login(client, path):
+    response = client.get(path)
+    assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
+
+
+@pytest.mark.django_db
+def test_login_page_and_logging_in(client, admin_user):
+    assert b"Log in to hal0" in client.get("/accounts/login/").content
+    response = client.post("/accounts/login/", {"username": "boss",
+                                                "password": "correct-horse-battery"})
+    assert response.status_code == 302 and response["Location"] == "/"
+
+
+@pytest.mark.django_db
+def test_dashboard_groups_cards_by_capability_with_node_headers(admin_client, node,
+                                                                django_assert_max_num_queries):
+    with django_assert_max_num_queries(10):
+        response = admin_client.get("/")
+    html = response.content.decode()
+    for name in ("chat", "embed", "rerank", "stt", "tts", "img"):
+        assert f'id="slot-{name}"' in html and f'id="group-{name}"' in html
+    assert 'id="node-local"' in html
+    assert 'ws-connect="/ws/slots/"' in html
+    assert "cdn" not in html.lower()
+
+
+@pytest.mark.django_db
+def test_dashboard_query_count_does_not_grow_with_slots(admin_client, node, make_slot,
+                                                        django_assert_max_num_queries):
+    for i in range(30):
+        make_slot(f"extra{i}")
+    with django_assert_max_num_queries(10):
+        admin_client.get("/")
+
+
+@pytest.mark.django_db
+def test_slot_page_shows_form_history_chart_and_raw_entry(admin_client, node):
+    services.load_slot("chat")
+    services.load_slot("chat")  # joins nothing: already loaded, a second load event
+    Slot.objects.filter(name="chat").update(lemond_entry={"model_name": "X", "pid": 4242})
+    html = admin_client.get("/slots/chat/").content.decode()
+    assert 'id="slot-form"' in html and 'name="model_name"' in html
+    assert "<svg class=\"chart\"" in html and "<rect" in html
+    assert "loaded Qwen3-4B-Instruct-2507-GGUF" in html  # the audit history
+    assert "&quot;pid&quot;: 4242" in html
+    assert 'ws-connect="/ws/slots/?slot=chat"' in html
+
+
+@pytest.mark.django_db
+def test_edit_errors_come_back_inline_as_the_form_partial(admin_client, node):
+    response = admin_client.post("/slots/chat/", {
+        "name": "chat", "capability": "chat", "device": "gpu-rocm", "model_name": "M",
+        "ctx_size": "5", "idle_timeout_s": "300", "enabled": "on"}, headers=HTMX)
+    html = response.content.decode()
+    assert response.status_code == 200
+    assert html.lstrip().startswith("<form id=\"slot-form\"")
+    assert "Context size must be between" in html and "field-error" in html
+    assert Slot.objects.get(name="chat").model_name != "M"
+
+
+@pytest.mark.django_db
+def test_edit_saves_through_the_action(admin_client, node):
+    response = admin_client.post("/slots/embed/", {
+        "name": "embed", "capability": "embed", "device": "cpu",
+        "model_name": "nomic-embed-text-v1-GGUF", "idle_timeout_s": "60", "enabled": "on",
+        "is_default": "on", "keep_loaded": "on"}, headers=HTMX)
+    assert "Saved." in response.content.decode()
+    embed = Slot.objects.get(name="embed")
+    assert (embed.device, embed.idle_timeout_s, embed.keep_loaded) == ("cpu", 60, True)
+    event = SlotEvent.objects.filter(slot_name="embed").first()
+    assert event.action == "update" and event.actor == "boss"
+
+
+@pytest.mark.django_db
+def test_create_and_delete_a_slot(admin_client, node):
+    response = admin_client.post("/new-slot/", {
+        "name": "coder", "capability": "chat", "device": "gpu-vulkan",
+        "model_name": "Qwen3-0.6B-GGUF", "idle_timeout_s": "300", "enabled": "on"},
+        headers=HTMX)
+    assert response["HX-Redirect"] == "/slots/coder/"
+    assert Slot.objects.get(name="coder").node.name == "local"
+    assert b"Delete coder?" in admin_client.get("/slots/coder/delete/").content
+    response = admin_client.post("/slots/coder/delete/")
+    assert response.status_code == 302 and not Slot.objects.filter(name="coder").exists()
+
+
+@pytest.mark.django_db
+def test_create_shows_validation_errors(admin_client, node):
+    response = admin_client.post("/new-slot/", {
+        "name": "Bad Name", "capability": "tts", "device": "gpu-rocm", "model_name": "k",
+        "idle_timeout_s": "300"}, headers=HTMX)
+    html = response.content.decode()
+    assert "Slot names are 1-32 characters" in html and "cannot run on gpu-rocm" in html
+    assert not Slot.objects.filter(name="Bad Name").exists()
+
+
+@pytest.mark.django_db
+def test_seeded_slots_cannot_be_deleted(admin_client, node):
+    page = admin_client.get("/slots/chat/delete/").content.decode()
+    assert "cannot be deleted" in page and "<button" not in page.split("<main>")[1]
+    response = admin_client.post("/slots/chat/delete/")
+    assert response.status_code == 409 and b"seeded" in response.content
+    assert Slot.objects.filter(name="chat").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_button_answers_before_the_load_finishes(node, sim, admin_user):
+    sim.configure(load_delay=1.0)
+    client = AsyncClient()
+    await sync_to_async(client.force_login)(admin_user)
+    started = time.monotonic()
+    response = await client.post("/slots/chat/do/load/", headers=HTMX)
+    assert time.monotonic() - started < 0.8
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert 'id="slot-chat"' not in html  # unfinished: the push brings the card
+    assert (await Slot.objects.aget(name="chat")).state == State.LOADING
+    for _ in range(50):
+        if (await Slot.objects.aget(name="chat")).state == State.READY:
+            break
+        time.sleep(0.1)
+    assert (await Slot.objects.aget(name="chat")).state == State.READY
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_quick_action_answers_with_its_card_and_a_refusal_with_a_message(
+        node, sim, admin_user):
+    client = AsyncClient()
+    await sync_to_async(client.force_login)(admin_user)
+    html = (await client.post("/slots/chat/do/pin/", headers=HTMX)).content.decode()
+    assert 'id="slot-chat"' in html and "pinned" in html and 'id="flash"' in html
+    await Slot.objects.filter(name="embed").aupdate(enabled=False)
+    html = (await client.post("/slots/embed/do/load/", headers=HTMX)).content.decode()
+    assert "disabled" in html and 'class="flash error"' in html
+    response = await client.post("/slots/chat/do/fly/", headers=HTMX)
+    assert response.status_code == 404
+    response = await client.get("/slots/chat/do/load/")
+    assert response.status_code == 405
+
+
+@pytest.mark.django_db
+def test_without_htmx_a_button_redirects_back(admin_client, node):
+    Slot.objects.filter(name="tts").update(enabled=False)
+    response = admin_client.post("/slots/tts/do/load/", {"next": "/slots/tts/"})
+    assert response.status_code == 302 and response["Location"] == "/slots/tts/"
+    response = admin_client.post("/slots/tts/do/load/", {"next": "https://evil.example/"})
+    assert response["Location"] == "/"
+
+
+@pytest.mark.django_db
+def test_swap_picker_lists_models_of_the_slots_type(admin_client, node):
+    html = admin_client.get("/slots/embed/models/").content.decode()
+    assert "nomic-embed-text-v1-GGUF" in html and "current" in html
+    assert "Qwen3-0.6B-GGUF" not in html  # an llm is no embedding model
+    rows = admin_client.get("/slots/chat/models/?q=llama-3.2-1b", headers=HTMX).content.decode()
+    assert rows.lstrip().startswith('<ul id="picker-rows"')
+    assert NOT_DOWNLOADED_LLM in rows and "Download" in rows
+
+
+def test_picker_rows_skip_what_a_confused_lemond_sends():
+    """Ill-typed rows (a user's registry edit, a future lemond) are skipped or read
+    leniently; the picker still lists the rows it can read."""
+    from slots.views import model_rows
+
+    rows = [{"id": "Good-GGUF", "labels": ["embeddings"], "recipe": "llamacpp", "size": 0.3},
+            {"id": "Odd-Labels-GGUF", "labels": 5, "recipe": 7, "size": "big"},
+            {"id": "Odd-Items-GGUF", "labels": [{}, None, "embeddings"], "recipe": None},
+            {"id": 42, "labels": ["embeddings"]}, "not a row", None, {"labels": ["embeddings"]}]
+    listed = model_rows(rows, "embed", "", "Good-GGUF")
+    assert [r["id"] for r in listed] == ["Good-GGUF", "Odd-Items-GGUF"]
+    assert listed[1]["recipe"] == "" and listed[1]["size"] is None
+    assert model_rows({"data": "nope"}, "embed", "", "") == []
+    assert [r["id"] for r in model_rows(rows, "chat", "", "")] == ["Odd-Labels-GGUF"]
+
+
+@pytest.mark.django_db
+def test_lemond_reads_render_an_error_when_lemond_is_down(admin_client, dead_node):
+    html = admin_client.get("/slots/chat/models/").content.decode()
+    assert "Cannot list lemond&#x27;s models" in html
+    html = admin_client.get("/slots/chat/lemond/").content.decode()
+    assert "Cannot ask lemond about" in html
+
+
+@pytest.mark.django_db
+def test_lemond_model_entry(admin_client, node):
+    html = admin_client.get("/slots/chat/lemond/").content.decode()
+    assert "&quot;recipe&quot;: &quot;llamacpp&quot;" in html
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_download_runs_with_progress_and_is_recorded(node, sim, admin_user, monkeypatch):
+    pushed: list[str] = []
+    monkeypatch.setattr("slots.live.send", pushed.append)
+    client = AsyncClient()
+    await sync_to_async(client.force_login)(admin_user)
+    response = await client.post("/slots/chat/pull/", {"model": NOT_DOWNLOADED_LLM},
+                                 headers=HTMX)
+    assert "<progress" in response.content.decode()
+    assert services.pull_running(node.pk, NOT_DOWNLOADED_LLM)
+    for _ in range(100):
+        if not services.pull_running(node.pk, NOT_DOWNLOADED_LLM):
+            break
+        await __import__("asyncio").sleep(0.05)
+    assert any("Swap to this" in html and "downloaded" in html for html in pushed)
+    assert NOT_DOWNLOADED_LLM in sim.state()["downloaded"]
+    event = await SlotEvent.objects.filter(slot_name="chat", action="pull").afirst()
+    assert event.ok and event.model == NOT_DOWNLOADED_LLM
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_download_can_be_cancelled(node, sim, admin_user, monkeypatch):
+    import asyncio
+
+    monkeypatch.setattr("slots.live.send", lambda html: None)
+    sim.configure(pull_delay=5.0)
+    client = AsyncClient()
+    await sync_to_async(client.force_login)(admin_user)
+    await client.post("/slots/chat/pull/", {"model": NOT_DOWNLOADED_LLM}, headers=HTMX)
+    await asyncio.sleep(0.3)
+    response = await client.post("/slots/chat/pull/cancel/", {"model": NOT_DOWNLOADED_LLM},
+                                 headers=HTMX)
+    assert "cancelling" in response.content.decode()
+    for _ in range(50):
+        if not services.pull_running(node.pk, NOT_DOWNLOADED_LLM):
+            break
+        await asyncio.sleep(0.05)
+    event = await SlotEvent.objects.filter(slot_name="chat", action="pull").afirst()
+    assert not event.ok and event.error_code == "pull.cancelled"
+    assert NOT_DOWNLOADED_LLM not in sim.state()["downloaded"]
+
+
+@pytest.mark.django_db
+def test_logs_page(admin_client, node):
+    html = admin_client.get("/logs/").content.decode()
+    assert 'ws-connect="/ws/logs/?node=local"' in html
+    assert 'id="log-lines"' in html and 'name="level"' in html and "Pause" in html
