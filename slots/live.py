@@ -6,17 +6,19 @@ talks to lemond.
 
 Pushes can start on any thread (actions run on worker threads). The in-memory channel
 layer is not thread-safe, so a push from a foreign thread is handed to the event loop the
-consumers run on (`bind_loop`), never run on a loop of its own.
+consumers run on (`bind_loop`, or the loop that called the thread), never run on a loop of
+its own; it waits at most 5 s, so a stopping server never hangs a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
+from asgiref.sync import SyncToAsync, async_to_sync
+from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.db import transaction
 from django.template.loader import render_to_string
 
@@ -70,18 +72,36 @@ def send(html: str) -> None:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        loop = _home_loop
         if running is not None:  # called from async code: schedule, don't block the loop
             task = running.create_task(layer.group_send(GROUP, message))
             _pending.add(task)
             task.add_done_callback(_pending.discard)
-        elif loop is not None and loop.is_running() and not loop.is_closed():
+            return
+        loop = _home_loop or _caller_loop()
+        if loop is not None and loop.is_running() and not loop.is_closed():
             future = asyncio.run_coroutine_threadsafe(layer.group_send(GROUP, message), loop)
-            future.result(timeout=5)
-        else:
+            try:
+                future.result(timeout=5)
+            finally:
+                future.cancel()  # the loop stopped meanwhile (shutdown): don't leave it queued
+        elif loop is not None:
+            # A worker thread whose server loop has stopped (shutdown). Plain async_to_sync
+            # would queue the send on that stopped loop and wait for ever, and the
+            # interpreter waits for this thread at exit. This process's dashboards are
+            # gone; other processes' are reached through a shared layer on a loop of our own.
+            if not isinstance(layer, InMemoryChannelLayer):
+                async_to_sync(layer.group_send, force_new_loop=True)(GROUP, message)
+        else:  # a management command: no server loop in this process
             async_to_sync(layer.group_send)(GROUP, message)
     except Exception:  # e.g. Redis down: the dashboard catches up on its next load
         log.exception("could not push a dashboard update")
+
+
+def _caller_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop that called into this worker thread through sync_to_async, if any."""
+    if getattr(SyncToAsync.threadlocal, "main_event_loop_pid", None) != os.getpid():
+        return None
+    return getattr(SyncToAsync.threadlocal, "main_event_loop", None)
 
 
 def render_slot_card(slot) -> str:
