@@ -218,3 +218,38 @@ def wait_for(check, timeout: float, interval: float = 0.05):
         if time.monotonic() - started > timeout:
             raise AssertionError(f"not true within {timeout} s: {check}")
         time.sleep(interval)
+
+
+def in_a_worker_after_the_loop_stopped(fn, *args, timeout: float = 15.0):
+    """Call fn(*args) the way a server's worker thread does at shutdown: on a thread that
+    sync_to_async started from the server's event loop, after that loop has stopped.
+    Returns (result, seconds fn took); fails if fn hangs (waits on the stopped loop)."""
+    import asyncio
+    import threading
+
+    from asgiref.sync import sync_to_async
+
+    loop = asyncio.new_event_loop()
+    loop_stopped = threading.Event()
+    outcome: list = []
+
+    def worker():
+        loop_stopped.wait(timeout)
+        started = time.monotonic()
+        result = fn(*args)
+        outcome.append((result, time.monotonic() - started))
+
+    async def start_worker():
+        return asyncio.ensure_future(sync_to_async(worker, thread_sensitive=False)())
+
+    pending = loop.run_until_complete(start_worker())  # the loop stops; the thread goes on
+    loop_stopped.set()
+    deadline = time.monotonic() + timeout
+    while not outcome and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        loop.run_until_complete(pending)  # let a hung call finish so the thread ends
+    finally:
+        loop.close()
+    assert outcome, f"{getattr(fn, '__name__', fn)} hung on the stopped server loop"
+    return outcome[0]

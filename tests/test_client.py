@@ -15,6 +15,7 @@ from providers.lemonade.errors import (
     LemonadeTimeout,
     LemonadeUnavailable,
 )
+from tests.stack import in_a_worker_after_the_loop_stopped
 
 
 def sync(url, **kw):
@@ -148,6 +149,13 @@ def test_unreachable_and_timeout(sim, dead_port):
     sim.fault("hang", seconds=3)
     with pytest.raises(LemonadeTimeout, match="did not answer"):
         sync(sim.url, timeout=0.5).health()
+
+
+def test_a_worker_thread_call_does_not_need_the_server_loop(sim):
+    """Actions call lemond from worker threads; at shutdown the server's loop stops under
+    them, and a call that hopped onto it would never return (the process would not exit)."""
+    health, took = in_a_worker_after_the_loop_stopped(sync(sim.url).health)
+    assert health.status == "ok" and took < 5
 
 
 def test_stats_system_and_params(sim):

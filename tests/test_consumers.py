@@ -12,7 +12,7 @@ from django.test import AsyncClient
 from hal0site.asgi import application
 from slots import live, services
 from slots.models import Slot, State
-from tests.stack import REDIS_URL, redis_available
+from tests.stack import REDIS_URL, in_a_worker_after_the_loop_stopped, redis_available
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -165,39 +165,10 @@ async def test_logs_say_so_when_lemond_is_down(dead_node, session_cookie):
 
 # --- a push from a worker thread while the server stops ------------------------------------
 
-def _push_after_the_loop_stopped(html: str) -> float:
-    """What a gateway worker thread does at shutdown: it was started by sync_to_async from
-    the server's loop, and pushes a card after that loop has stopped. Returns how long the
-    push took (before the fix it waited for ever on the stopped loop)."""
-    import threading
-    import time
-
-    loop = asyncio.new_event_loop()
-    loop_stopped = threading.Event()
-    took: list[float] = []
-
-    def worker():
-        loop_stopped.wait(10)
-        started = time.monotonic()
-        live.send(html)
-        took.append(time.monotonic() - started)
-
-    async def start_worker():
-        return asyncio.ensure_future(sync_to_async(worker, thread_sensitive=False)())
-
-    pending = loop.run_until_complete(start_worker())  # the loop stops; the thread goes on
-    loop_stopped.set()
-    deadline = time.monotonic() + 15
-    while not took and time.monotonic() < deadline:
-        time.sleep(0.01)
-    loop.run_until_complete(pending)  # let the worker's future finish, then clean up
-    loop.close()
-    assert took, "the push hung on the stopped server loop"
-    return took[0]
-
-
 def test_a_push_from_a_worker_thread_after_the_loop_stopped_returns():
-    assert _push_after_the_loop_stopped('<div id="slot-x"></div>') < 5
+    """A gateway worker thread pushes a card after Daphne's loop stopped (SIGTERM)."""
+    _, took = in_a_worker_after_the_loop_stopped(live.send, '<div id="slot-x"></div>')
+    assert took < 5
 
 
 @pytest.mark.scaleout
@@ -215,7 +186,8 @@ def test_a_push_after_the_loop_stopped_still_reaches_other_processes(settings):
     channel = async_to_sync(layer.new_channel)()
     async_to_sync(layer.group_add)(live.GROUP, channel)
     try:
-        assert _push_after_the_loop_stopped('<div id="slot-y"></div>') < 5
+        _, took = in_a_worker_after_the_loop_stopped(live.send, '<div id="slot-y"></div>')
+        assert took < 5
         message = async_to_sync(layer.receive)(channel)
         assert message == {"type": "push.html", "html": '<div id="slot-y"></div>'}
     finally:

@@ -390,7 +390,9 @@ class SyncLemonadeClient:
             async with LemonadeClient(self.base_url, **self._options) as client:
                 return await getattr(client, name)(*args, **kwargs)
 
-        return async_to_sync(call)
+        # A loop of its own even on a worker thread that sync_to_async started: hopping
+        # back onto the server's loop would wait for ever once that loop stops (shutdown).
+        return async_to_sync(call, force_new_loop=True)
 
 
 __all__ = [
