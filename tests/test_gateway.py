@@ -333,16 +333,17 @@ def test_streaming_chunks_arrive_before_upstream_finishes_and_in_order(hal0, gw_
 
 def test_disconnect_cancels_the_upstream_request(hal0, gw_sim):
     assert hal0.post("chat/completions", json=chat_body()).status_code == 200
-    gw_sim.configure(token_delay=0.2)  # a ~3 s stream
+    gw_sim.configure(token_delay=0.4)  # a ~6 s stream
     with _stream(hal0) as response:
         chunks = response.iter_raw()  # keep it: a dropped iterator closes the response
         next(chunks)
         time.sleep(0.2)
         assert gw_sim.state()["in_flight_requests"] == 1
         started = time.monotonic()
-    # the client is gone: hal0 must close its upstream request, lemond sees it end
-    wait_for(lambda: gw_sim.state()["in_flight_requests"] == 0, timeout=2)
-    assert time.monotonic() - started < 1.5
+    # the client is gone: hal0 must close its upstream request, lemond sees it end long
+    # before the stream would have
+    wait_for(lambda: gw_sim.state()["in_flight_requests"] == 0, timeout=3)
+    assert time.monotonic() - started < 3
     metrics = httpx.get(f"{hal0.url}/metrics", headers=hal0.headers()).text
     assert 'hal0_slot_in_flight_requests{slot="chat"} 0' in metrics
     assert 'hal0_gateway_requests_total{slot="chat",endpoint="chat/completions",status="499"}' \

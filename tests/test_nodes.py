@@ -142,7 +142,7 @@ def timed_get(client, path: str) -> float:
 def test_a_dead_or_hanging_node_never_delays_the_others(tmp_path, lemond_sim_factory):
     sims = {name: lemond_sim_factory() for name in ("local", "b", "c")}
     stack = Stack(tmp_path, HAL0_LEMONADE_URL=sims["local"].url, HAL0_POLL_ACTIVE_S="0.2",
-                  HAL0_POLL_IDLE_S="0.2", HAL0_RECONCILE_TIMEOUT_S="1",
+                  HAL0_POLL_IDLE_S="0.2", HAL0_RECONCILE_TIMEOUT_S="3",
                   HAL0_STATS_EVERY_S="1")
     stack.setup()
     try:
@@ -182,7 +182,7 @@ def test_a_dead_or_hanging_node_never_delays_the_others(tmp_path, lemond_sim_fac
                                        since=killed, timeout=5)
                 print(f"\nnode b dead: {slots[name]}'s eviction on the dashboard after "
                       f"{(at - killed) * 1000:.0f} ms")
-                assert at - killed < 1.5
+                assert at - killed < 2.0  # the state shown is true within 2 s
             _, at = dashboard.wait(lambda m: 'id="node-b"' in m and "unreachable" in m,
                                    since=killed, timeout=5)
             print(f"node b's banner after {(at - killed) * 1000:.0f} ms")
@@ -191,7 +191,7 @@ def test_a_dead_or_hanging_node_never_delays_the_others(tmp_path, lemond_sim_fac
             # node c hangs: local's updates still arrive at once
             sims["c"].fault("hang", seconds=30)
             hung = time.monotonic()
-            time.sleep(0.5)  # polls of c are now stuck until their 1 s timeout
+            time.sleep(0.5)  # polls of c are now stuck until their 3 s timeout
             changed = time.monotonic()
             httpx.post(f"{sims['local'].url}/v1/load", json={"model_name": model["local"]},
                        timeout=5)
@@ -199,9 +199,9 @@ def test_a_dead_or_hanging_node_never_delays_the_others(tmp_path, lemond_sim_fac
                                    timeout=5)
             print(f"node c hanging, b dead: local's adoption on the dashboard after "
                   f"{(at - changed) * 1000:.0f} ms")
-            assert at - changed < 1.5
+            assert at - changed < 2.0  # waiting on c's poll would take its 3 s timeout
             dashboard.wait(lambda m: 'id="node-c"' in m and "unreachable" in m, since=hung,
-                           timeout=5)
+                           timeout=10)
             slowest = max(timed_get(client, path) for path in ("/", "/slots/chat-c/",
                                                                "/api/slots/", "/api/health",
                                                                "/nodes/") for _ in range(3))
@@ -211,7 +211,7 @@ def test_a_dead_or_hanging_node_never_delays_the_others(tmp_path, lemond_sim_fac
             assert slowest < 1.0
             sims["c"].fault("clear")
             wait_for(lambda: all(n["reachable"] for n in client.get("/api/health").json()
-                                 ["nodes"] if n["name"] == "c"), timeout=3)
+                                 ["nodes"] if n["name"] == "c"), timeout=8)
         finally:
             dashboard.close()
             client.close()

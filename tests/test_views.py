@@ -126,12 +126,12 @@ def test_seeded_slots_cannot_be_deleted(admin_client, node):
 
 @pytest.mark.django_db(transaction=True)
 async def test_a_button_answers_before_the_load_finishes(node, sim, admin_user):
-    sim.configure(load_delay=1.0)
+    sim.configure(load_delay=3.0)
     client = AsyncClient()
     await sync_to_async(client.force_login)(admin_user)
     started = time.monotonic()
     response = await client.post("/slots/chat/do/load/", headers=HTMX)
-    assert time.monotonic() - started < 0.8
+    assert time.monotonic() - started < 2.0  # the load itself takes 3 s
     assert response.status_code == 200
     html = response.content.decode()
     assert 'id="slot-chat"' not in html  # unfinished: the push brings the card
