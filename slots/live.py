@@ -136,6 +136,43 @@ def broadcast_node_on_commit(node_id: int) -> None:
     transaction.on_commit(lambda: broadcast_node(node_id))
 
 
+def layout_context() -> dict:
+    """What the dashboard shows: two queries whatever the number of slots and nodes. With
+    more than one node the slots are grouped by node first (`by_node`)."""
+    from .models import Node, Slot
+
+    slots = list(Slot.objects.for_dashboard())
+    nodes = list(Node.objects.all())
+    by_node = len(nodes) > 1
+    sections = [(node, [s for s in slots if s.node_id == node.pk]) for node in nodes] \
+        if by_node else []
+    return {"slots": slots, "nodes": nodes, "by_node": by_node, "sections": sections}
+
+
+def layout_fingerprint() -> tuple:
+    """Where the cards sit: which slots and nodes exist, under which names, capabilities
+    and nodes (two small queries; what changes here needs `push_layout`)."""
+    from .models import Node, Slot
+
+    return (tuple(Slot.objects.order_by("pk").values_list("pk", "name", "capability",
+                                                          "node_id")),
+            tuple(Node.objects.order_by("pk").values_list("pk", "name")))
+
+
+def push_layout() -> None:
+    """Re-send the dashboard's whole grid to open dashboards: a card's place changed, not
+    just its content (a slot created, renamed, moved to another node or capability; a node
+    added or removed), whichever way the change was made (page, API, CLI, admin)."""
+    if isinstance(get_channel_layer(), InMemoryChannelLayer) and not viewers():
+        return  # no dashboard in this process can hear it (a CLI command): don't render
+    html = render_to_string("slots/dashboard.html#layout", layout_context())
+    send(html.replace('id="layout"', 'id="layout" hx-swap-oob="true"', 1))
+
+
+def push_layout_on_commit() -> None:
+    transaction.on_commit(push_layout)
+
+
 def broadcast_removed_on_commit(name: str) -> None:
     transaction.on_commit(
         lambda: send(f'<div id="slot-{name}" hx-swap-oob="delete"></div>')

@@ -119,6 +119,8 @@ class Reconciler:
     # node name -> (monotonic time the lease was last taken, until when it is ours)
     leased: dict[str, tuple[float, float]] = field(default_factory=dict)
     leases_checked_at: float = float("-inf")
+    # where the dashboard's cards sit (live.layout_fingerprint), last seen while watched
+    layout: tuple | None = None
 
     # --- the loop ---------------------------------------------------------------------
     async def run_forever(self) -> None:
@@ -139,6 +141,7 @@ class Reconciler:
         tasks: set[asyncio.Task] = set()
         idle_task: asyncio.Task | None = None
         idle_at = time.monotonic()
+        layout_at = float("-inf")
         while True:
             try:
                 now = time.monotonic()
@@ -155,6 +158,9 @@ class Reconciler:
                     idle_task = asyncio.ensure_future(_housekeeping())
                 active = self.always_active or live.viewers()
                 period = settings.HAL0_POLL_ACTIVE_S if active else settings.HAL0_POLL_IDLE_S
+                if live.viewers() and now - layout_at >= period:
+                    layout_at = now
+                    await sync_to_async(self.watch_layout)()
                 for node in nodes:
                     if self.use_leases and not self.holds(node.name, now):
                         continue  # another process polls it; we keep trying to take over
@@ -171,6 +177,15 @@ class Reconciler:
             except Exception:
                 log.exception("reconciler tick failed")
             await asyncio.sleep(TICK_S)
+
+    def watch_layout(self) -> None:
+        """Slots created, renamed, moved or deleted by another process (`manage.py slots`
+        with the in-memory channel layer cannot reach this process's dashboards): push the
+        grid when where the cards sit has changed since the last look."""
+        layout = live.layout_fingerprint()
+        if self.layout is not None and layout != self.layout:
+            live.push_layout()
+        self.layout = layout
 
     # --- leases (one poller per node across processes) ----------------------------------
     def holds(self, node_name: str, now: float | None = None) -> bool:

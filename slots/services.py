@@ -444,6 +444,7 @@ def create_slot(data: dict, *, actor: Any = EventActor.CLI) -> Slot:
     with transaction.atomic():
         slot.save()
         record(slot, "create", actor=actor, message=f"created {slot.capability} slot")
+        live.push_layout_on_commit()  # a new card: open dashboards place it in its group
     return slot
 
 
@@ -471,6 +472,8 @@ def update_slot(slot: Slot | str, changes: dict, *, actor: Any = EventActor.CLI)
         record(fresh, "update", actor=actor,
                message="changed " + ", ".join(
                    f"{f} {before[f]!r} → {getattr(fresh, f)!r}" for f in changed))
+        if {"name", "capability", "node_id"} & set(changed):
+            live.push_layout_on_commit()  # the card's id or its place on the page changed
     return fresh
 
 
@@ -490,7 +493,8 @@ def delete_slot(slot: Slot | str, *, actor: Any = EventActor.CLI) -> None:
                                  actor=actor_name(actor), from_state=slot.state,
                                  model=slot.model_name, message="deleted")
         slot.delete()
-        live.broadcast_removed_on_commit(name)
+        live.broadcast_removed_on_commit(name)  # its own page too
+        live.push_layout_on_commit()  # its group may be empty now
         if loaded:
             # Best effort, after the commit and off this thread: callers (the admin) may hold
             # a transaction, and lemond may take minutes or not answer.

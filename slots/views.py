@@ -43,28 +43,10 @@ LOAD_HISTORY = 20
 
 # --- dashboard ---------------------------------------------------------------------------
 
-def dashboard_context() -> dict:
-    """What the dashboard shows: two queries whatever the number of slots and nodes. With
-    more than one node the slots are grouped by node first (`by_node`)."""
-    slots = list(Slot.objects.for_dashboard())
-    nodes = list(Node.objects.all())
-    by_node = len(nodes) > 1
-    sections = [(node, [s for s in slots if s.node_id == node.pk]) for node in nodes] \
-        if by_node else []
-    return {"slots": slots, "nodes": nodes, "by_node": by_node, "sections": sections}
-
-
 @login_required
 def dashboard(request):
-    return render(request, "slots/dashboard.html", {**dashboard_context(),
+    return render(request, "slots/dashboard.html", {**live.layout_context(),
                                                     "live_url": "/ws/slots/"})
-
-
-def push_layout() -> None:
-    """Re-send the dashboard's node sections to open dashboards (a slot was added to or
-    moved between nodes: its card's place changed, not just its content)."""
-    html = render_to_string("slots/dashboard.html#layout", dashboard_context())
-    live.send(html.replace('id="layout"', 'id="layout" hx-swap-oob="true"', 1))
 
 
 # --- one slot ----------------------------------------------------------------------------
@@ -78,8 +60,6 @@ def slot_detail(request, name):
         form = SlotForm(request.POST, instance=Slot.objects.select_related("node").get(pk=slot.pk))
         if form.is_valid():
             updated = form.save_through_services(request.user)
-            if updated is not None and updated.node_id != slot.node_id:
-                push_layout()  # the card moves to its new node's section
             if updated is not None:
                 if updated.name != name:
                     target = reverse("slots:detail", args=[updated.name])
@@ -132,13 +112,7 @@ def slot_create(request):
     form = SlotForm(request.POST if request.method == "POST" else None)
     if request.method == "POST" and form.is_valid():
         slot = form.save_through_services(request.user)
-        if slot is not None:
-            if Node.objects.count() > 1:
-                push_layout()  # grouped by node: its node or capability group may be new
-            else:
-                # open dashboards append the new card to its capability's group
-                card = render_to_string("slots/_slot_card.html", {"slot": slot})
-                live.send(f'<div hx-swap-oob="beforeend:#group-{slot.capability}">{card}</div>')
+        if slot is not None:  # open dashboards get the new card from services
             target = reverse("slots:detail", args=[slot.name])
             if request.htmx:
                 return HttpResponse(headers={"HX-Redirect": target})
@@ -394,7 +368,7 @@ def nodes(request):
     form = _node_form(request.POST or None)
     if request.method == "POST" and form.is_valid():
         node = form.save()
-        push_layout()
+        live.push_layout()
         return redirect("slots:node", name=node.name)
     rows = list(Node.objects.annotate(slot_count=Count("slots")).order_by("name"))
     polled_by = leases.holders()
@@ -414,7 +388,7 @@ def node_edit(request, name):
     saved = False
     if request.method == "POST" and form.is_valid():
         node = form.save()
-        push_layout()
+        live.push_layout()
         if node.name != name:
             return redirect("slots:node", name=node.name)
         saved = True
@@ -443,7 +417,7 @@ def node_delete(request, name):
                      "to another node or delete them first.",
         }, status=409)
     node.delete()
-    push_layout()
+    live.push_layout()
     return redirect("slots:nodes")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -11,7 +12,7 @@ from django.test import AsyncClient
 
 from hal0site.asgi import application
 from slots import live, services
-from slots.models import Slot, State
+from slots.models import Node, Slot, State
 from tests.stack import REDIS_URL, in_a_worker_after_the_loop_stopped, redis_available
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -162,6 +163,62 @@ async def test_logs_say_so_when_lemond_is_down(dead_node, session_cookie):
     assert "unavailable" in status and 'class="error"' in status
     await comm.disconnect()
 
+
+
+# --- where a card sits: created, moved, renamed, deleted by any means -------------------------
+
+def _holder(html: str, card: str, kind: str) -> str | None:
+    """The node section (kind="nodesection") or capability group (kind="group") whose
+    element precedes the card in the pushed layout."""
+    at = html.find(f'id="slot-{card}"')
+    if at < 0:
+        return None
+    holders = [(m.start(), m.group(1)) for m in re.finditer(rf'id="{kind}-([^"]+)"', html)]
+    return [name for start, name in holders if start < at][-1]
+
+
+async def _dashboard(session_cookie) -> WebsocketCommunicator:
+    comm = communicator("/ws/slots/", ORIGIN, session_cookie)
+    assert (await comm.connect())[0]
+    await comm.receive_from()  # the resync
+    return comm
+
+
+async def test_a_slot_made_through_the_api_or_cli_takes_its_place_on_open_dashboards(
+        node, session_cookie):
+    """Not only the page's own buttons: services push the grid when a card is new, renamed
+    or deleted, so a second browser sees a slot created with curl or `manage.py slots`."""
+    comm = await _dashboard(session_cookie)
+    await sync_to_async(services.create_slot)(
+        {"name": "chat2", "capability": "chat", "device": "cpu", "model_name": "Qwen3-0.6B-GGUF"})
+    layout = await receive_until(comm, 'id="layout"')
+    assert layout.lstrip().startswith('<div id="layout" hx-swap-oob="true"')
+    assert _holder(layout, "chat2", "group") == "chat"
+    assert _holder(layout, "embed", "group") == "embed"  # the rest stays where it was
+
+    await sync_to_async(services.update_slot)("chat2", {"name": "chat3", "capability": "embed",
+                                                        "model_name": "nomic-embed-text-v1-GGUF"})
+    layout = await receive_until(comm, 'id="layout"')
+    assert _holder(layout, "chat2", "group") is None
+    assert _holder(layout, "chat3", "group") == "embed"
+
+    await sync_to_async(services.delete_slot)("chat3")
+    layout = await receive_until(comm, 'id="layout"')
+    assert _holder(layout, "chat3", "group") is None and _holder(layout, "chat", "group")
+    await comm.disconnect()
+
+
+async def test_a_slot_moved_to_another_node_moves_on_open_dashboards(node, session_cookie):
+    await Node.objects.acreate(name="b", base_url="http://127.0.0.1:9")  # nothing polls it
+    comm = await _dashboard(session_cookie)
+    await sync_to_async(services.update_slot)("chat", {"node": "b"})
+    layout = await receive_until(comm, 'id="layout"')
+    assert _holder(layout, "chat", "nodesection") == "b"
+    assert _holder(layout, "embed", "nodesection") == "local"
+    await sync_to_async(services.update_slot)("chat", {"pinned": True})  # same place
+    card = await receive_until(comm, 'id="slot-chat"')
+    assert card.lstrip().startswith('<article id="slot-chat"')  # just the card, no layout
+    await comm.disconnect()
 
 # --- a push from a worker thread while the server stops ------------------------------------
 

@@ -48,3 +48,41 @@ def test_serve_polls_and_releases_its_leases_on_sigterm(tmp_path, lemond_sim):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_slot_imported_with_the_cli_appears_on_open_dashboards(tmp_path, lemond_sim):
+    """`manage.py slots import` is another process: with the embedded in-memory channel
+    layer it cannot push to `serve`'s dashboards, so serve's reconciler notices where the
+    cards sit has changed and pushes the grid itself."""
+    import json
+
+    from tests.stack import Stack, login, websocket
+
+    stack = Stack(tmp_path, HAL0_LEMONADE_URL=lemond_sim.url, HAL0_POLL_ACTIVE_S="0.25")
+    stack.setup()
+    try:
+        url = stack.serve()
+        client = login(url)
+        dashboard = websocket(url, client)
+        try:
+            dashboard.wait(lambda m: 'id="slot-chat"' in m)  # the resync
+            exported = json.loads(stack.manage("slots", "export").stdout)
+            exported["slots"].append({**next(s for s in exported["slots"]
+                                             if s["name"] == "chat"),
+                                      "name": "chat-cli", "is_default": False})
+            (tmp_path / "slots.json").write_text(json.dumps(exported))
+            started = time.monotonic()
+            stack.manage("slots", "import", str(tmp_path / "slots.json"))
+            imported = time.monotonic()
+            layout, at = dashboard.wait(lambda m: 'id="layout"' in m and "slot-chat-cli" in m,
+                                        timeout=5)
+            print(f"\nCLI import (a {imported - started:.1f} s command) on the dashboard "
+                  f"{(at - imported) * 1000:.0f} ms after it returned")
+            assert 'id="group-chat"' in layout
+            assert layout.index('id="slot-chat-cli"') > layout.index('id="group-chat"')
+        finally:
+            dashboard.close()
+            client.close()
+    finally:
+        stack.stop()
+    assert "Traceback" not in stack.logs()
