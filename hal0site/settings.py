@@ -288,6 +288,10 @@ HAL0_SERVING_LINGER_S = env_float("HAL0_SERVING_LINGER_S", 0.5)
 # long unless renewed (every third of it), so one that died mid-request stops holding
 # its slots at serving after this.
 HAL0_SERVING_CLAIM_TTL_S = env_float("HAL0_SERVING_CLAIM_TTL_S", 30.0)
+# On SIGTERM, `serve` and `reconcile` wait this long for actions still waiting on lemond
+# (a load can take minutes); the rest are recorded as interrupted and the process exits
+# without them (lemond finishes them; the next poll adopts what got loaded).
+HAL0_SHUTDOWN_GRACE_S = env_float("HAL0_SHUTDOWN_GRACE_S", 5.0)
 # Verified API tokens are cached this long: revocation elsewhere takes effect within it.
 HAL0_TOKEN_CACHE_S = env_float("HAL0_TOKEN_CACHE_S", 10.0)
 # Request metrics: kept this many hours, written in batches every few seconds.

@@ -235,24 +235,59 @@ def _fail(slot: Slot, action: str, from_state: str, error: SlotError, *, actor: 
 
 # --- lifecycle actions ----------------------------------------------------------------------
 
+# slot id -> the action this process is running on it (slot, action, from_state, actor,
+# started): what a process that exits mid-action records as interrupted
+_running: dict[int, tuple[Slot, str, str, Any, float]] = {}
+
+
+def _record_interrupted(slot: Slot, action: str, from_state: str, actor: Any,
+                        started: float, why: str) -> None:
+    error = SlotError("lemond.error", f"{action} interrupted ({why}); lemond's real state "
+                      "shows after the next poll", slot.name)
+    try:
+        _fail(slot, action, from_state, error, actor=actor, started=started)
+    except Exception:  # the database may be what failed: the stale-claim rule remains
+        log.exception("slot %s: could not record the interrupted %s", slot.name, action)
+
+
 @contextlib.contextmanager
 def _recorded(slot: Slot, action: str, from_state: str, actor: Any):
     """Wrap the work after a claim: whatever escapes that is not an already recorded
     `SlotError` (Ctrl-C in the CLI, a database error, a bug) still leaves the slot out of its
     busy state with an audit row, instead of stuck until the busy state goes stale."""
     started = time.monotonic()
+    entry = (slot, action, from_state, actor, started)
+    _running[slot.pk] = entry
     try:
         yield started
     except SlotError:
         raise
     except BaseException as exc:
-        error = SlotError("lemond.error", f"{action} interrupted ({exc.__class__.__name__}); "
-                          "lemond's real state shows after the next poll", slot.name)
-        try:
-            _fail(slot, action, from_state, error, actor=actor, started=started)
-        except Exception:  # the database may be what failed: the stale-claim rule remains
-            log.exception("slot %s: could not record the interrupted %s", slot.name, action)
+        _record_interrupted(slot, action, from_state, actor, started, exc.__class__.__name__)
         raise
+    finally:
+        if _running.get(slot.pk) is entry:
+            del _running[slot.pk]
+
+
+def settle_actions_at_exit(grace: float) -> bool:
+    """For `serve` and `reconcile` after SIGTERM: wait up to `grace` seconds for the actions
+    this process runs, then record those still waiting on lemond as interrupted (lemond
+    finishes them by itself; the next poll adopts a model that got loaded) so no slot stays
+    `loading` for HAL0_LEMONADE_LOAD_TIMEOUT. True when worker threads are still busy: the
+    caller must then exit without joining them, or it would wait for lemond after all."""
+    from concurrent.futures import wait
+
+    deadline = time.monotonic() + grace
+    wait(list(_pending), timeout=grace)
+    while _running and time.monotonic() < deadline:
+        time.sleep(0.05)  # gateway loads run on a pool of their own
+    interrupted = list(_running.values())
+    for entry in interrupted:
+        _record_interrupted(*entry, "hal0 stopped")
+        log.warning("slot %s: %s interrupted by shutdown; lemond finishes it by itself",
+                    entry[0].name, entry[1])
+    return bool(interrupted) or any(not future.done() for future in _pending)
 
 
 def _ready(model: str, elapsed_ms: int) -> dict[str, Any]:

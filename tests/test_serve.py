@@ -86,3 +86,48 @@ def test_a_slot_imported_with_the_cli_appears_on_open_dashboards(tmp_path, lemon
     finally:
         stack.stop()
     assert "Traceback" not in stack.logs()
+
+
+def test_sigterm_during_a_load_exits_at_once_and_the_next_start_shows_the_truth(
+        tmp_path, lemond_sim):
+    """A restart (the installer's, an upgrade's) while lemond loads a big model: serve
+    does not wait minutes for the load (systemd would kill it at 90 s with the slot left
+    `loading`), it records the load as interrupted, and the next serve adopts the model
+    once lemond has it."""
+    import sqlite3
+
+    from tests.stack import Stack, login, wait_for
+
+    lemond_sim.configure(load_delay=8)
+    stack = Stack(tmp_path, HAL0_LEMONADE_URL=lemond_sim.url, HAL0_SHUTDOWN_GRACE_S="1")
+    stack.setup()
+    db = tmp_path / "hal0.sqlite3"
+
+    def chat():
+        with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
+            return conn.execute("SELECT state, state_message FROM slots_slot "
+                                "WHERE name = 'chat'").fetchone()
+
+    try:
+        url = stack.serve()
+        client = login(url)
+        response = client.post("/slots/chat/do/load/", headers={"HX-Request": "true"})
+        assert response.status_code == 200
+        wait_for(lambda: chat()[0] == "loading", timeout=5)
+        first = stack.procs[-1]
+        stopped = time.monotonic()
+        os.killpg(first.pid, signal.SIGTERM)
+        assert first.wait(30) == 0
+        took = time.monotonic() - stopped
+        print(f"\nserve exited {took:.1f} s after SIGTERM during an 8 s load (grace 1 s)")
+        assert took < 6  # not the load's remaining ~7 s
+        state, message = chat()
+        assert state == "error" and "interrupted (hal0 stopped)" in message
+        client.close()
+
+        stack.serve()  # lemond goes on loading; the new process adopts what it has
+        wait_for(lambda: chat()[0] == "ready", timeout=20)
+        assert lemond_sim.state()["loaded"]
+    finally:
+        stack.stop()
+    assert "Traceback" not in stack.logs()

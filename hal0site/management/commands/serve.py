@@ -73,11 +73,12 @@ class Command(BaseCommand):
         server.run()
         if server.abort_start:
             raise CommandError(f"could not listen on {host}:{port} (is the port in use?)")
-        from slots import services
+        from hal0site import shutdown
 
         # Daphne has stopped (SIGTERM, Ctrl-C): requests still open were cut off, so give
-        # this process's serving claims back now rather than after their TTL.
-        services.release_serving_claims()
+        # this process's serving claims back now rather than after their TTL, and do not
+        # wait minutes for loads lemond finishes anyway.
+        shutdown.finish()
 
 
 async def _settle(task: asyncio.Task, timeout: float = 5.0) -> None:

@@ -26,6 +26,10 @@ class Command(BaseCommand):
         except KeyboardInterrupt:
             pass
         self.stdout.write("reconciler stopped")
+        self.stdout.flush()
+        from hal0site import shutdown
+
+        shutdown.finish()  # restores still loading: recorded as interrupted, not waited for
 
     async def main(self):
         from slots import reconciler
