@@ -4,23 +4,25 @@ Ctrl-C: give back what other processes wait for, and never hang on lemond."""
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from django.conf import settings
 
 log = logging.getLogger("hal0.shutdown")
 
 
-def finish() -> None:
+def finish() -> NoReturn:
     """Release this process's serving claims, give running actions HAL0_SHUTDOWN_GRACE_S
-    to finish, and exit now if worker threads are still waiting on lemond: a normal exit
-    joins them, and a load may take HAL0_LEMONADE_LOAD_TIMEOUT (systemd would kill us first,
-    with nothing recorded)."""
+    to finish (the rest are recorded as interrupted), then exit without joining worker
+    threads: a normal exit waits for every one of them, and one may be waiting on lemond
+    for HAL0_LEMONADE_LOAD_TIMEOUT (a load, a joined load, an idle unload); systemd would
+    kill us first, with nothing recorded."""
     from slots import services
 
     services.release_serving_claims()
     if services.settle_actions_at_exit(settings.HAL0_SHUTDOWN_GRACE_S):
         log.warning("exiting without waiting for lemond (see the interrupted actions above)")
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

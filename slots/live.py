@@ -90,7 +90,10 @@ def send(html: str) -> None:
             # interpreter waits for this thread at exit. This process's dashboards are
             # gone; other processes' are reached through a shared layer on a loop of our own.
             if not isinstance(layer, InMemoryChannelLayer):
-                async_to_sync(layer.group_send, force_new_loop=True)(GROUP, message)
+                async def bounded():
+                    await asyncio.wait_for(layer.group_send(GROUP, message), 5)
+
+                async_to_sync(bounded, force_new_loop=True)()
         else:  # a management command: no server loop in this process
             async_to_sync(layer.group_send)(GROUP, message)
     except Exception:  # e.g. Redis down: the dashboard catches up on its next load
@@ -149,24 +152,50 @@ def layout_context() -> dict:
     return {"slots": slots, "nodes": nodes, "by_node": by_node, "sections": sections}
 
 
+def _fingerprint(slots, nodes) -> tuple:
+    return (tuple(sorted(slots)), tuple(sorted(nodes)))
+
+
 def layout_fingerprint() -> tuple:
     """Where the cards sit: which slots and nodes exist, under which names, capabilities
     and nodes (two small queries; what changes here needs `push_layout`)."""
     from .models import Node, Slot
 
-    return (tuple(Slot.objects.order_by("pk").values_list("pk", "name", "capability",
-                                                          "node_id")),
-            tuple(Node.objects.order_by("pk").values_list("pk", "name")))
+    return _fingerprint(Slot.objects.values_list("pk", "name", "capability", "node_id"),
+                        Node.objects.values_list("pk", "name"))
+
+
+# where the cards sat when this process last pushed the grid or looked (layout_moved)
+_layout_seen: tuple | None = None
+
+
+def local_layer() -> bool:
+    """True with the in-memory channel layer: only this process's dashboards hear it."""
+    return isinstance(get_channel_layer(), InMemoryChannelLayer)
 
 
 def push_layout() -> None:
     """Re-send the dashboard's whole grid to open dashboards: a card's place changed, not
     just its content (a slot created, renamed, moved to another node or capability; a node
     added or removed), whichever way the change was made (page, API, CLI, admin)."""
-    if isinstance(get_channel_layer(), InMemoryChannelLayer) and not viewers():
+    global _layout_seen
+    if local_layer() and not viewers():
         return  # no dashboard in this process can hear it (a CLI command): don't render
-    html = render_to_string("slots/dashboard.html#layout", layout_context())
+    context = layout_context()
+    _layout_seen = _fingerprint(
+        ((s.pk, s.name, s.capability, s.node_id) for s in context["slots"]),
+        ((n.pk, n.name) for n in context["nodes"]))
+    html = render_to_string("slots/dashboard.html#layout", context)
     send(html.replace('id="layout"', 'id="layout" hx-swap-oob="true"', 1))
+
+
+def layout_moved() -> bool:
+    """True when the cards' places differ from what this process last pushed or saw: a
+    change made by another process, which with the in-memory layer could not push here
+    itself (`manage.py slots import`). The first look only takes note."""
+    global _layout_seen
+    seen, _layout_seen = _layout_seen, layout_fingerprint()
+    return seen is not None and seen != _layout_seen
 
 
 def push_layout_on_commit() -> None:

@@ -119,8 +119,6 @@ class Reconciler:
     # node name -> (monotonic time the lease was last taken, until when it is ours)
     leased: dict[str, tuple[float, float]] = field(default_factory=dict)
     leases_checked_at: float = float("-inf")
-    # where the dashboard's cards sit (live.layout_fingerprint), last seen while watched
-    layout: tuple | None = None
 
     # --- the loop ---------------------------------------------------------------------
     async def run_forever(self) -> None:
@@ -158,9 +156,9 @@ class Reconciler:
                     idle_task = asyncio.ensure_future(_housekeeping())
                 active = self.always_active or live.viewers()
                 period = settings.HAL0_POLL_ACTIVE_S if active else settings.HAL0_POLL_IDLE_S
-                if live.viewers() and now - layout_at >= period:
+                if live.viewers() and live.local_layer() and now - layout_at >= period:
                     layout_at = now
-                    await sync_to_async(self.watch_layout)()
+                    await self.watch_layout()
                 for node in nodes:
                     if self.use_leases and not self.holds(node.name, now):
                         continue  # another process polls it; we keep trying to take over
@@ -178,14 +176,16 @@ class Reconciler:
                 log.exception("reconciler tick failed")
             await asyncio.sleep(TICK_S)
 
-    def watch_layout(self) -> None:
+    @staticmethod
+    async def watch_layout() -> None:
         """Slots created, renamed, moved or deleted by another process (`manage.py slots`
         with the in-memory channel layer cannot reach this process's dashboards): push the
-        grid when where the cards sit has changed since the last look."""
-        layout = live.layout_fingerprint()
-        if self.layout is not None and layout != self.layout:
-            live.push_layout()
-        self.layout = layout
+        grid when where the cards sit has changed. With Redis every change pushes itself."""
+        try:
+            if await sync_to_async(live.layout_moved)():
+                await sync_to_async(live.push_layout)()
+        except Exception:  # cosmetic: never let it cost the tick its polls
+            log.exception("watching the dashboard layout failed")
 
     # --- leases (one poller per node across processes) ----------------------------------
     def holds(self, node_name: str, now: float | None = None) -> bool:

@@ -241,8 +241,11 @@ _running: dict[int, tuple[Slot, str, str, Any, float]] = {}
 
 
 def _record_interrupted(slot: Slot, action: str, from_state: str, actor: Any,
-                        started: float, why: str) -> None:
-    error = SlotError("lemond.error", f"{action} interrupted ({why}); lemond's real state "
+                        started: float, why: str, *, only_if_busy: bool = False) -> None:
+    if only_if_busy and not Slot.objects.filter(pk=slot.pk, state__in=BUSY_STATES).exists():
+        return  # it finished after all (shutdown raced its last write): keep its result
+    verb = "restore" if action == "restored" else action
+    error = SlotError("lemond.error", f"{verb} interrupted ({why}); lemond's real state "
                       "shows after the next poll", slot.name)
     try:
         _fail(slot, action, from_state, error, actor=actor, started=started)
@@ -274,8 +277,8 @@ def settle_actions_at_exit(grace: float) -> bool:
     """For `serve` and `reconcile` after SIGTERM: wait up to `grace` seconds for the actions
     this process runs, then record those still waiting on lemond as interrupted (lemond
     finishes them by itself; the next poll adopts a model that got loaded) so no slot stays
-    `loading` for HAL0_LEMONADE_LOAD_TIMEOUT. True when worker threads are still busy: the
-    caller must then exit without joining them, or it would wait for lemond after all."""
+    `loading` for HAL0_LEMONADE_LOAD_TIMEOUT. Returns True when actions were interrupted
+    (their threads still wait on lemond)."""
     from concurrent.futures import wait
 
     deadline = time.monotonic() + grace
@@ -284,10 +287,10 @@ def settle_actions_at_exit(grace: float) -> bool:
         time.sleep(0.05)  # gateway loads run on a pool of their own
     interrupted = list(_running.values())
     for entry in interrupted:
-        _record_interrupted(*entry, "hal0 stopped")
+        _record_interrupted(*entry, "hal0 stopped", only_if_busy=True)
         log.warning("slot %s: %s interrupted by shutdown; lemond finishes it by itself",
                     entry[0].name, entry[1])
-    return bool(interrupted) or any(not future.done() for future in _pending)
+    return bool(interrupted)
 
 
 def _ready(model: str, elapsed_ms: int) -> dict[str, Any]:
@@ -912,18 +915,19 @@ def restore_slot(slot: Slot | str, *, reason: str = "") -> Slot:
     from_state = _claim(slot, "load", State.LOADING, f"restoring {slot.model_name}")
     if from_state is None:  # someone else is loading it already
         return slot
-    started = time.monotonic()
-    try:
-        providers.get().load(slot)
-    except LemonadeError as exc:
-        raise _fail(slot, "restored", from_state, _lemond_error(slot, exc, "restore"),
-                    actor=EventActor.RECONCILER, started=started, loaded_model="") from None
-    elapsed = _ms_since(started)
-    note = f" ({reason})" if reason else ""
-    record(slot, "restored", actor=EventActor.RECONCILER, from_state=from_state,
-           duration_ms=elapsed, message=f"reloaded {slot.model_name} in {elapsed / 1000:.1f} s"
-                                        f"{note}",
-           observed=_ready(slot.model_name, elapsed))
+    with _recorded(slot, "restored", from_state, EventActor.RECONCILER) as started:
+        try:
+            providers.get().load(slot)
+        except LemonadeError as exc:
+            raise _fail(slot, "restored", from_state, _lemond_error(slot, exc, "restore"),
+                        actor=EventActor.RECONCILER, started=started,
+                        loaded_model="") from None
+        elapsed = _ms_since(started)
+        note = f" ({reason})" if reason else ""
+        record(slot, "restored", actor=EventActor.RECONCILER, from_state=from_state,
+               duration_ms=elapsed,
+               message=f"reloaded {slot.model_name} in {elapsed / 1000:.1f} s{note}",
+               observed=_ready(slot.model_name, elapsed))
     return slot
 
 

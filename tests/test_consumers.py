@@ -218,6 +218,7 @@ async def test_a_slot_moved_to_another_node_moves_on_open_dashboards(node, sessi
     await sync_to_async(services.update_slot)("chat", {"pinned": True})  # same place
     card = await receive_until(comm, 'id="slot-chat"')
     assert card.lstrip().startswith('<article id="slot-chat"')  # just the card, no layout
+    assert await comm.receive_nothing(timeout=0.5)
     await comm.disconnect()
 
 # --- a push from a worker thread while the server stops ------------------------------------

@@ -2,6 +2,7 @@
 exits cleanly and gives its node leases back (another process can take over at once)."""
 
 import contextlib
+import json
 import os
 import signal
 import sqlite3
@@ -98,7 +99,7 @@ def test_sigterm_during_a_load_exits_at_once_and_the_next_start_shows_the_truth(
 
     from tests.stack import Stack, login, wait_for
 
-    lemond_sim.configure(load_delay=8)
+    lemond_sim.configure(load_delay=20)
     stack = Stack(tmp_path, HAL0_LEMONADE_URL=lemond_sim.url, HAL0_SHUTDOWN_GRACE_S="1")
     stack.setup()
     db = tmp_path / "hal0.sqlite3"
@@ -119,15 +120,54 @@ def test_sigterm_during_a_load_exits_at_once_and_the_next_start_shows_the_truth(
         os.killpg(first.pid, signal.SIGTERM)
         assert first.wait(30) == 0
         took = time.monotonic() - stopped
-        print(f"\nserve exited {took:.1f} s after SIGTERM during an 8 s load (grace 1 s)")
-        assert took < 6  # not the load's remaining ~7 s
+        print(f"\nserve exited {took:.1f} s after SIGTERM during a 20 s load (grace 1 s)")
+        assert took < 6  # not the load's remaining ~19 s
         state, message = chat()
         assert state == "error" and "interrupted (hal0 stopped)" in message
         client.close()
 
         stack.serve()  # lemond goes on loading; the new process adopts what it has
-        wait_for(lambda: chat()[0] == "ready", timeout=20)
+        wait_for(lambda: chat()[0] == "ready", timeout=40)
         assert lemond_sim.state()["loaded"]
+    finally:
+        stack.stop()
+    assert "Traceback" not in stack.logs()
+
+
+def test_sigterm_during_a_restore_exits_at_once_and_records_it(tmp_path, lemond_sim):
+    """`manage.py reconcile` reloading a keep-loaded slot lemond dropped: a SIGTERM then
+    does not wait for the load, and the slot says the restore was interrupted instead of
+    staying `loading` until the busy state goes stale."""
+    import sqlite3
+
+    from tests.stack import Stack, wait_for
+
+    stack = Stack(tmp_path, HAL0_LEMONADE_URL=lemond_sim.url, HAL0_SHUTDOWN_GRACE_S="1")
+    stack.setup()
+    db = tmp_path / "hal0.sqlite3"
+
+    def chat():
+        with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
+            return conn.execute("SELECT state, state_message FROM slots_slot "
+                                "WHERE name = 'chat'").fetchone()
+
+    try:
+        stack.manage("slots", "load", "chat")
+        with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn, conn:
+            conn.execute("UPDATE slots_slot SET keep_loaded = 1 WHERE name = 'chat'")
+        reconcile = stack.start("reconcile", name="reconcile")
+        model = json.loads(stack.manage("slots", "show", "chat", "--json").stdout)["model_name"]
+        lemond_sim.configure(load_delay=20)
+        httpx.post(f"{lemond_sim.url}/v1/unload", json={"model_name": model}, timeout=5)
+        wait_for(lambda: chat() == ("loading", f"restoring {model}"), timeout=15)
+        stopped = time.monotonic()
+        os.killpg(reconcile.pid, signal.SIGTERM)
+        assert reconcile.wait(30) == 0
+        took = time.monotonic() - stopped
+        print(f"\nreconcile exited {took:.1f} s after SIGTERM during a 20 s restore")
+        assert took < 6
+        state, message = chat()
+        assert state == "error" and "restore interrupted (hal0 stopped)" in message
     finally:
         stack.stop()
     assert "Traceback" not in stack.logs()

@@ -21,14 +21,17 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         self.stdout.write("hal0 reconciler running (Ctrl-C to stop)")
         self.stdout.flush()
+        from hal0site import shutdown
+
+        # Not asyncio.run(): on the way out it waits, without a limit, for worker threads
+        # that may be waiting on lemond (an idle unload); shutdown.finish() bounds that.
+        loop = asyncio.new_event_loop()
         try:
-            asyncio.run(self.main())
+            loop.run_until_complete(self.main())
         except KeyboardInterrupt:
             pass
         self.stdout.write("reconciler stopped")
         self.stdout.flush()
-        from hal0site import shutdown
-
         shutdown.finish()  # restores still loading: recorded as interrupted, not waited for
 
     async def main(self):
@@ -36,8 +39,9 @@ class Command(BaseCommand):
 
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
-        # SIGTERM (systemd stop) ends the loop like Ctrl-C: leases are released on the way out
+        # SIGTERM (systemd stop) and Ctrl-C end the loop: leases are released on the way out
         loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        loop.add_signal_handler(signal.SIGINT, task.cancel)
         try:
             await reconciler.run_forever(standalone=True)
         except asyncio.CancelledError:
