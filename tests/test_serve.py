@@ -81,6 +81,17 @@ def test_a_slot_imported_with_the_cli_appears_on_open_dashboards(tmp_path, lemon
                   f"{(at - imported) * 1000:.0f} ms after it returned")
             assert 'id="group-chat"' in layout
             assert layout.index('id="slot-chat-cli"') > layout.index('id="group-chat"')
+
+            # made in serve itself (a page): pushed once, not again by the watcher
+            response = client.post("/new-slot/", data={
+                "name": "chat-page", "capability": "chat", "device": "cpu",
+                "model_name": "Qwen3-0.6B-GGUF", "idle_timeout_s": "0", "enabled": "on",
+                "csrfmiddlewaretoken": client.cookies["csrftoken"]})
+            assert response.status_code == 302, response.text[-2000:]
+            dashboard.wait(lambda m: 'id="layout"' in m and "slot-chat-page" in m, timeout=5)
+            dashboard.drain(1.5)  # six of the watcher's periods
+            layouts = [m for _, m in dashboard.received if 'id="layout"' in m]
+            assert len(layouts) == 2, len(layouts)  # the CLI's and the page's
         finally:
             dashboard.close()
             client.close()
