@@ -1,6 +1,7 @@
 """The last steps of the long-running commands (`serve`, `reconcile`) after SIGTERM or
 Ctrl-C: give back what other processes wait for, and never hang on lemond."""
 
+import atexit
 import logging
 import os
 import sys
@@ -22,7 +23,9 @@ def finish() -> NoReturn:
     services.release_serving_claims()
     if services.settle_actions_at_exit(settings.HAL0_SHUTDOWN_GRACE_S):
         log.warning("exiting without waiting for lemond (see the interrupted actions above)")
-    logging.shutdown()
+    # What the process registered to run at exit still runs (logging's flush, `demo`
+    # stopping its simulator); only the interpreter's join of worker threads is skipped.
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
