@@ -5,9 +5,9 @@ Every push is HTML: the same partials the pages render (`slots/_slot_card.html`,
 talks to lemond.
 
 Pushes can start on any thread (actions run on worker threads). The in-memory channel
-layer is not thread-safe, so a push from a foreign thread is handed to the event loop the
-consumers run on (`bind_loop`, or the loop that called the thread), never run on a loop of
-its own; it waits at most 5 s, so a stopping server never hangs a thread.
+layer is not thread-safe, so a push from a foreign thread is handed to the event loop that
+started the thread (sync_to_async) or else the one the consumers run on (`bind_loop`), never
+run on a loop of its own; it waits at most 5 s, so a stopping server never hangs a thread.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def send(html: str) -> None:
             _pending.add(task)
             task.add_done_callback(_pending.discard)
             return
-        loop = _home_loop or _caller_loop()
+        # the loop that started this thread if it was sync_to_async, else the websockets'
+        loop = _caller_loop() or _home_loop
         if loop is not None and loop.is_running() and not loop.is_closed():
             future = asyncio.run_coroutine_threadsafe(layer.group_send(GROUP, message), loop)
             try:

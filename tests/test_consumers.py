@@ -164,7 +164,6 @@ async def test_logs_say_so_when_lemond_is_down(dead_node, session_cookie):
     await comm.disconnect()
 
 
-
 # --- where a card sits: created, moved, renamed, deleted by any means -------------------------
 
 def _holder(html: str, card: str, kind: str) -> str | None:
@@ -184,10 +183,10 @@ async def _dashboard(session_cookie) -> WebsocketCommunicator:
     return comm
 
 
-async def test_a_slot_made_through_the_api_or_cli_takes_its_place_on_open_dashboards(
+async def test_a_slot_made_outside_the_page_takes_its_place_on_open_dashboards(
         node, session_cookie):
     """Not only the page's own buttons: services push the grid when a card is new, renamed
-    or deleted, so a second browser sees a slot created with curl or `manage.py slots`."""
+    or deleted, so a second browser sees a slot made in the admin or another browser."""
     comm = await _dashboard(session_cookie)
     await sync_to_async(services.create_slot)(
         {"name": "chat2", "capability": "chat", "device": "cpu", "model_name": "Qwen3-0.6B-GGUF"})
@@ -220,6 +219,7 @@ async def test_a_slot_moved_to_another_node_moves_on_open_dashboards(node, sessi
     assert card.lstrip().startswith('<article id="slot-chat"')  # just the card, no layout
     assert await comm.receive_nothing(timeout=0.5)
     await comm.disconnect()
+
 
 # --- a push from a worker thread while the server stops ------------------------------------
 

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.sim_fixtures import free_port
+from tests.stack import Stack, login, wait_for, websocket
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,10 +25,11 @@ def leases(db: Path) -> list[tuple[str, str]]:
         return conn.execute("SELECT name, holder FROM slots_lease").fetchall()
 
 
-def slot_state(db: Path, name: str) -> tuple[str, str]:
-    with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
-        return conn.execute("SELECT state, state_message FROM slots_slot WHERE name = ?",
-                            (name,)).fetchone()
+def chat_state(stack: Stack) -> tuple[str, str]:
+    """The chat slot's (state, state_message), read from the stack's database."""
+    with contextlib.closing(sqlite3.connect(stack.tmp_path / "hal0.sqlite3", timeout=10)) as conn:
+        return conn.execute("SELECT state, state_message FROM slots_slot "
+                            "WHERE name = 'chat'").fetchone()
 
 
 def stop_timed(proc: subprocess.Popen) -> float:
@@ -70,10 +72,6 @@ def test_a_slot_imported_with_the_cli_appears_on_open_dashboards(tmp_path, lemon
     """`manage.py slots import` is another process: with the embedded in-memory channel
     layer it cannot push to `serve`'s dashboards, so serve's reconciler notices where the
     cards sit has changed and pushes the grid itself."""
-    import json
-
-    from tests.stack import Stack, login, websocket
-
     stack = Stack(tmp_path, HAL0_LEMONADE_URL=lemond_sim.url, HAL0_POLL_ACTIVE_S="0.25")
     stack.setup()
     try:
@@ -118,13 +116,9 @@ def test_a_slot_imported_with_the_cli_appears_on_open_dashboards(tmp_path, lemon
 @pytest.fixture
 def short_grace(tmp_path, lemond_sim):
     """A migrated Stack on the simulator whose processes give running actions 1 s at
-    SIGTERM; `stack.chat()` reads the chat slot's (state, state_message)."""
-    from tests.stack import Stack
-
+    SIGTERM."""
     stack = Stack(tmp_path, HAL0_LEMONADE_URL=lemond_sim.url, HAL0_SHUTDOWN_GRACE_S="1")
     stack.setup()
-    stack.db = tmp_path / "hal0.sqlite3"
-    stack.chat = lambda: slot_state(stack.db, "chat")
     try:
         yield stack
     finally:
@@ -138,43 +132,40 @@ def test_sigterm_during_a_load_exits_at_once_and_the_next_start_shows_the_truth(
     does not wait minutes for the load (systemd would kill it at 90 s with the slot left
     `loading`), it records the load as interrupted, and the next serve adopts the model
     once lemond has it."""
-    from tests.stack import login, wait_for
-
     stack = short_grace
     lemond_sim.configure(load_delay=20)
     client = login(stack.serve())
     response = client.post("/slots/chat/do/load/", headers={"HX-Request": "true"})
     assert response.status_code == 200
-    wait_for(lambda: stack.chat()[0] == "loading", timeout=5)
+    wait_for(lambda: chat_state(stack)[0] == "loading", timeout=5)
     took = stop_timed(stack.procs[-1])
     print(f"\nserve exited {took:.1f} s after SIGTERM during a 20 s load (grace 1 s)")
     assert took < 6  # not the load's remaining ~19 s
-    state, message = stack.chat()
+    state, message = chat_state(stack)
     assert state == "error" and "interrupted (hal0 stopped)" in message
     client.close()
 
     stack.serve()  # lemond goes on loading; the new process adopts what it has
-    wait_for(lambda: stack.chat()[0] == "ready", timeout=40)
-    assert lemond_sim.state()["loaded"]
+    wait_for(lambda: chat_state(stack)[0] == "ready", timeout=40)
+    model = json.loads(stack.manage("slots", "show", "chat", "--json").stdout)["model_name"]
+    assert model in lemond_sim.state()["loaded_names"]
 
 
 def test_sigterm_during_a_restore_exits_at_once_and_records_it(short_grace, lemond_sim):
     """`manage.py reconcile` reloading a keep-loaded slot lemond dropped: a SIGTERM then
     does not wait for the load, and the slot says the restore was interrupted instead of
     staying `loading` until the busy state goes stale."""
-    from tests.stack import wait_for
-
     stack = short_grace
     stack.manage("slots", "load", "chat")
-    with contextlib.closing(sqlite3.connect(stack.db, timeout=10)) as conn, conn:
+    with contextlib.closing(sqlite3.connect(stack.tmp_path / "hal0.sqlite3")) as conn, conn:
         conn.execute("UPDATE slots_slot SET keep_loaded = 1 WHERE name = 'chat'")
     reconcile = stack.start("reconcile", name="reconcile")
     model = json.loads(stack.manage("slots", "show", "chat", "--json").stdout)["model_name"]
     lemond_sim.configure(load_delay=20)
     httpx.post(f"{lemond_sim.url}/v1/unload", json={"model_name": model}, timeout=5)
-    wait_for(lambda: stack.chat() == ("loading", f"restoring {model}"), timeout=15)
+    wait_for(lambda: chat_state(stack) == ("loading", f"restoring {model}"), timeout=15)
     took = stop_timed(reconcile)
     print(f"\nreconcile exited {took:.1f} s after SIGTERM during a 20 s restore")
     assert took < 6
-    state, message = stack.chat()
+    state, message = chat_state(stack)
     assert state == "error" and "restore interrupted (hal0 stopped)" in message
