@@ -149,7 +149,7 @@ from .tokens import PREFIX, clear_cache, generate, hash_token, parse_slots  # no
 class ApiTokenForm(forms.ModelForm):
     class Meta:
         model = ApiToken
-        fields = ["name", "slots", "expires_at"]
+        fields = ["name", "slots", "listed", "expires_at"]
 
     def clean_slots(self):
         value = parse_slots(self.cleaned_data.get("slots", ""))
@@ -166,7 +166,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
     """Adding a token generates it and shows it once; only its hash is stored."""
 
     form = ApiTokenForm
-    list_display = ("name", "prefix", "slots", "status", "expires_at", "last_used_at",
+    list_display = ("name", "prefix", "slots", "listed", "status", "expires_at", "last_used_at",
                     "created_at", "created_by")
     search_fields = ("name", "prefix")
     readonly_fields = ("prefix", "created_at", "last_used_at", "revoked_at", "created_by")
@@ -174,8 +174,8 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
     def get_fields(self, request, obj=None):
         if obj is None:
-            return ["name", "slots", "expires_at"]
-        return ["name", "prefix", "slots", "expires_at", "created_at", "created_by",
+            return ["name", "slots", "listed", "expires_at"]
+        return ["name", "prefix", "slots", "listed", "expires_at", "created_at", "created_by",
                 "last_used_at", "revoked_at"]
 
     @admin.display(description="status")

@@ -68,6 +68,11 @@ class TokenForm(forms.Form):
     slots = forms.CharField(
         required=False, max_length=500,
         help_text="Comma-separated slot names this token may use; empty = every slot.")
+    listed = forms.CharField(
+        required=False, max_length=500, label="Lists",
+        help_text="What its model list (GET /v1/models) shows: slot names or capabilities, "
+                  "e.g. chat for Open WebUI's model picker; empty = every slot it may use. "
+                  "It may still use the others by name.")
     expires_days = forms.IntegerField(
         required=False, min_value=1, max_value=3650, label="Expires after (days)",
         help_text="Empty = never expires.")
@@ -86,4 +91,13 @@ class TokenForm(forms.Form):
         unknown = [n for n in names if n not in known]
         if unknown:
             raise forms.ValidationError(f"No slot named {', '.join(map(repr, unknown))}.")
+        return ",".join(names)
+
+    def clean_listed(self):
+        from .models import unknown_slots_or_capabilities
+
+        names = [s.strip() for s in self.cleaned_data["listed"].split(",") if s.strip()]
+        if unknown := unknown_slots_or_capabilities(names):
+            raise forms.ValidationError(
+                f"No slot or capability named {', '.join(map(repr, unknown))}.")
         return ",".join(names)

@@ -414,6 +414,13 @@ class ApiToken(models.Model):
     slots = models.CharField(max_length=500, blank=True,
                              help_text="Comma-separated slot names this token may use; "
                                        "empty = all.")
+    # What a client's model picker shows is not what the client may use: Open WebUI offers
+    # every listed model as a chat model, yet needs the same key for embeddings and audio.
+    listed = models.CharField(
+        max_length=500, blank=True,
+        help_text="Comma-separated slot names or capabilities (chat, embed, …) that "
+                  "GET /v1/models shows to this token; empty = every slot it may use. "
+                  "The token may still use the other slots by name.")
     expires_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
@@ -435,6 +442,22 @@ class ApiToken(models.Model):
     def allows_slot(self, slot_name: str) -> bool:
         allowed = self.allowed_slots
         return not allowed or slot_name in allowed
+
+    @property
+    def listed_names(self) -> list[str]:
+        return [s.strip() for s in self.listed.split(",") if s.strip()]
+
+    def clean(self):
+        if unknown := unknown_slots_or_capabilities(self.listed_names):
+            raise ValidationError({"listed": f"No slot or capability named "
+                                             f"{', '.join(map(repr, unknown))}."})
+
+
+def unknown_slots_or_capabilities(names: list[str]) -> list[str]:
+    """The names that are neither a slot's name nor a capability (for a token's `listed`)."""
+    known = set(Capability.values) | set(
+        Slot.objects.filter(name__in=names).values_list("name", flat=True))
+    return [n for n in names if n not in known]
 
 
 class RequestMetric(models.Model):

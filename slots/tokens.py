@@ -43,9 +43,16 @@ class Principal:
     name: str
     allowed: tuple[str, ...]
     expires_at: datetime | None
+    listed: tuple[str, ...] = ()  # slot names or capabilities GET /v1/models shows
 
     def allows_slot(self, slot_name: str) -> bool:
         return not self.allowed or slot_name in self.allowed
+
+    def lists_slot(self, slot_name: str, capability: str) -> bool:
+        """Whether GET /v1/models shows this slot to the token (a picker's view; what the
+        token may use is `allows_slot`)."""
+        return self.allows_slot(slot_name) and (
+            not self.listed or slot_name in self.listed or capability in self.listed)
 
     @property
     def expired(self) -> bool:
@@ -82,6 +89,7 @@ def parse_slots(value: str | list[str] | tuple[str, ...] | None) -> str:
 
 
 def create_token(name: str, *, slots: str | list[str] | None = None,
+                 listed: str | list[str] | None = None,
                  expires_days: float | None = None, expires_at: datetime | None = None,
                  created_by: str = "") -> tuple[ApiToken, str]:
     """Create a token; returns (row, raw token). The raw token is not stored anywhere."""
@@ -89,7 +97,8 @@ def create_token(name: str, *, slots: str | list[str] | None = None,
     if expires_days is not None and expires_at is None:
         expires_at = timezone.now() + timedelta(days=expires_days)
     token = ApiToken(name=name, prefix=raw[: len(PREFIX) + 6], key_hash=hash_token(raw),
-                     slots=parse_slots(slots), expires_at=expires_at, created_by=created_by)
+                     slots=parse_slots(slots), listed=parse_slots(listed),
+                     expires_at=expires_at, created_by=created_by)
     token.full_clean()
     token.save()
     return token, raw
@@ -108,7 +117,7 @@ def revoke_token(name: str) -> ApiToken:
 
 def _principal(token: ApiToken) -> Principal:
     return Principal(id=token.pk, name=token.name, allowed=tuple(token.allowed_slots),
-                     expires_at=token.expires_at)
+                     expires_at=token.expires_at, listed=tuple(token.listed_names))
 
 
 def _lookup(key_hash: str) -> Principal | None:

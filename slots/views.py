@@ -434,7 +434,7 @@ def token_list(request):
     if request.method == "POST" and form.is_valid():
         row, raw = tokens.create_token(
             form.cleaned_data["name"], slots=form.cleaned_data["slots"],
-            expires_days=form.cleaned_data["expires_days"],
+            listed=form.cleaned_data["listed"], expires_days=form.cleaned_data["expires_days"],
             created_by=request.user.get_username())
         created = {"name": row.name, "token": raw}
         form = TokenForm()

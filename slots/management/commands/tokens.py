@@ -1,6 +1,7 @@
 """`manage.py tokens`: API tokens for the OpenAI gateway and the JSON API.
 
-    tokens create NAME [--slots a,b] [--expires-days N]   prints the token once, on stdout
+    tokens create NAME [--slots a,b] [--list chat] [--expires-days N]
+                                                          prints the token once, on stdout
     tokens list [--json]
     tokens revoke NAME
 
@@ -31,6 +32,9 @@ class Command(BaseCommand):
         p.add_argument("name", help="a unique name (letters, digits, - and _)")
         p.add_argument("--slots", default="", help="comma-separated slots it may use "
                                                    "(default: all)")
+        p.add_argument("--list", dest="listed", default="", metavar="SLOTS_OR_CAPABILITIES",
+                       help="what GET /v1/models shows it, e.g. `chat` for a model picker "
+                            "(default: every slot it may use; it may still use the others)")
         p.add_argument("--expires-days", type=float, default=None,
                        help="expire after N days (default: never)")
         p = sub.add_parser("list", help="every token (never the token itself)",
@@ -42,7 +46,7 @@ class Command(BaseCommand):
     def handle(self, *args, subcommand: str, **options):
         return getattr(self, f"do_{subcommand}")(**options)
 
-    def do_create(self, name: str, slots: str, expires_days: float | None, **_):
+    def do_create(self, name: str, slots: str, listed: str, expires_days: float | None, **_):
         wanted = tokens.parse_slots(slots)
         if wanted:
             known = set(Slot.objects.values_list("name", flat=True))
@@ -57,12 +61,14 @@ class Command(BaseCommand):
             raise CommandError(f"a token named {name!r} exists already (revoke it or pick "
                                "another name)")
         try:
-            token, raw = tokens.create_token(name, slots=wanted, expires_days=expires_days,
-                                             created_by="cli")
+            token, raw = tokens.create_token(name, slots=wanted, listed=listed,
+                                             expires_days=expires_days, created_by="cli")
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from None
         self.stdout.write(raw)
         scope = token.slots or "all slots"
+        if token.listed:
+            scope += f", listing {token.listed}"
         until = token.expires_at.isoformat(timespec="minutes") if token.expires_at else "never"
         self.stderr.write(f"created token {token.name!r} for {scope}, expires {until}. "
                           "It is shown only now: store it somewhere safe.")
@@ -75,8 +81,9 @@ class Command(BaseCommand):
         if not rows:
             self.stdout.write("no tokens (create one: manage.py tokens create NAME)")
             return
-        header = ("NAME", "PREFIX", "SLOTS", "STATUS", "EXPIRES", "LAST USED")
-        table = [header] + [(r["name"], r["prefix"] + "…", r["slots"] or "all", r["status"],
+        header = ("NAME", "PREFIX", "SLOTS", "LISTS", "STATUS", "EXPIRES", "LAST USED")
+        table = [header] + [(r["name"], r["prefix"] + "…", r["slots"] or "all",
+                             r["listed"] or "all", r["status"],
                              r["expires_at"] or "never", r["last_used_at"] or "never")
                             for r in rows]
         widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
@@ -107,6 +114,7 @@ class Command(BaseCommand):
             return value.isoformat(timespec="seconds") if value else None
 
         return {"name": token.name, "prefix": token.prefix, "slots": token.slots,
+                "listed": token.listed,
                 "status": status, "expires_at": stamp(token.expires_at),
                 "created_at": stamp(token.created_at), "last_used_at": stamp(token.last_used_at),
                 "created_by": token.created_by}
