@@ -298,6 +298,35 @@ HAL0_TOKEN_CACHE_S = env_float("HAL0_TOKEN_CACHE_S", 10.0)
 HAL0_METRICS_RETENTION_H = env_float("HAL0_METRICS_RETENTION_H", 24.0)
 HAL0_METRICS_FLUSH_S = env_float("HAL0_METRICS_FLUSH_S", 2.0)
 
+
+def _model_aliases() -> dict[str, str]:
+    from slots import aliases  # plain Python: safe to import before apps are loaded
+
+    try:
+        return aliases.parse(os.environ.get("HAL0_MODEL_ALIASES"))
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"HAL0_MODEL_ALIASES: {exc}") from None
+
+
+# OpenAI's model names (gpt-4o-mini, whisper-1, tts-1, …) -> a slot or a capability
+# (slots/aliases.py has the default map and the syntax).
+HAL0_MODEL_ALIASES = _model_aliases()
+
+# CORS for browser-side OpenAI clients (Open WebUI's Direct Connections, in-browser chat
+# UIs): off unless HAL0_CORS_ORIGINS lists origins (`*` = any), and only for the gateway's
+# paths. Credentials are never allowed: the gateway takes bearer tokens, and a cookie must
+# never carry a dashboard session across origins.
+HAL0_CORS_ORIGINS = [o.strip() for o in os.environ.get("HAL0_CORS_ORIGINS", "").split(",")
+                     if o.strip()]
+CORS_ALLOW_ALL_ORIGINS = "*" in HAL0_CORS_ORIGINS
+CORS_ALLOWED_ORIGINS = [o for o in HAL0_CORS_ORIGINS if o != "*"]
+CORS_URLS_REGEX = r"^/(v1|models)(/.*)?$"
+CORS_ALLOW_CREDENTIALS = False
+CORS_EXPOSE_HEADERS = ["Retry-After"]
+if HAL0_CORS_ORIGINS:
+    INSTALLED_APPS.append("corsheaders")  # its system checks reject a malformed origin
+    MIDDLEWARE.insert(0, "corsheaders.middleware.CorsMiddleware")
+
 # --- dashboard and reconciler --------------------------------------------------
 # (HAL0_POLL_ACTIVE_S / HAL0_POLL_IDLE_S above set how often the reconciler polls.)
 # A node's whole poll (health + stats) must answer within this, or it counts as unreachable.
