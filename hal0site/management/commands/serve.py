@@ -5,6 +5,7 @@ import daphne.server  # isort:skip  (installs Twisted's asyncio reactor; must co
 
 import asyncio
 import contextlib
+import datetime
 import logging
 
 from django.core.management.base import BaseCommand, CommandError
@@ -60,10 +61,11 @@ class Command(BaseCommand):
         self.stdout.write(f"hal0 listening on http://{shown}:{port}/ "
                           f"({'without' if no_reconciler else 'with'} the reconciler)")
         self.stdout.flush()
+        access = AccessLogGenerator(self.stdout) if access_log else None
         server = daphne.server.Server(
-            application=application,
+            application=log_cancelled(application, access) if access else application,
             endpoints=endpoints,
-            action_logger=AccessLogGenerator(self.stdout) if access_log else None,
+            action_logger=access,
             # lemond loads can take minutes; the gateway keeps its own time limits
             http_timeout=None,
             websocket_timeout=86400,
@@ -79,6 +81,42 @@ class Command(BaseCommand):
         # this process's serving claims back now rather than after their TTL, and do not
         # wait minutes for loads lemond finishes anyway.
         shutdown.finish()
+
+
+def log_cancelled(app, access):
+    """Daphne's access log writes a line when a response completes, so a request whose
+    client went away first (a cancelled stream, a closed tab) left no trace. This ASGI
+    wrapper writes those in the same format, with nginx's 499 and the bytes sent so far."""
+
+    async def logged(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        seen = {"size": 0, "done": False, "gone": False}
+
+        async def watched_receive():
+            message = await receive()
+            if message["type"] == "http.disconnect" and not seen["done"]:
+                seen["gone"] = True
+            return message
+
+        async def counted_send(message):
+            if message["type"] == "http.response.body" and not seen["gone"]:
+                seen["size"] += len(message.get("body", b""))
+                seen["done"] = not message.get("more_body", False)
+            await send(message)
+
+        try:
+            return await app(scope, watched_receive, counted_send)
+        finally:
+            if seen["gone"] and not seen["done"]:
+                client = scope.get("client")
+                query = scope.get("query_string", b"").decode("latin1")
+                access.write_entry(
+                    host=f"{client[0]}:{client[1]}" if client else None,
+                    date=datetime.datetime.now(), status=499, length=seen["size"],
+                    request=f"{scope['method']} {scope['path']}" + (f"?{query}" if query else ""))
+
+    return logged
 
 
 async def _settle(task: asyncio.Task, timeout: float = 5.0) -> None:
