@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo run test fuzz lint bench clean
+.PHONY: demo run test fuzz lint bench clean conformance
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,17 @@ test: $(VENV)/.installed
 ## fuzz: the property-based tests with fresh random inputs, 1500 examples each (~3 min)
 fuzz: $(VENV)/.installed
 	HAL0_PROPERTY_EXPLORE=1 HAL0_PROPERTY_EXAMPLES=1500 $(PY) -m pytest -q tests/test_properties.py
+
+## conformance: lemond's own test suites against the simulator, per supported lemond tag
+##   make conformance LEMONADE_SRC=<lemonade-sdk/lemonade checkout or git dir>
+##   [CONFORMANCE_ARGS="--tag v11.7.0 --suite server_llm --record docs/conformance.md"]
+conformance: $(VENV)/.conformance
+	@test -n "$(LEMONADE_SRC)" || { echo "set LEMONADE_SRC=<lemonade checkout or git dir>"; exit 2; }
+	$(PY) -m providers.lemonade.conformance --src "$(LEMONADE_SRC)" $(CONFORMANCE_ARGS)
+
+$(VENV)/.conformance: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet -e ".[test,conformance]"
+	touch $@
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -1,0 +1,5 @@
+import sys
+
+from providers.lemonade.conformance.runner import main
+
+sys.exit(main())
