@@ -8,8 +8,9 @@ crash may answer HTML. `error_from_response` accepts all of them.
 
 from __future__ import annotations
 
-import json
 import re
+
+from . import untrusted
 
 
 class LemonadeError(Exception):
@@ -73,28 +74,40 @@ def _text_of(body: str) -> str:
     return (text[:200] + "…") if len(text) > 200 else text
 
 
+def _code(value: object) -> str | None:
+    """An error code as text: lemond sends strings, an odd proxy numbers; else None."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        return None
+    return str(value)
+
+
 def parse_error_body(body: str) -> tuple[str, str | None, str | None]:
     """(message, code, type) from any of lemond's error shapes."""
+    body = untrusted.clean_str(body)
     try:
-        data = json.loads(body) if body else None
+        data = untrusted.loads(body) if body else None
     except ValueError:
         data = None
     if isinstance(data, dict):
         err = data.get("error", data.get("message"))
         if isinstance(err, dict):
-            message = str(err.get("message") or err.get("type") or "error")
+            text = err.get("message") or err.get("type")
+            message = text if isinstance(text, str) and text else "error"
             code = err.get("code") or err.get("type")
-            return message, (str(code) if code else None), err.get("type")
+            kind = err.get("type")
+            return message, _code(code), kind if isinstance(kind, str) else None
         if isinstance(err, str):
             code = data.get("code")
-            return err, (str(code) if code else None), None
-        if data.get("status") == "error" and data.get("message"):
-            return str(data["message"]), None, None
+            return err, _code(code), None
+        if data.get("status") == "error" and isinstance(data.get("message"), str) \
+                and data["message"]:
+            return data["message"], None, None
     excerpt = _text_of(body)
     return (excerpt or "empty response body"), None, None
 
 
 def error_from_response(status: int, body: str) -> LemonadeHTTPError:
+    body = untrusted.clean_str(body)
     message, code, error_type = parse_error_body(body)
     kwargs = {"code": code, "body": body, "error_type": error_type}
     if status == 409 or code in ("slots_pinned_error", "router_residency_conflict"):

@@ -1,0 +1,86 @@
+"""lemond model names: which strings hal0 accepts as one, and how lemond publishes them.
+
+lemond itself accepts almost any string as a model name: routes match `/v1/models/(.+)`
+after URL-decoding, built-ins include names with spaces ("Lite Collection"), and models
+found in `extra_models_dir` are named after files. Its only rules are about the source
+prefixes (`canonical_id.h`, v11.7.0; the same checks in v10.6.0 server.cpp `handle_pull`):
+`user.X` is registered, `extra.X` imported from disk, `builtin.X` shipped; `extra.` and
+`builtin.` (also as `user.extra.` / `user.builtin.`) cannot be registered by `/pull`.
+
+hal0 puts a model name into URL paths (`/v1/models/{name}`) with the node's keys, so it
+adds one rule: **a model name is one path segment**. No `/` or `\\`, not `.` or `..`, no
+`%` (nothing that a proxy or lemond could decode into a separator), no `?` or `#`, no
+control characters, no leading or trailing whitespace, at most 200 characters. The client
+refuses such names before sending anything, and quotes every name it puts in a path anyway;
+`slots` validates a slot's model with the same function.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import LemonadeError
+
+MAX_LENGTH = 200  # Slot.model_name's column
+USER, EXTRA, BUILTIN = "user.", "extra.", "builtin."
+_FORBIDDEN_RE = re.compile(r"[/\\%?#\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+class InvalidModelName(LemonadeError, ValueError):
+    """A model name hal0 will not send to lemond (see the module docstring)."""
+
+
+def model_name_problem(name: object) -> str:
+    """Why `name` is not a usable lemond model name, or "" when it is."""
+    if not isinstance(name, str) or not name:
+        return "A model name cannot be empty."
+    if len(name) > MAX_LENGTH:
+        return f"A model name has at most {MAX_LENGTH} characters."
+    if name != name.strip():
+        return "A model name cannot start or end with whitespace."
+    if name in (".", ".."):
+        return "A model name cannot be '.' or '..'."
+    bad = _FORBIDDEN_RE.search(name)
+    if bad:
+        shown = bad.group() if bad.group().isprintable() else f"U+{ord(bad.group()):04X}"
+        return (f"A model name is one path segment: {shown!r} is not allowed "
+                "(no '/', '\\', '%', '?', '#' or control characters).")
+    return ""
+
+
+def validate_model_name(name: object) -> str:
+    """Return `name` if it is a usable model name, else raise `InvalidModelName`."""
+    problem = model_name_problem(name)
+    if problem:
+        raise InvalidModelName(problem)
+    return name  # type: ignore[return-value]
+
+
+def registration_problem(name: str) -> str:
+    """Why lemond's `/pull` would refuse to register `name` as a new model, or ""."""
+    problem = model_name_problem(name)
+    if problem:
+        return problem
+    for prefix in (EXTRA, BUILTIN):
+        if name.startswith(prefix) or name.startswith(USER + prefix):
+            return (f"Names starting with {prefix!r} (or user.{prefix}) are reserved by "
+                    "lemond; register custom models as 'user.<name>'.")
+    return ""
+
+
+def bare_name(name: str) -> str:
+    """`user.X`, `extra.X`, `builtin.X` -> `X`; anything else unchanged."""
+    for prefix in (USER, EXTRA, BUILTIN):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+__all__ = [
+    "MAX_LENGTH",
+    "InvalidModelName",
+    "bare_name",
+    "model_name_problem",
+    "registration_problem",
+    "validate_model_name",
+]

@@ -1,0 +1,127 @@
+"""What each lemond version can do: the one module that compares lemond version numbers.
+
+Everything else asks `for_version(node.version)` for a named capability (`caps.pins`,
+`caps.rerank_route`, ...) instead of comparing numbers itself, so a new lemond release is
+taught to hal0 in one place. Each threshold below was read in lemond's C++ sources at the
+tag named (`git show vX.Y.Z:src/cpp/...` in lemonade-sdk/lemonade); where that disagrees
+with `lemond-api.md`, the sources win and the line says so.
+
+An empty or unparsable version (a node never reached yet) gets the capabilities of the
+version the installer pins (`PINNED`): that is the lemond hal0 most likely talks to.
+Plain stdlib only: no Django, no slots.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+# The lemond the installer installs (installer/steps.py LEMOND_VERSION).
+PINNED = "10.6.0"
+
+Version = tuple[int, ...]
+
+
+def parse_version(text: str | None) -> Version:
+    """'10.6.0-sim' -> (10, 6, 0); 'v11.7' -> (11, 7); anything unparsable -> ()."""
+    parts: list[int] = []
+    for piece in re.split(r"[.\-+]", (text or "").strip().removeprefix("v")):
+        if not piece.isdigit():
+            break
+        parts.append(int(piece))
+    return tuple(parts)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one lemond version serves and accepts. Build it with `for_version()`."""
+
+    version: Version
+    # Routes: "/api" + "/v1/..." before 10.1. Real lemond serves /api/v1 in every version
+    # (unprefixed aliases since 9.3.2); the simulator's 10.0 shape serves only /api/v1.
+    api_prefix: str
+    # `pinned` on /v1/load and /internal/pin (v10.8.0 server.cpp); below, hal0 protects
+    # pinned slots itself.
+    pins: bool
+    # Log stream: server-sent events at /api/v1/logs/stream up to 10.0, a websocket at
+    # /logs/stream from 10.1, on its own `websocket_port` until the main port adopts it
+    # (v10.8.0 server.cpp: "/logs/stream are adopted by the libwebsockets server").
+    log_transport: Literal["sse", "websocket"]
+    logs_on_main_port: bool
+    # Health/model type of speech-to-text: "audio" until 10.5.0 renamed it (model_types.h).
+    transcription_type: str
+    # POST /v1/{rerank_route}: only "reranking" until v11.6.0 registers "rerank",
+    # "reranking" and "reranker" (server.cpp; lemond-api.md says 11.7.0, the v11.6.0
+    # sources already have it). "reranking" stays served, but a v10.6 lemond 404s "rerank".
+    rerank_route: str
+    # /v1/stats `*_total` fields (request_count_total, ...) start at v10.7.0.
+    stats_totals: bool
+    # `pid` in health's all_models_loaded[] (v10.4.0): a new pid means a restarted backend.
+    pid_in_health: bool
+    # health entries carry `status` ("loading", "ready", ...) from v10.8.0; before, a model
+    # appears only once it is up.
+    load_status_in_health: bool
+    # The /v1/load key the flm (NPU) recipe reads its args from. recipe_options.cpp:
+    # "flm_args" in 10.0–10.7; the flm keys are {ctx_size, merge_args} only in 10.8–10.10
+    # (args are silently dropped); the backend descriptor declares "flm_args" again from
+    # 11.0.0. None: this version takes no NPU args.
+    npu_args_key: str | None
+    # GET/POST/DELETE /v1/models/{id}/options (v11.7.0 server.cpp).
+    model_options: bool
+    # ctx_size -1 = automatic from v10.8.0; before, /internal/set refuses it (400).
+    ctx_size_auto: bool
+
+    @property
+    def known(self) -> bool:
+        """False when the version could not be read (the pinned version's rules apply)."""
+        return bool(self.version)
+
+    def type_name(self, kind: str) -> str:
+        """This version's name for a lemond model type given by its current name."""
+        return self.transcription_type if kind == "transcription" else kind
+
+    def route(self, path: str) -> str:
+        """`/v1/...` as this version serves it (the prefix applies to /v1 routes only)."""
+        return self.api_prefix + path if path.startswith("/v1/") else path
+
+    def logs_url(self, base_url: str, websocket_port: int | None = None) -> str:
+        """Where this version streams its log: an http(s) URL for SSE, else a ws(s) URL.
+        `websocket_port` is health's field; lemond 10.1–10.7 listens there."""
+        parts = urlsplit(base_url.rstrip("/"))
+        if self.log_transport == "sse":
+            return urlunsplit((parts.scheme, parts.netloc, "/api/v1/logs/stream", "", ""))
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        netloc = parts.netloc
+        if websocket_port and not self.logs_on_main_port and parts.hostname:
+            host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+            netloc = f"{host}:{websocket_port}"
+        return urlunsplit((scheme, netloc, "/logs/stream", "", ""))
+
+
+@lru_cache(maxsize=64)
+def for_version(text: str | None) -> Capabilities:
+    """The capabilities of the lemond that reports `text` as its version (cached: nodes
+    report a handful of distinct strings)."""
+    v = parse_version(text) or parse_version(PINNED)
+    flm_args = (10, 0) <= v < (10, 8) or v >= (11, 0)
+    return Capabilities(
+        version=parse_version(text),
+        api_prefix="/api" if v < (10, 1) else "",
+        pins=v >= (10, 8),
+        log_transport="sse" if v < (10, 1) else "websocket",
+        logs_on_main_port=v >= (10, 8),
+        transcription_type="audio" if v < (10, 5) else "transcription",
+        rerank_route="rerank" if v >= (11, 6) else "reranking",
+        stats_totals=v >= (10, 7),
+        pid_in_health=v >= (10, 4),
+        load_status_in_health=v >= (10, 8),
+        npu_args_key="flm_args" if flm_args else None,
+        model_options=v >= (11, 7),
+        ctx_size_auto=v >= (10, 8),
+    )
+
+
+__all__ = ["PINNED", "Capabilities", "for_version", "parse_version"]
