@@ -15,18 +15,18 @@ import contextlib
 import json
 import logging
 from collections import deque
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.template.loader import render_to_string
 
-from providers.lemonade.client import LemonadeClient
-from providers.lemonade.errors import LemonadeError
+from providers.lemonade import logs as lemond_logs
+from providers.lemonade.client import client_for
 
 from . import live
-from .models import Node, Slot, parse_version
+from .models import Node, Slot
 
 log = logging.getLogger("hal0.consumers")
 
@@ -76,7 +76,7 @@ class DashboardConsumer(AsyncWebsocketConsumer):
 
 # --- lemond logs -----------------------------------------------------------------------------
 
-LEVELS = ("trace", "debug", "info", "warning", "error", "fatal")
+LEVELS = lemond_logs.LEVELS
 KEEP_LINES = 500  # what the relay remembers (re-rendered when the filter changes)
 RESET_AFTER = 1000  # lines appended before the page's list is replaced by the last KEEP_LINES
 
@@ -173,7 +173,10 @@ class LogsConsumer(AsyncWebsocketConsumer):
         after: int | None = None
         while True:
             try:
-                after = await self.follow(after)
+                async for entries in lemond_logs.follow(self.lemond(), after, self.status):
+                    after = max((e["seq"] for e in entries if e["seq"] is not None),
+                                default=after)
+                    await self.add_entries(entries)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -181,74 +184,8 @@ class LogsConsumer(AsyncWebsocketConsumer):
                                   "retrying in a few seconds.", error=True)
             await asyncio.sleep(3)
 
-    async def follow(self, after: int | None) -> int | None:
+    def lemond(self):
         node = self.node
-        async with LemonadeClient(node.base_url, node.api_key, node.admin_api_key,
-                                  timeout=settings.HAL0_PAGE_LEMOND_TIMEOUT_S) as client:
-            try:
-                health = await client.health()
-            except LemonadeError as exc:
-                raise RuntimeError(str(exc)) from None
-            version = parse_version(health.version)
-            if version and version < (10, 1):
-                return await self.follow_sse(client, after)
-        url = _logs_ws_url(node.base_url, version, health.websocket_port)
-        return await self.follow_ws(url, node.api_key, after)
-
-    async def follow_ws(self, url: str, api_key: str, after: int | None) -> int | None:
-        try:
-            from websockets.asyncio.client import connect
-        except ImportError:  # pragma: no cover - the `websockets` package is a dependency
-            raise RuntimeError("the 'websockets' package is not installed") from None
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-        async with connect(url, additional_headers=headers, open_timeout=5,
-                           max_size=16 * 2**20) as socket:
-            await socket.send(json.dumps({"type": "logs.subscribe", "after_seq": after}))
-            await self.status(f"Following lemond's log at {url}.")
-            async for raw in socket:
-                try:
-                    message = json.loads(raw)
-                except ValueError:
-                    continue
-                kind = message.get("type") if isinstance(message, dict) else None
-                if kind == "logs.snapshot":
-                    entries = [e for e in message.get("entries") or [] if isinstance(e, dict)]
-                    entries = entries[-200:]
-                elif kind == "logs.entry" and isinstance(message.get("entry"), dict):
-                    entries = [message["entry"]]
-                elif kind == "error":
-                    error = message.get("error") or {}
-                    raise RuntimeError(error.get("message") if isinstance(error, dict)
-                                       else str(error))
-                else:
-                    continue
-                if entries:
-                    seqs = [e.get("seq") for e in entries if isinstance(e.get("seq"), int)]
-                    after = max(seqs) if seqs else after
-                    await self.add_entries(entries)
-        return after
-
-    async def follow_sse(self, client: LemonadeClient, after: int | None) -> int | None:
-        """lemond <= 10.0 streamed raw log lines as server-sent events."""
-        await self.status("Following lemond's log (server-sent events, lemond <= 10.0).")
-        path = "/api/v1/logs/stream"
-        async with client._http.stream("GET", path, headers=client._headers(path),
-                                       timeout=None) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("data:"):
-                    text = line[5:].strip()
-                    severity = next((lv for lv in LEVELS if f"[{lv}]" in text.lower()), "info")
-                    await self.add_entries([{"line": text, "severity": severity,
-                                             "timestamp": "", "tag": ""}])
-        return after
-
-
-def _logs_ws_url(base_url: str, version: tuple[int, ...], websocket_port: int | None) -> str:
-    """lemond serves the log websocket on its main port from 10.8, before on its own port."""
-    parts = urlsplit(base_url)
-    scheme = "wss" if parts.scheme == "https" else "ws"
-    netloc = parts.netloc
-    if websocket_port and version and version < (10, 8) and parts.hostname:
-        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-        netloc = f"{host}:{websocket_port}"
-    return urlunsplit((scheme, netloc, "/logs/stream", "", ""))
+        return client_for(node.base_url, api_key=node.api_key,
+                          admin_api_key=node.admin_api_key,
+                          timeout=settings.HAL0_PAGE_LEMOND_TIMEOUT_S)

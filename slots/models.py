@@ -18,6 +18,10 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from providers.lemonade import versions
+from providers.lemonade.names import model_name_problem
+from providers.lemonade.versions import parse_version  # noqa: F401 - imported from here
+
 
 class Capability(models.TextChoices):
     CHAT = "chat", "chat"
@@ -146,27 +150,18 @@ class Node(models.Model):
         return node
 
     @property
-    def version_tuple(self) -> tuple[int, ...]:
-        return parse_version(self.version)
+    def lemond(self) -> versions.Capabilities:
+        """What this node's lemond can do, by the version it last reported."""
+        return versions.for_version(self.version)
 
     @property
     def supports_pinning(self) -> bool:
         """lemond only knows pins from v10.8; below, hal0 protects pinned slots itself."""
-        return self.version_tuple >= (10, 8)
+        return self.lemond.pins
 
     @property
     def transcription_type(self) -> str:
-        return "audio" if self.version and self.version_tuple < (10, 5) else "transcription"
-
-
-def parse_version(text: str) -> tuple[int, ...]:
-    """'10.6.0-sim' -> (10, 6, 0); anything unparsable -> ()."""
-    parts = []
-    for piece in re.split(r"[.\-+]", text or ""):
-        if not piece.isdigit():
-            break
-        parts.append(int(piece))
-    return tuple(parts)
+        return self.lemond.transcription_type
 
 
 class SlotQuerySet(models.QuerySet):
@@ -277,6 +272,8 @@ class Slot(models.Model):
             add("model_name", "A slot needs a model.")
         elif _CONTROL_RE.search(self.model_name) or " " in self.model_name.strip():
             add("model_name", "Model names cannot contain spaces or control characters.")
+        elif model_name_problem(self.model_name):  # the client's rule (#14): one path segment
+            add("model_name", model_name_problem(self.model_name))
         if self.ctx_size is not None and not (CTX_MIN <= self.ctx_size <= CTX_MAX):
             add("ctx_size", f"Context size must be between {CTX_MIN} and {CTX_MAX:,} "
                             "(or empty for lemond's default).")

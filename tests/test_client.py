@@ -15,6 +15,7 @@ from providers.lemonade.errors import (
     LemonadeTimeout,
     LemonadeUnavailable,
 )
+from providers.lemonade.names import InvalidModelName
 from tests.stack import in_a_worker_after_the_loop_stopped
 
 
@@ -83,9 +84,8 @@ def test_load_errors_are_typed(sim):
     with pytest.raises(LemonadeLoadError) as exc:
         client.load({"model_name": "Qwen3-0.6B-GGUF"})
     assert exc.value.status == 500 and exc.value.code == "model_load_error"
-    with pytest.raises(LemonadeHTTPError) as exc:
+    with pytest.raises(InvalidModelName):  # refused before anything is sent
         client.load({})
-    assert exc.value.status == 400
 
 
 def test_conflict_when_the_pool_is_pinned(lemond_sim_factory):
@@ -105,9 +105,6 @@ def test_flat_error_shapes(sim):
     with pytest.raises(LemonadeNotLoaded) as exc:
         client.unload("Qwen3-0.6B-GGUF")
     assert exc.value.status == 404 and exc.value.message == "Model not loaded: Qwen3-0.6B-GGUF"
-    with pytest.raises(LemonadeHTTPError) as exc:
-        client.delete("No-Such-Model")
-    assert exc.value.status == 422
 
 
 def test_unload_all(sim):
@@ -119,16 +116,19 @@ def test_unload_all(sim):
 
 
 def test_keys(lemond_sim_factory):
-    sim = lemond_sim_factory(api_key="user-key", admin_api_key="admin-key")
+    sim = lemond_sim_factory(version_shape="11", api_key="user-key", admin_api_key="admin-key")
     with pytest.raises(LemonadeHTTPError) as exc:
         sync(sim.url).health()
     assert exc.value.status == 401 and exc.value.message == "Invalid or missing API key"
-    assert sync(sim.url, api_key="user-key").health().status == "ok"
+    user = sync(sim.url, api_key="user-key")
+    assert user.health().status == "ok"
+    user.load({"model_name": "Qwen3-0.6B-GGUF"})
+    # /internal/* takes the admin key
     with pytest.raises(LemonadeHTTPError) as exc:
-        sync(sim.url, api_key="user-key", admin_api_key="wrong").internal_config()
+        sync(sim.url, api_key="user-key", admin_api_key="wrong").pin("Qwen3-0.6B-GGUF")
     assert exc.value.message == "Invalid or missing admin API key"
-    config = sync(sim.url, api_key="user-key", admin_api_key="admin-key").internal_config()
-    assert config["port"] == 13305 or "port" in config
+    admin = sync(sim.url, api_key="user-key", admin_api_key="admin-key")
+    assert admin.pin("Qwen3-0.6B-GGUF")["pinned"] is True
 
 
 @pytest.mark.parametrize("fault,error,text", [
@@ -162,12 +162,10 @@ def test_stats_system_and_params(sim):
     client = sync(sim.url)
     assert "tokens_per_second" in client.stats()
     assert "memory_gb" in client.system_stats()
-    assert "Processor" in client.system_info()
     assert isinstance(client.models(), list)
     all_models = client.models(show_all=True)
     assert len(all_models) > len(client.models())
     assert {"id", "recipe", "downloaded"} <= set(all_models[0])
-    assert client.live() == {"status": "ok"}
 
 
 async def test_pull_progress_and_cancel(sim):

@@ -112,7 +112,7 @@ def test_unload_without_a_model_does_not_touch_the_network(provider, dead_node):
 def test_status_never_raises(provider, dead_node):
     slot = Slot.objects.select_related("node").get(name="chat")
     status = provider.status(slot)
-    assert status.reachable is False and status.state == "unreachable"
+    assert status.reachable is False and status.entry is None
     assert "cannot reach lemond" in status.error
     with pytest.raises(LemonadeUnavailable):
         provider.load(slot)

@@ -281,9 +281,11 @@ def test_a_hanging_node_does_not_hold_up_the_others(node, sim, settings):
     assert node.reachable
     assert not hung.reachable and "did not answer" in hung.last_error
     # the healthy node kept its fast cadence (every 0.2 s) while the hung one timed out
-    # (each hung poll costs 0.5 s); margins leave room for a busy 2-core machine
+    # (each hung poll costs 0.5 s; held up, the healthy node would poll as often as the hung
+    # one). Margins leave room for a busy 2-core machine, where a healthy poll takes ~0.27 s
+    # and, with pooled connections, a hung poll no more than its 0.5 s timeout (7 vs 4).
     healthy, stuck = reconciler.nodes[node.pk].polls, reconciler.nodes[hung.pk].polls
-    assert healthy >= 4 and healthy >= 2 * stuck, (healthy, stuck)
+    assert healthy >= 4 and healthy >= 1.5 * stuck, (healthy, stuck)
 
 
 # --- the real loop: cadence and restore backoff ------------------------------------------

@@ -1,23 +1,38 @@
-"""An async HTTP client for lemond, plus a thin blocking wrapper for commands and actions.
+"""HTTP clients for lemond: one async, one blocking, both from `client_for()`.
 
-It knows lemond's routes (the unprefixed `/v1/...`, plus `/live` and `/internal/*`), its
-keys (the admin key for `/internal/*`), its error shapes (see `errors`) and the health
-shapes of every version from v8 to v11 (see `parse_health`). It knows nothing about slots.
+They know lemond's routes (the unprefixed `/v1/...`, plus `/internal/*`), its keys (the
+admin key for `/internal/*`), its error shapes (see `errors`) and the health shapes of every
+version from v8 to v11 (see `parse_health`). They know nothing about slots.
+
+**One seam.** `client_for(base_url, api_key=..., admin_api_key=...)` is how hal0 gets a
+client for a node. Clients of the same node (same URL and keys) share one connection pool
+and every client shares one TLS context, so the reconciler's poll, a page and an action
+reuse connections instead of opening one per call. The pools are a documented cache
+(`_pool()`): keyed by (base URL, api key, admin key), at most `POOL_CACHE_SIZE` entries; an
+entry whose keys changed is simply not asked again. The async pool is per event loop
+(an `httpx.AsyncClient` belongs to the loop that first used it); the sync client is one
+plain `httpx.Client`, safe from any thread, with no event loop involved.
+
+**Untrusted answers.** Every JSON body passes through `untrusted.loads()` (valid UTF-8,
+finite numbers, bounded depth) and every model name put in a path is checked by
+`names.validate_model_name()` and percent-quoted, so neither lemond nor a slot's
+configuration can steer a request to another route with the node's keys.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
+from urllib.parse import quote
 
 import httpx
-from asgiref.sync import async_to_sync
 
+from . import untrusted
 from .errors import (
     LemonadeBadResponse,
     LemonadeError,
@@ -25,13 +40,17 @@ from .errors import (
     LemonadeUnavailable,
     error_from_response,
 )
+from .names import validate_model_name
 
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_LOAD_TIMEOUT = 900.0
+POOL_CACHE_SIZE = 64
 
-# lemond <= 10.4 called the transcription type "audio" (lemond-api.md §2.1).
+# lemond <= 10.4 called the transcription type "audio" (versions.py): read both.
 _TYPE_ALIASES = {"audio": "transcription"}
 
+
+# --- what lemond answers, normalised ---------------------------------------------------------
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -47,7 +66,10 @@ class LoadedModel:
     pid: int | None = None
     pinned: bool | None = None  # None: this lemond does not report pins (< 10.8)
     status: str | None = None
-    last_use: datetime | None = None
+    # lemond's `last_use` as sent: steady-clock milliseconds (time since the machine
+    # booted), meaningful only next to another last_use of the same lemond process.
+    last_use_ms: float | None = None
+    last_use: datetime | None = None  # the same read as epoch time (legacy; see Phase B)
     raw: dict = field(default_factory=dict)
 
 
@@ -71,11 +93,8 @@ class Health:
 
 def _parse_last_use(value: Any) -> datetime | None:
     """lemond's code sends integer ms since the epoch; its docs show float seconds."""
-    if value in (None, "", 0):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
+    number = untrusted.clean_number(value)
+    if not number:
         return None
     # 1e11 s is the year 5138, 1e11 ms is 1973: anything above is milliseconds.
     seconds = number / 1000.0 if number > 1e11 else number
@@ -87,33 +106,45 @@ def _parse_last_use(value: Any) -> datetime | None:
 
 def _parse_device(value: Any) -> tuple[str, ...]:
     if isinstance(value, list):
-        return tuple(str(v) for v in value if v)
-    if not value:
+        return tuple(v for v in value if isinstance(v, str) and v)
+    if not isinstance(value, str):
         return ()
-    return tuple(part for part in str(value).replace("|", " ").split() if part)
+    return tuple(part for part in value.replace("|", " ").split() if part)
+
+
+def _text(raw: dict, key: str) -> str:
+    """A string field, "" when absent; a field of another type is ignored and logged."""
+    value = raw.get(key)
+    if value is None or isinstance(value, str):
+        return value or ""
+    untrusted.warn_once(f"health field {key!r}", value)
+    return ""
 
 
 def _parse_entry(raw: Any) -> LoadedModel | None:
     if not isinstance(raw, dict):
         return None
-    name = raw.get("model_name") or raw.get("model") or raw.get("name")
-    if not name:
+    name = next((raw[k] for k in ("model_name", "model", "name") if raw.get(k)), None)
+    if not isinstance(name, str):
+        if name is not None:
+            untrusted.warn_once("a loaded model's name", name)
         return None
-    pid = raw.get("pid")
-    pinned = raw.get("pinned")
+    kind = _text(raw, "type")
     options = raw.get("recipe_options")
+    last_use = untrusted.clean_number(raw.get("last_use"))
     return LoadedModel(
-        model_name=str(name),
-        type=_TYPE_ALIASES.get(str(raw.get("type") or ""), str(raw.get("type") or "")),
-        checkpoint=str(raw.get("checkpoint") or ""),
-        recipe=str(raw.get("recipe") or ""),
+        model_name=name,
+        type=_TYPE_ALIASES.get(kind, kind),
+        checkpoint=_text(raw, "checkpoint"),
+        recipe=_text(raw, "recipe"),
         device=_parse_device(raw.get("device")),
         recipe_options=options if isinstance(options, dict) else {},
-        backend_url=str(raw.get("backend_url") or ""),
-        pid=pid if isinstance(pid, int) else None,
-        pinned=pinned if isinstance(pinned, bool) else None,
-        status=raw.get("status") if isinstance(raw.get("status"), str) else None,
-        last_use=_parse_last_use(raw.get("last_use")),
+        backend_url=_text(raw, "backend_url"),
+        pid=untrusted.int_or_none(raw.get("pid")),
+        pinned=raw.get("pinned") if isinstance(raw.get("pinned"), bool) else None,
+        status=untrusted.str_or_none(raw.get("status")),
+        last_use_ms=float(last_use) if last_use is not None else None,
+        last_use=_parse_last_use(last_use),
         raw=raw,
     )
 
@@ -122,27 +153,32 @@ def parse_health(data: Any) -> Health:
     """Normalise `/v1/health` of any lemond version (v8 Python server to v11)."""
     if not isinstance(data, dict):
         raise LemonadeBadResponse(200, "health is not a JSON object", body=str(data)[:500])
+    data = untrusted.clean(data)  # idempotent; callers may hand in a raw dict
     listed = data.get("all_models_loaded")
     if listed is None:
         listed = data.get("loaded")
     entries: list[LoadedModel] = []
+    model_loaded = untrusted.str_or_none(data.get("model_loaded"))
     if isinstance(listed, list):
         entries = [e for e in (_parse_entry(item) for item in listed) if e]
-    elif isinstance(data.get("model_loaded"), str):
+    elif model_loaded:
         # v8 Python server: only the one model's name and checkpoint
-        entries = [LoadedModel(model_name=data["model_loaded"],
-                               checkpoint=str(data.get("checkpoint_loaded") or ""), raw={})]
+        entries = [LoadedModel(model_name=model_loaded,
+                               checkpoint=_text(data, "checkpoint_loaded"), raw={})]
+    elif listed is not None:
+        untrusted.warn_once("health field 'all_models_loaded'", listed)
     max_models = data.get("max_models") if isinstance(data.get("max_models"), dict) else {}
-    max_models = {_TYPE_ALIASES.get(k, k): v for k, v in max_models.items()}
-    ws_port = data.get("websocket_port")
+    max_models = {_TYPE_ALIASES.get(k, k): v for k, v in max_models.items()
+                  if untrusted.int_or_none(v) is not None}
+    version = _text(data, "version")
     return Health(
-        status=str(data.get("status") or "ok"),
-        version=str(data.get("version") or ""),
-        model_loaded=data.get("model_loaded") if isinstance(data.get("model_loaded"), str) else None,
+        status=_text(data, "status") or "ok",
+        version=version,
+        model_loaded=model_loaded,
         loaded=tuple(entries),
         max_models=max_models,
-        simulated=bool(data.get("simulated")) or str(data.get("version") or "").endswith("-sim"),
-        websocket_port=ws_port if isinstance(ws_port, int) else None,
+        simulated=data.get("simulated") is True or version.endswith("-sim"),
+        websocket_port=untrusted.int_or_none(data.get("websocket_port")),
         raw=data,
     )
 
@@ -156,46 +192,219 @@ class PullEvent:
 
     @property
     def percent(self) -> float | None:
-        value = self.data.get("percent")
-        return float(value) if isinstance(value, (int, float)) else None
-
-
-# base URL -> "/api" for lemond that serves only the prefixed routes (learned on first 404)
-_API_PREFIX: dict[str, str] = {}
+        value = untrusted.clean_number(self.data.get("percent"))
+        return float(value) if value is not None else None
 
 
 def _is_unknown_route(response: httpx.Response) -> bool:
     """lemond's "The requested endpoint does not exist" 404, as opposed to a model 404."""
     try:
-        error = response.json().get("error")
+        error = untrusted.loads(response.content).get("error")
     except (ValueError, AttributeError):
         return False
     return isinstance(error, dict) and error.get("type") == "not_found" and "path" in error
 
 
+def _model_path(route: str, model_id: str) -> str:
+    """`/v1/models/{id}` with `id` checked and quoted: it stays one path segment."""
+    return route.format(quote(validate_model_name(model_id), safe=""))
+
+
+# --- the shared connections ------------------------------------------------------------------
+
 @cache
 def _ssl_context() -> ssl.SSLContext:
-    """One TLS context for every client: building one loads the CA bundle (~25 ms), and the
-    sync facade and the reconciler create clients often (docs/benchmarks.md, Load)."""
+    """One TLS context for every client: building one loads the CA bundle (~25 ms)."""
     return ssl.create_default_context()
 
 
-class LemonadeClient:
-    """Async client for one lemond node. Cheap to create; close it (or use `async with`)."""
+def _http_options(base_url: str) -> dict[str, Any]:
+    return {
+        "base_url": base_url, "verify": _ssl_context(),
+        # never pick up proxies from the environment: lemond is on our LAN/loopback
+        "trust_env": False,
+        "limits": httpx.Limits(max_connections=32, max_keepalive_connections=8),
+    }
 
+
+class _Pool:
+    """The connections of one node (base URL + keys), shared by all its clients."""
+
+    def __init__(self, base_url: str):
+        self.base_url = base_url
+        # "/api" once lemond answered an unprefixed /v1 route with "no such endpoint":
+        # lemond before 9.3.2 (and the simulator's 10.0 shape) serves only /api/v1/...
+        self.api_prefix = ""
+        self._sync: httpx.Client | None = None
+        self._async: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+
+    def sync(self) -> httpx.Client:
+        if self._sync is None:  # a race makes one extra client, which is harmless
+            self._sync = httpx.Client(**_http_options(self.base_url))
+        return self._sync
+
+    def for_loop(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        http = self._async.get(loop)
+        if http is None:
+            # forget clients of loops that are gone (tests, a restarted reconciler): their
+            # sockets cannot be used from another loop and close when collected
+            for old in [old for old in self._async if old.is_closed()]:
+                del self._async[old]
+            http = self._async[loop] = httpx.AsyncClient(**_http_options(self.base_url))
+        return http
+
+
+@lru_cache(maxsize=POOL_CACHE_SIZE)
+def _pool(base_url: str, api_key: str, admin_api_key: str) -> _Pool:
+    """The documented cache behind `client_for` (keys are part of the key so a node whose
+    keys changed gets fresh connections; old entries age out)."""
+    return _Pool(base_url)
+
+
+def client_for(base_url: str, *, api_key: str = "", admin_api_key: str = "",
+               timeout: float = DEFAULT_TIMEOUT,
+               load_timeout: float = DEFAULT_LOAD_TIMEOUT) -> LemonadeClient:
+    """The client for the lemond at `base_url`: the one way hal0 gets one. Cheap to call;
+    `.sync` on the result is its blocking twin over the same pool."""
+    return LemonadeClient(base_url, api_key, admin_api_key, timeout=timeout,
+                          load_timeout=load_timeout)
+
+
+# --- the routes, shared by both clients ------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Call:
+    method: str
+    path: str
+    json: Any = None
+    params: dict | None = None
+    long: bool = False  # a load/unload: the load timeout applies
+    parse: Callable[[Any], Any] = lambda data: data
+
+
+def _models_list(data: Any) -> list[dict]:
+    rows = data.get("data") if isinstance(data, dict) else data
+    if not isinstance(rows, list):
+        raise LemonadeBadResponse(200, "model list is not a list", body=str(data)[:500])
+    return [row for row in rows if isinstance(row, dict)]
+
+
+def _as_dict(data: Any) -> dict:
+    if not isinstance(data, dict):
+        raise LemonadeBadResponse(200, "lemond answered something that is not a JSON object",
+                                  body=str(data)[:500])
+    return data
+
+
+class _Routes:
+    """Which request each client method makes. Only the routes hal0 calls live here."""
+
+    @staticmethod
+    def health() -> _Call:
+        return _Call("GET", "/v1/health", parse=parse_health)
+
+    @staticmethod
+    def models(show_all: bool) -> _Call:
+        return _Call("GET", "/v1/models", params={"show_all": "true"} if show_all else None,
+                     parse=_models_list)
+
+    @staticmethod
+    def model(model_id: str) -> _Call:
+        return _Call("GET", _model_path("/v1/models/{}", model_id), parse=_as_dict)
+
+    @staticmethod
+    def load(body: dict) -> _Call:
+        validate_model_name(body.get("model_name"))
+        return _Call("POST", "/v1/load", json=body, long=True, parse=_as_dict)
+
+    @staticmethod
+    def unload(model_name: str | None) -> _Call:
+        body = {"model_name": validate_model_name(model_name)} if model_name else None
+        return _Call("POST", "/v1/unload", json=body, long=True, parse=_as_dict)
+
+    @staticmethod
+    def stats() -> _Call:
+        return _Call("GET", "/v1/stats", parse=_as_dict)
+
+    @staticmethod
+    def system_stats() -> _Call:
+        return _Call("GET", "/v1/system-stats", parse=_as_dict)
+
+    @staticmethod
+    def pin(model_name: str, pinned: bool) -> _Call:
+        return _Call("POST", "/internal/pin", parse=_as_dict,
+                     json={"model_name": validate_model_name(model_name), "pinned": pinned})
+
+
+class _Base:
     def __init__(self, base_url: str, api_key: str = "", admin_api_key: str = "",
-                 timeout: float = DEFAULT_TIMEOUT, load_timeout: float = DEFAULT_LOAD_TIMEOUT,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 timeout: float = DEFAULT_TIMEOUT, load_timeout: float = DEFAULT_LOAD_TIMEOUT):
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.admin_api_key = admin_api_key or api_key
         self.timeout = timeout
         self.load_timeout = load_timeout
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url, timeout=timeout, transport=transport, verify=_ssl_context(),
-            # never pick up proxies from the environment: lemond is on our LAN/loopback
-            trust_env=False,
-        )
+        self._pool = _pool(self.base_url, api_key, admin_api_key)
+
+    def __repr__(self) -> str:  # never the keys
+        return f"<{type(self).__name__} {self.base_url}>"
+
+    def _headers(self, path: str) -> dict[str, str]:
+        key = self.admin_api_key if path.startswith("/internal/") else self.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def _timeout(self, call: _Call) -> httpx.Timeout:
+        if call.long:  # connecting stays quick so an unreachable node fails fast
+            return httpx.Timeout(self.load_timeout, connect=self.timeout)
+        return httpx.Timeout(self.timeout)
+
+    def _route(self, path: str) -> str:
+        return self._pool.api_prefix + path if path.startswith("/v1/") else path
+
+    def _request_args(self, call: _Call, path: str) -> dict[str, Any]:
+        return {"json": call.json, "params": call.params, "headers": self._headers(path),
+                "timeout": self._timeout(call)}
+
+    def _wants_prefix(self, call: _Call, response: httpx.Response) -> bool:
+        return (response.status_code == 404 and call.path.startswith("/v1/")
+                and not self._pool.api_prefix and _is_unknown_route(response))
+
+    def _error(self, exc: httpx.HTTPError, call: _Call) -> LemonadeError:
+        if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
+            return LemonadeUnavailable(f"cannot connect to lemond at {self.base_url} "
+                                       "(connection timed out)")
+        if isinstance(exc, httpx.TimeoutException):
+            return LemonadeTimeout(f"lemond at {self.base_url} did not answer "
+                                   f"{call.method} {call.path} in time")
+        return LemonadeUnavailable(f"cannot reach lemond at {self.base_url}: "
+                                   f"{exc.__class__.__name__}" + (f" ({exc})" if str(exc) else ""))
+
+    @staticmethod
+    def _decode(response: httpx.Response, call: _Call) -> Any:
+        if response.status_code >= 400:
+            raise error_from_response(response.status_code, response.text)
+        try:
+            data = untrusted.loads(response.content)
+        except ValueError:
+            raise LemonadeBadResponse(
+                response.status_code, "lemond answered with something that is not JSON",
+                body=untrusted.clean_str(response.text[:2000]),
+            ) from None
+        return call.parse(data)
+
+
+class LemonadeClient(_Base):
+    """Async client for one lemond node (get it from `client_for`). Closing it is not
+    needed; `async with` is accepted for old call sites and closes nothing shared."""
+
+    def __init__(self, base_url: str, api_key: str = "", admin_api_key: str = "",
+                 timeout: float = DEFAULT_TIMEOUT, load_timeout: float = DEFAULT_LOAD_TIMEOUT,
+                 transport: httpx.AsyncBaseTransport | None = None):
+        super().__init__(base_url, api_key, admin_api_key, timeout, load_timeout)
+        # a transport of its own (tests: httpx.MockTransport) means a private client
+        self._private = httpx.AsyncClient(**_http_options(self.base_url), transport=transport) \
+            if transport is not None else None
 
     async def __aenter__(self) -> LemonadeClient:
         return self
@@ -204,124 +413,82 @@ class LemonadeClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._private is not None:
+            await self._private.aclose()
 
-    # --- transport -------------------------------------------------------------------
-    def _headers(self, path: str) -> dict[str, str]:
-        key = self.admin_api_key if path.startswith("/internal/") else self.api_key
-        return {"Authorization": f"Bearer {key}"} if key else {}
+    @property
+    def sync(self) -> SyncLemonadeClient:
+        """The blocking client for the same node, over the same pool."""
+        return SyncLemonadeClient(self.base_url, self.api_key, self.admin_api_key,
+                                  timeout=self.timeout, load_timeout=self.load_timeout)
 
-    def _long(self) -> httpx.Timeout:
-        # connecting stays quick so an unreachable node fails fast even for a load
-        return httpx.Timeout(self.load_timeout, connect=self.timeout)
+    def _http(self) -> httpx.AsyncClient:
+        return self._private or self._pool.for_loop()
 
-    def _route(self, path: str) -> str:
-        if path.startswith("/v1/"):
-            return _API_PREFIX.get(self.base_url, "") + path
-        return path
-
-    async def _request(self, method: str, path: str, *, json_body: Any = None,
-                       params: dict | None = None, timeout: Any = None,
-                       expect_json: bool = True) -> Any:
-        response = await self._send(method, self._route(path), json_body, params, timeout)
-        if response.status_code == 404 and path.startswith("/v1/") and \
-                self.base_url not in _API_PREFIX and _is_unknown_route(response):
-            # lemond before 9.3.2 (and the v10.0 simulator shape) only serves /api/v1/...
-            _API_PREFIX[self.base_url] = "/api"
-            response = await self._send(method, "/api" + path, json_body, params, timeout)
-            if response.status_code == 404 and _is_unknown_route(response):
-                _API_PREFIX.pop(self.base_url, None)
-        return self._decode(response, expect_json)
-
-    async def _send(self, method: str, path: str, json_body: Any, params: dict | None,
-                    timeout: Any) -> httpx.Response:
+    async def _send(self, call: _Call, path: str) -> httpx.Response:
         try:
-            return await self._http.request(
-                method, path, json=json_body, params=params, headers=self._headers(path),
-                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
-            )
-        except httpx.TimeoutException as exc:
-            if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
-                raise LemonadeUnavailable(f"cannot connect to lemond at {self.base_url} "
-                                          "(connection timed out)") from None
-            raise LemonadeTimeout(f"lemond at {self.base_url} did not answer {method} {path} "
-                                  "in time") from None
+            return await self._http().request(call.method, path, **self._request_args(call, path))
         except httpx.HTTPError as exc:
-            raise LemonadeUnavailable(
-                f"cannot reach lemond at {self.base_url}: {exc.__class__.__name__}"
-                + (f" ({exc})" if str(exc) else "")
-            ) from None
+            raise self._error(exc, call) from None
 
-    @staticmethod
-    def _decode(response: httpx.Response, expect_json: bool) -> Any:
-        if response.status_code >= 400:
-            raise error_from_response(response.status_code, response.text)
-        if not expect_json:
-            return response.text
-        try:
-            return response.json()
-        except ValueError:
-            raise LemonadeBadResponse(
-                response.status_code, "lemond answered with something that is not JSON",
-                body=response.text[:2000],
-            ) from None
+    async def _call(self, call: _Call) -> Any:
+        response = await self._send(call, self._route(call.path))
+        if self._wants_prefix(call, response):
+            retry = await self._send(call, "/api" + call.path)
+            if not (retry.status_code == 404 and _is_unknown_route(retry)):
+                self._pool.api_prefix = "/api"
+                response = retry
+        return self._decode(response, call)
 
-    # --- routes ------------------------------------------------------------------------
-    async def live(self) -> dict:
-        return await self._request("GET", "/live")
-
+    # --- routes (each one line over `_Routes`) ---------------------------------------------
     async def health(self) -> Health:
-        return parse_health(await self._request("GET", "/v1/health"))
+        return await self._call(_Routes.health())
 
     async def models(self, show_all: bool = False) -> list[dict]:
-        data = await self._request("GET", "/v1/models",
-                                   params={"show_all": "true"} if show_all else None)
-        rows = data.get("data") if isinstance(data, dict) else data
-        if not isinstance(rows, list):
-            raise LemonadeBadResponse(200, "model list is not a list", body=str(data)[:500])
-        return [row for row in rows if isinstance(row, dict)]
+        return await self._call(_Routes.models(show_all))
 
     async def model(self, model_id: str) -> dict:
-        return await self._request("GET", f"/v1/models/{model_id}")
+        return await self._call(_Routes.model(model_id))
 
     async def load(self, body: dict) -> dict:
-        return await self._request("POST", "/v1/load", json_body=body, timeout=self._long())
+        return await self._call(_Routes.load(body))
 
     async def unload(self, model_name: str | None = None) -> dict:
         """Unload one model, or every model when `model_name` is None."""
-        body = {"model_name": model_name} if model_name else None
-        return await self._request("POST", "/v1/unload", json_body=body, timeout=self._long())
+        return await self._call(_Routes.unload(model_name))
 
-    async def delete(self, model_name: str) -> dict:
-        return await self._request("POST", "/v1/delete", json_body={"model_name": model_name},
-                                   timeout=self._long())
+    async def stats(self) -> dict:
+        return await self._call(_Routes.stats())
 
-    async def pull_blocking(self, model_name: str, **definition: Any) -> dict:
-        return await self._request("POST", "/v1/pull",
-                                   json_body={"model_name": model_name, **definition},
-                                   timeout=self._long())
+    async def system_stats(self) -> dict:
+        return await self._call(_Routes.system_stats())
+
+    async def pin(self, model_name: str, pinned: bool = True) -> dict:
+        """Pin/unpin a loaded model (lemond >= 10.8 only)."""
+        return await self._call(_Routes.pin(model_name, pinned))
 
     async def pull(self, model_name: str, **definition: Any) -> AsyncIterator[PullEvent]:
         """Stream `/v1/pull` progress. Leaving the loop early closes the connection, which
         makes lemond cancel the download (lemond-api.md §2.8)."""
-        body = {"model_name": model_name, **definition, "stream": True}
+        body = {"model_name": validate_model_name(model_name), **definition, "stream": True}
+        call = _Call("POST", "/v1/pull", json=body, long=True)
+        path = self._route(call.path)
         try:
-            async with self._http.stream("POST", self._route("/v1/pull"), json=body,
-                                         headers=self._headers("/v1/pull"),
-                                         timeout=self._long()) as response:
+            async with self._http().stream("POST", path, json=body, headers=self._headers(path),
+                                           timeout=self._timeout(call)) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     raise error_from_response(response.status_code, response.text)
                 event = "message"
                 async for line in response.aiter_lines():
                     if line.startswith("event:"):
-                        event = line[6:].strip()
+                        event = untrusted.clean_str(line[6:].strip())
                     elif line.startswith("data:"):
                         payload = line[5:].strip()
                         try:
-                            data = json.loads(payload)
+                            data = untrusted.loads(payload)
                         except ValueError:
-                            data = {"raw": payload}
+                            data = {"raw": untrusted.clean_str(payload)}
                         yield PullEvent(event, data if isinstance(data, dict) else {"raw": data})
                         if event in ("complete", "error"):
                             return
@@ -333,69 +500,69 @@ class LemonadeClient:
             raise LemonadeUnavailable(f"pull from lemond at {self.base_url} failed: "
                                       f"{exc.__class__.__name__}") from None
 
-    async def stats(self) -> dict:
-        return await self._request("GET", "/v1/stats")
+    async def stream_lines(self, path: str) -> AsyncIterator[str]:
+        """The lines of a long-lived GET (lemond <= 10.0's SSE log stream), cleaned."""
+        call = _Call("GET", path)
+        try:
+            async with self._http().stream("GET", path, headers=self._headers(path),
+                                           timeout=httpx.Timeout(None, connect=self.timeout)
+                                           ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise error_from_response(response.status_code, response.text)
+                async for line in response.aiter_lines():
+                    yield untrusted.clean_str(line)
+        except httpx.HTTPError as exc:
+            raise self._error(exc, call) from None
 
-    async def system_stats(self) -> dict:
-        return await self._request("GET", "/v1/system-stats")
 
-    async def system_info(self) -> dict:
-        return await self._request("GET", "/v1/system-info")
+class SyncLemonadeClient(_Base):
+    """The blocking client: a plain `httpx.Client` (shared per node, safe from any thread,
+    no event loop) with the same routes as `LemonadeClient`."""
 
-    async def params(self) -> dict:
-        return await self._request("GET", "/v1/params")
+    def _send(self, call: _Call, path: str) -> httpx.Response:
+        try:
+            return self._pool.sync().request(call.method, path, **self._request_args(call, path))
+        except httpx.HTTPError as exc:
+            raise self._error(exc, call) from None
 
-    async def set_params(self, changes: dict) -> dict:
-        """Runtime config change that lemond does not persist."""
-        return await self._request("POST", "/v1/params", json_body=changes)
+    def _call(self, call: _Call) -> Any:
+        response = self._send(call, self._route(call.path))
+        if self._wants_prefix(call, response):
+            retry = self._send(call, "/api" + call.path)
+            if not (retry.status_code == 404 and _is_unknown_route(retry)):
+                self._pool.api_prefix = "/api"
+                response = retry
+        return self._decode(response, call)
 
-    async def internal_config(self) -> dict:
-        return await self._request("GET", "/internal/config")
+    def health(self) -> Health:
+        return self._call(_Routes.health())
 
-    async def internal_set(self, changes: dict) -> dict:
-        """Persisted config change (admin key)."""
-        return await self._request("POST", "/internal/set", json_body=changes)
+    def models(self, show_all: bool = False) -> list[dict]:
+        return self._call(_Routes.models(show_all))
 
-    async def pin(self, model_name: str, pinned: bool = True) -> dict:
+    def model(self, model_id: str) -> dict:
+        return self._call(_Routes.model(model_id))
+
+    def load(self, body: dict) -> dict:
+        return self._call(_Routes.load(body))
+
+    def unload(self, model_name: str | None = None) -> dict:
+        """Unload one model, or every model when `model_name` is None."""
+        return self._call(_Routes.unload(model_name))
+
+    def stats(self) -> dict:
+        return self._call(_Routes.stats())
+
+    def system_stats(self) -> dict:
+        return self._call(_Routes.system_stats())
+
+    def pin(self, model_name: str, pinned: bool = True) -> dict:
         """Pin/unpin a loaded model (lemond >= 10.8 only)."""
-        return await self._request("POST", "/internal/pin",
-                                   json_body={"model_name": model_name, "pinned": pinned})
-
-    async def shutdown(self) -> dict:
-        return await self._request("POST", "/internal/shutdown", expect_json=False)
-
-
-class SyncLemonadeClient:
-    """Blocking facade over `LemonadeClient` for management commands and actions.
-
-    Each call runs on a fresh async client so it is safe from any thread; the cost (a new
-    connection per call) is irrelevant next to a model load.
-    """
-
-    _ASYNC_METHODS = {
-        "live", "health", "models", "model", "load", "unload", "delete", "pull_blocking",
-        "stats", "system_stats", "system_info", "params", "set_params", "internal_config",
-        "internal_set", "pin", "shutdown",
-    }
-
-    def __init__(self, base_url: str, **options: Any):
-        self.base_url = base_url.rstrip("/")
-        self._options = options
-
-    def __getattr__(self, name: str):
-        if name not in self._ASYNC_METHODS:
-            raise AttributeError(name)
-
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            async with LemonadeClient(self.base_url, **self._options) as client:
-                return await getattr(client, name)(*args, **kwargs)
-
-        # A loop of its own even on a worker thread that sync_to_async started: hopping
-        # back onto the server's loop would wait for ever once that loop stops (shutdown).
-        return async_to_sync(call, force_new_loop=True)
+        return self._call(_Routes.pin(model_name, pinned))
 
 
 __all__ = [
     "Health", "LemonadeClient", "LemonadeError", "LoadedModel", "PullEvent",
-    "SyncLemonadeClient", "parse_health",
+    "SyncLemonadeClient", "client_for", "parse_health",
 ]

@@ -2,21 +2,55 @@
 
 This is the only place that knows lemond's per-recipe option keys. It raises the typed
 errors of `providers.lemonade.errors` (except `status`, which never raises) and never
-touches the database: `slots.services` owns state.
+touches the database: `slots` owns state. It reads a slot and its node only through the
+plain attributes of `SlotConfig` and `NodeConfig` (typing protocols), never their
+behaviour, and asks `versions` what the node's lemond accepts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from django.conf import settings
 
-from .client import Health, LoadedModel, SyncLemonadeClient
+from . import versions
+from .client import Health, LoadedModel, SyncLemonadeClient, client_for
 from .errors import LemonadeError, LemonadeNotLoaded
 
-if TYPE_CHECKING:  # pragma: no cover
-    from slots.models import Node, Slot
+
+class NodeConfig(Protocol):
+    """What the provider reads of a node (`slots.models.Node` has these fields)."""
+
+    name: str
+    base_url: str
+    api_key: str
+    admin_api_key: str
+    version: str  # as lemond last reported it; "" when never reached
+
+
+class SlotConfig(Protocol):
+    """What the provider reads of a slot (`slots.models.Slot` has these fields)."""
+
+    name: str
+    capability: str
+    device: str
+    model_name: str
+    ctx_size: int | None
+    extra_args: str
+    pinned: bool
+    loaded_model: str
+
+    @property
+    def node(self) -> NodeConfig: ...
+
+
+class UnsupportedOption(LemonadeError, ValueError):
+    """The slot asks for something the node's lemond version cannot take."""
+
+# capability -> lemond model type, by its current name (versions.type_name renames it)
+LEMOND_TYPES = {"chat": "llm", "embed": "embedding", "rerank": "reranking",
+                "stt": "transcription", "tts": "tts", "img": "image"}
 
 # device -> (recipe, llamacpp-style backend); None is left out of the load body
 DEVICE_BACKENDS: dict[str, tuple[str | None, str | None]] = {
@@ -57,51 +91,52 @@ class SlotStatus:
     health: Health | None = None
     error: str = ""
 
-    @property
-    def state(self) -> str:
-        if not self.reachable:
-            return "unreachable"
-        return "loaded" if self.entry else "not loaded"
-
 
 class LemonadeProvider:
     name = "lemonade"
 
     # --- wiring ------------------------------------------------------------------------
-    def client(self, node: Node) -> SyncLemonadeClient:
-        return SyncLemonadeClient(
+    def client(self, node: NodeConfig) -> SyncLemonadeClient:
+        return client_for(
             node.base_url,
             api_key=node.api_key,
             admin_api_key=node.admin_api_key,
             timeout=settings.HAL0_LEMONADE_TIMEOUT,
             load_timeout=settings.HAL0_LEMONADE_LOAD_TIMEOUT,
-        )
+        ).sync
 
     # --- mapping -----------------------------------------------------------------------
-    def recipe(self, slot: Slot) -> str:
+    def recipe(self, slot: SlotConfig) -> str:
         recipe, _ = device_to_backend(slot.device)
         return recipe or RECIPE_KEYS[slot.capability][0]
 
-    def load_body(self, slot: Slot, model_name: str | None = None) -> dict[str, Any]:
+    def load_body(self, slot: SlotConfig, model_name: str | None = None) -> dict[str, Any]:
         """The `/v1/load` request for this slot (optionally for another model: swap)."""
+        caps = versions.for_version(slot.node.version)
         recipe, backend = device_to_backend(slot.device)
         _, backend_key, args_key = RECIPE_KEYS[slot.capability]
         body: dict[str, Any] = {"model_name": model_name or slot.model_name}
         if recipe is not None:
             body["recipe"] = recipe
-            args_key = f"{recipe}_args"  # npu runs on FastFlowLM: flm_args
+            args_key = caps.npu_args_key  # npu runs on FastFlowLM: flm_args, when taken
         elif backend is not None and backend_key:
             body[backend_key] = backend
         if slot.ctx_size and self.recipe(slot) in CTX_RECIPES:
             body["ctx_size"] = slot.ctx_size
-        if slot.extra_args and slot.extra_args.strip() and args_key:
-            body[args_key] = slot.extra_args.strip()
-        if slot.node.supports_pinning:
+        extra = (slot.extra_args or "").strip()
+        if extra and args_key:
+            body[args_key] = extra
+        elif extra and recipe is not None:
+            # lemond 10.8-10.10 ignores any args for flm: refuse rather than drop them
+            raise UnsupportedOption(
+                f"lemond {slot.node.version or versions.PINNED} takes no extra args for the "
+                f"NPU (flm) recipe; clear the slot's extra args or update lemond.")
+        if caps.pins:
             # lemond < 10.8 has no pins; hal0 protects pinned slots itself there
             body["pinned"] = bool(slot.pinned)
         return body
 
-    def environment(self, slot: Slot) -> dict[str, str]:
+    def environment(self, slot: SlotConfig) -> dict[str, str]:
         """The slot's identity block, as a process serving it would see it."""
         _, backend = device_to_backend(slot.device)
         return {
@@ -112,13 +147,18 @@ class LemonadeProvider:
             "HAL0_NODE": slot.node.name,
             "HAL0_LEMONADE_URL": slot.node.base_url,
             "HAL0_LEMONADE_MODEL": slot.model_name,
-            "HAL0_LEMONADE_TYPE": slot.lemond_type,
+            "HAL0_LEMONADE_TYPE": self.lemond_type(slot),
             "HAL0_LEMONADE_RECIPE": self.recipe(slot),
             "HAL0_LEMONADE_BACKEND": backend or "",
             "HAL0_CTX_SIZE": str(slot.ctx_size or ""),
         }
 
-    def image_ref(self, slot: Slot) -> str:
+    def lemond_type(self, slot: SlotConfig) -> str:
+        """The slot's lemond model type as the node's version names it."""
+        caps = versions.for_version(slot.node.version)
+        return caps.type_name(LEMOND_TYPES[slot.capability])
+
+    def image_ref(self, slot: SlotConfig) -> str:
         recipe, backend = device_to_backend(slot.device)
         if recipe:
             return f"lemonade://recipe/{recipe}"
@@ -128,10 +168,10 @@ class LemonadeProvider:
         return f"lemonade://{own_recipe}/{backend}"
 
     # --- calls -------------------------------------------------------------------------
-    def load(self, slot: Slot, model_name: str | None = None) -> dict:
+    def load(self, slot: SlotConfig, model_name: str | None = None) -> dict:
         return self.client(slot.node).load(self.load_body(slot, model_name))
 
-    def unload(self, slot: Slot, model_name: str | None = None) -> dict:
+    def unload(self, slot: SlotConfig, model_name: str | None = None) -> dict:
         """Unload the slot's model. Idempotent: 'not loaded' is success."""
         model = model_name or slot.loaded_model or slot.model_name
         if not model:
@@ -142,13 +182,13 @@ class LemonadeProvider:
             return {"ok": True, "noop": f"{model} was not loaded"}
         return {"ok": True, **(result if isinstance(result, dict) else {})}
 
-    def pin(self, slot: Slot, pinned: bool) -> dict:
+    def pin(self, slot: SlotConfig, pinned: bool) -> dict:
         return self.client(slot.node).pin(slot.loaded_model or slot.model_name, pinned)
 
-    def health(self, node: Node) -> Health:
+    def health(self, node: NodeConfig) -> Health:
         return self.client(node).health()
 
-    def status(self, slot: Slot) -> SlotStatus:
+    def status(self, slot: SlotConfig) -> SlotStatus:
         """Never raises: lemond's entry for the slot's model, or why it is unknown."""
         try:
             health = self.health(slot.node)
