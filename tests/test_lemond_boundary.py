@@ -391,3 +391,103 @@ async def test_the_log_relay_survives_hostile_entries(hostile_lemond, client, ad
     assert "unavailable" not in seen
     assert "sev is a number" in seen and "bad \ufffd text" in seen
     await comm.disconnect()
+
+
+# --- backend args lemond reserves, per version -------------------------------------------------
+
+
+@pytest.mark.parametrize("version,args,refused", [
+    ("10.6.0", "-ngl 99", "-ngl"),
+    ("10.6.0", "--gpu-layers=20", "--gpu-layers"),
+    ("10.6.0", "--threads 4 --alias 'x -m y'", None),  # a quoted value is not a flag
+    ("10.6.0", "--metrics", None),
+    ("10.6.0", "-dev Vulkan0", "-dev"),
+    ("10.4.0", "-dev Vulkan0", None),
+    ("10.7.0", "--metrics", "--metrics"),
+    ("11.7.0", "-ngl 99", None),  # 10.8 stopped setting it
+    ("11.7.0", "-md draft.gguf", "-md"),
+    ("11.7.0", "--mmproj-offload", None),
+    ("11.7.0", '--hf-repo "a/b"', "--hf-repo"),
+])
+def test_llamacpp_args_lemond_reserves(version, args, refused):
+    problem = versions.for_version(version).backend_args_problem("llamacpp", args)
+    if refused is None:
+        assert problem == ""
+    else:
+        assert problem == f"extra_args may not contain {refused}: lemond sets it itself."
+
+
+def test_other_backends_and_flm_args():
+    caps = versions.for_version("10.6.0")
+    assert caps.backend_args_problem("whispercpp", "--port 1")
+    assert caps.backend_args_problem("sd-cpp", "--vae x.safetensors")
+    assert caps.backend_args_problem("sd-cpp", "--steps 4") == ""
+    assert caps.backend_args_problem("flm", "--anything goes") == ""  # 10.x passes them on
+    new = versions.for_version("11.7.0")
+    assert new.backend_args_problem("flm", "--pmode turbo --q-len 4") == ""
+    for bad in ("--asr 1", "--pmode=turbo", "--pmode", "--pmode a --pmode b", "--pmode 'x'"):
+        assert new.backend_args_problem("flm", bad), bad
+
+
+@pytest.mark.django_db
+def test_a_reserved_flag_is_refused_before_lemond_sees_the_load(node, sim, make_slot):
+    """#10: lemond 10.6 does not refuse a reserved llamacpp flag up front: the backend fails
+    and lemond evicts every model. hal0 refuses it before /v1/load."""
+    from providers import get
+    from providers.lemonade.provider import UnsupportedOption
+    from slots.models import Slot
+
+    provider = get("lemonade")
+    provider.load(Slot.objects.select_related("node").get(name="embed"))
+    before = sim.state()
+    slot = make_slot("typo", model_name="Qwen3-0.6B-GGUF")
+    Slot.objects.filter(pk=slot.pk).update(extra_args="--threads 4 -ngl 99")  # an old row
+    slot.refresh_from_db()
+    with pytest.raises(UnsupportedOption, match="-ngl"):
+        provider.load(slot)
+    after = sim.state()
+    assert after["load_requests_total"] == before["load_requests_total"]
+    assert after["loaded_names"] == ["nomic-embed-text-v1-GGUF"]
+
+
+def test_npu_args_go_under_the_key_the_version_reads():
+    from types import SimpleNamespace
+
+    from providers.lemonade.provider import LemonadeProvider, UnsupportedOption
+
+    def npu_slot(version, extra="--pmode turbo"):
+        node = SimpleNamespace(name="n", base_url="http://x", api_key="", admin_api_key="",
+                               version=version)
+        return SimpleNamespace(name="s", capability="chat", device="npu", model_name="M",
+                               ctx_size=None, extra_args=extra, pinned=False,
+                               loaded_model="", node=node)
+
+    provider = LemonadeProvider()
+    assert provider.load_body(npu_slot("10.6.0"))["flm_args"] == "--pmode turbo"
+    assert provider.load_body(npu_slot("11.7.0"))["flm_args"] == "--pmode turbo"
+    assert "flm_args" not in provider.load_body(npu_slot("10.9.0", extra=""))
+    with pytest.raises(UnsupportedOption, match="no extra args"):
+        provider.load_body(npu_slot("10.9.0"))
+    with pytest.raises(UnsupportedOption, match="--asr"):
+        provider.load_body(npu_slot("11.7.0", extra="--asr 1"))
+
+
+# --- published names ---------------------------------------------------------------------------
+
+
+def test_health_entries_are_found_by_their_published_name():
+    health = parse_health({"all_models_loaded": [
+        {"model_name": "My-Model"},          # user.My-Model, published bare
+        {"model_name": "builtin.Qwen3-0.6B-GGUF"},  # a built-in shadowed by user.Qwen3-…
+        {"model_name": "Whisper-Tiny"},      # a built-in nothing shadows
+    ]})
+    assert health.find("user.My-Model").model_name == "My-Model"
+    assert health.find("My-Model").model_name == "My-Model"
+    assert health.find("builtin.Qwen3-0.6B-GGUF").model_name == "builtin.Qwen3-0.6B-GGUF"
+    assert health.find("Qwen3-0.6B-GGUF") is None  # the bare name means the user model
+    assert health.find("user.Qwen3-0.6B-GGUF") is None
+    assert health.find("builtin.Whisper-Tiny").model_name == "Whisper-Tiny"
+    # a user.Whisper-Tiny would be published bare, shadowing the built-in: the same entry
+    assert health.find("user.Whisper-Tiny").model_name == "Whisper-Tiny"
+    assert names.published_forms("Lite Collection") == ("Lite Collection",
+                                                        "user.Lite Collection")

@@ -40,7 +40,7 @@ from .errors import (
     LemonadeUnavailable,
     error_from_response,
 )
-from .names import validate_model_name
+from .names import find_published, validate_model_name
 
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_LOAD_TIMEOUT = 900.0
@@ -85,10 +85,11 @@ class Health:
     raw: dict = field(default_factory=dict)
 
     def find(self, model_name: str) -> LoadedModel | None:
-        for entry in self.loaded:
-            if entry.model_name == model_name:
-                return entry
-        return None
+        """The entry of the model hal0 calls `model_name` (`X`, `user.X`, `builtin.X`),
+        matched against the name lemond *publishes* for it (see `names.published_forms`)."""
+        by_name = {entry.model_name: entry for entry in self.loaded}
+        published = find_published(model_name, by_name)
+        return by_name[published] if published is not None else None
 
 
 def _parse_last_use(value: Any) -> datetime | None:

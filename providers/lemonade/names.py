@@ -18,6 +18,7 @@ refuses such names before sending anything, and quotes every name it puts in a p
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from .errors import LemonadeError
 
@@ -76,11 +77,33 @@ def bare_name(name: str) -> str:
     return name
 
 
+def published_forms(name: str) -> tuple[str, ...]:
+    """The names under which lemond may list the model hal0 calls `name`, best first.
+
+    lemond publishes the winner of a bare name (user > extra > builtin) bare, and a
+    shadowed one with its prefix (`builtin.X` once a `user.X` exists); a user collection
+    keeps its `user.` prefix. So `user.X` is listed as `X` (or `user.X`), `builtin.X` as
+    `builtin.X` (or `X` when nothing shadows it), a bare `X` as `X` (or `user.X`).
+    (v10.6.0 test_021e/test_021f, canonical_id.h.)"""
+    for prefix in (USER, EXTRA, BUILTIN):
+        if name.startswith(prefix):
+            return (name, name[len(prefix):])
+    return (name, USER + name)
+
+
+def find_published(name: str, published: Iterable[str]) -> str | None:
+    """Which of lemond's `published` names is the model hal0 calls `name`, or None."""
+    listed = set(published)
+    return next((form for form in published_forms(name) if form in listed), None)
+
+
 __all__ = [
     "MAX_LENGTH",
     "InvalidModelName",
     "bare_name",
+    "find_published",
     "model_name_problem",
+    "published_forms",
     "registration_problem",
     "validate_model_name",
 ]

@@ -124,6 +124,10 @@ class LemonadeProvider:
         if slot.ctx_size and self.recipe(slot) in CTX_RECIPES:
             body["ctx_size"] = slot.ctx_size
         extra = (slot.extra_args or "").strip()
+        problem = caps.backend_args_problem(self.recipe(slot), extra) if extra else ""
+        if problem:
+            # refused here: lemond 10.6 fails the backend instead, evicting every model
+            raise UnsupportedOption(problem)
         if extra and args_key:
             body[args_key] = extra
         elif extra and recipe is not None:

@@ -73,6 +73,12 @@ class Capabilities:
     model_options: bool
     # ctx_size -1 = automatic from v10.8.0; before, /internal/set refuses it (400).
     ctx_size_auto: bool
+    # llama-server flags (and aliases) lemond sets itself and refuses in llamacpp_args.
+    # v10.6.0 refuses them only inside the backend, which fails the load and makes lemond
+    # evict every model and retry: hal0 must refuse them before /v1/load.
+    llamacpp_reserved: frozenset[str]
+    # flm_args from 11.0: only `--flag value` pairs of an allowlist (flm_arg_resolver.cpp)
+    flm_args_allowlist: bool
 
     @property
     def known(self) -> bool:
@@ -82,6 +88,25 @@ class Capabilities:
     def type_name(self, kind: str) -> str:
         """This version's name for a lemond model type given by its current name."""
         return self.transcription_type if kind == "transcription" else kind
+
+    def reserved_args(self, recipe: str) -> frozenset[str]:
+        """The backend flags this version sets itself for `recipe` (refused in its args)."""
+        if recipe == "llamacpp":
+            return self.llamacpp_reserved
+        return _RESERVED_OTHER.get(recipe, frozenset())
+
+    def backend_args_problem(self, recipe: str, args: str) -> str:
+        """Why this lemond would refuse (or fail to start with) `args` for `recipe`, or "".
+        Splits the way lemond does (utils/custom_args.h: spaces, quotes grouped)."""
+        tokens = split_args(args)
+        if recipe == "flm" and self.flm_args_allowlist:
+            return _flm_problem(args, tokens)
+        reserved = self.reserved_args(recipe)
+        for token in tokens:
+            flag = token.split("=", 1)[0]
+            if flag.startswith("-") and flag in reserved:
+                return f"extra_args may not contain {flag}: lemond sets it itself."
+        return ""
 
     def route(self, path: str) -> str:
         """`/v1/...` as this version serves it (the prefix applies to /v1 routes only)."""
@@ -99,6 +124,82 @@ class Capabilities:
             host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
             netloc = f"{host}:{websocket_port}"
         return urlunsplit((scheme, netloc, "/logs/stream", "", ""))
+
+
+def split_args(text: str) -> list[str]:
+    """lemond's `parse_custom_args`: split on spaces; a quoted part is one token (quotes
+    removed); an unclosed quote runs to the end."""
+    tokens: list[str] = []
+    current, quote = "", ""
+    for char in text:
+        if not quote and char in "\"'":
+            quote = char
+        elif quote and char == quote:
+            quote = ""
+        elif not quote and char == " ":
+            if current:
+                tokens.append(current)
+                current = ""
+        else:
+            current += char
+    if current:
+        tokens.append(current)
+    return tokens
+
+
+# llama-server flags lemond reserves, by the version that started reserving them
+# (llamacpp_server.cpp `push_arg(args, reserved_flags, ...)` / `push_reserved`, every tag
+# from v10.0.0 to v11.7.0). `-hf` and its aliases are reserved for models loaded from
+# Hugging Face directly, `--no-mmproj-offload` for vision models on CPU: hal0 cannot know
+# which applies, so it refuses them always.
+_LLAMACPP_RESERVED: tuple[tuple[Version, Version | None, frozenset[str]], ...] = (
+    ((0,), None, frozenset({
+        "-m", "--model", "--ctx-size", "-c", "--port", "--jinja", "--no-jinja",
+        "--mmproj", "-mm", "-mmu", "--mmproj-url", "--no-mmproj", "--mmproj-auto",
+        "--no-mmproj-auto", "--no-mmproj-offload", "--embeddings", "--embedding",
+        "--reranking", "--rerank"})),
+    ((0,), (11, 6), frozenset({"--mmproj-offload"})),
+    ((0,), (10, 8), frozenset({"-ngl", "--gpu-layers", "--n-gpu-layers"})),
+    ((10, 4), None, frozenset({"-hf", "--hf-repo", "-mr", "--hf-file", "-mf"})),
+    ((10, 5), None, frozenset({"--device", "-dev"})),
+    ((10, 7), None, frozenset({"--metrics"})),
+    ((10, 9), None, frozenset({"--model-draft", "-md", "--spec-draft-model"})),
+)
+# whisper_server.cpp and sd_server.cpp (the same sets from v10.4.0 to v11.7.0)
+_RESERVED_OTHER = {
+    "whispercpp": frozenset({"-m", "--model", "--port"}),
+    "sd-cpp": frozenset({"-m", "--model", "--diffusion-model", "--llm", "--vae", "-v",
+                         "--listen-port"}),
+}
+# flm_arg_resolver.cpp (v11.0.0-v11.7.0): the flags flm_args may carry, each with a value
+_FLM_FLAGS = {"--pmode", "--prefill-chunk-len", "--img-pre-resize", "--socket", "--q-len",
+              "--preemption"}
+_FLM_MAX_TOKENS, _FLM_MAX_LENGTH = 12, 4096
+
+
+def _flm_problem(text: str, tokens: list[str]) -> str:
+    if len(text) > _FLM_MAX_LENGTH or len(tokens) > _FLM_MAX_TOKENS:
+        return "flm args are too long for lemond (at most 12 words)."
+    if any(q in text for q in "\"'"):
+        return "flm args take no quotes: only space-separated '--flag value' pairs."
+    flags = tokens[0::2]
+    for flag in flags:
+        if flag not in _FLM_FLAGS:
+            return (f"lemond does not accept {flag.split('=', 1)[0]} in flm args; allowed: "
+                    f"{', '.join(sorted(_FLM_FLAGS))}, each as '--flag value'.")
+    if len(set(flags)) != len(flags):
+        return "flm args name a flag twice."
+    if len(tokens) % 2:
+        return f"{tokens[-1]} needs a value."
+    return ""
+
+
+def _llamacpp_reserved(v: Version) -> frozenset[str]:
+    flags: set[str] = set()
+    for since, until, names in _LLAMACPP_RESERVED:
+        if v >= since and (until is None or v < until):
+            flags |= names
+    return frozenset(flags)
 
 
 @lru_cache(maxsize=64)
@@ -121,7 +222,9 @@ def for_version(text: str | None) -> Capabilities:
         npu_args_key="flm_args" if flm_args else None,
         model_options=v >= (11, 7),
         ctx_size_auto=v >= (10, 8),
+        llamacpp_reserved=_llamacpp_reserved(v),
+        flm_args_allowlist=v >= (11, 0),
     )
 
 
-__all__ = ["PINNED", "Capabilities", "for_version", "parse_version"]
+__all__ = ["PINNED", "Capabilities", "for_version", "parse_version", "split_args"]
