@@ -14,6 +14,7 @@ import ctypes.util
 import hashlib
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import time
@@ -165,12 +166,21 @@ def fetch(source: str, workdir: Path, out) -> tuple[Path, str]:
 
 
 def open_local(path: Path):
-    """Open a local --tarball for reading; StepFailed (one message) when it cannot be."""
+    """Open a local --tarball for reading; StepFailed (one message) when it cannot be, or
+    when it is not a regular file: /dev/zero would never end and a FIFO would block
+    forever, so both are refused before a byte is read (O_NONBLOCK keeps the open itself
+    from waiting for a FIFO's writer)."""
     try:
-        return open(path, "rb")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise StepFailed(f"cannot read the --tarball {path}: {exc.strerror}",
                          "check the --tarball path") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StepFailed(f"cannot read the --tarball {path}: not a regular file",
+                         "pass the path of the downloaded .tar.gz file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def sha256_of(path: Path) -> str:
@@ -210,7 +220,9 @@ def _unsafe(name: str) -> str | None:
 
 
 def check_members(members: list[tarfile.TarInfo]) -> None:
-    """Refuse the whole archive when any member could land outside the target."""
+    """Refuse the whole archive when any member could land outside the target, or could
+    not be unpacked at all (a hard link to a member that is not in the archive before it)."""
+    seen: set[str] = set()
     for m in members:
         name = _clean_name(m.name)
         reason = _unsafe(name)
@@ -222,12 +234,16 @@ def check_members(members: list[tarfile.TarInfo]) -> None:
                     reason = f"link to {link!r} escapes the target"
             elif _unsafe(_clean_name(link)):
                 reason = f"hard link to {link!r} escapes the target"
+            elif _clean_name(link).rstrip("/") not in seen:
+                reason = f"hard link to {link!r}, which is not an earlier file in the archive"
         if reason is None and not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
             reason = "device or special file"
         if reason:
             raise StepFailed(f"refusing the tarball: member {m.name!r} ({reason})",
                              "the tarball is damaged or not a lemonade release; fetch a "
                              "fresh copy from the release page")
+        if m.isfile() or m.islnk():
+            seen.add(name.rstrip("/"))
 
 
 def _escapes(path: PurePosixPath) -> bool:
@@ -242,14 +258,86 @@ def _escapes(path: PurePosixPath) -> bool:
     return False
 
 
+# The embeddable release unpacks to well under 200 MiB; five times that is room for
+# growth, and stops a gzip bomb (3 MB that unpack to 3 GiB) before it fills the disk.
+MAX_UNPACKED = 1024 ** 3
+
+
+def _read_members(tar: tarfile.TarFile, tarball: Path) -> list[tarfile.TarInfo]:
+    """Every member, counting the bytes they would unpack to; stops at the first header
+    that passes MAX_UNPACKED, so a bomb is refused without reading it all."""
+    members, total = [], 0
+    for member in tar:
+        total += member.size if member.isfile() else 0
+        if total > MAX_UNPACKED:
+            raise StepFailed(f"refusing the tarball {tarball}: it unpacks to more than "
+                             f"{_size(MAX_UNPACKED)}, far more than a lemonade release",
+                             "the tarball is damaged or not a lemonade release; fetch a "
+                             "fresh copy from the release page")
+        members.append(member)
+    return members
+
+
+def _executable_lemond(members: list[tarfile.TarInfo], prefix: str) -> bool:
+    """Will the unpacked tree have an executable `lemond` at its top (a file, or a link
+    to one inside the archive)?"""
+    by_name = {_clean_name(m.name).rstrip("/"): m for m in members}
+    name = prefix + "lemond"
+    for _ in range(8):  # a chain of links, but not a loop
+        member = by_name.get(name)
+        if member is None:
+            return False
+        if member.isfile():
+            return bool(member.mode & 0o100)
+        if member.islnk():
+            name = _clean_name(member.linkname).rstrip("/")
+        elif member.issym():
+            name = str(PurePosixPath(os.path.normpath(
+                PurePosixPath(name).parent / member.linkname)))
+        else:
+            return False
+    return False
+
+
+def _open_archive(tarball: Path):
+    """Open a tarball; reading errors become one StepFailed."""
+    try:
+        return tarfile.open(tarball, "r:*")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise StepFailed(f"cannot unpack the tarball: {exc}",
+                         "the download is probably damaged; re-run to fetch it again") from None
+
+
+def _checked(tar: tarfile.TarFile, tarball: Path) -> tuple[list[tarfile.TarInfo], str]:
+    """Every check an archive must pass before a byte of it is written: (members, the
+    top folder prefix). The dry run and the real run both come through here."""
+    members = _read_members(tar, tarball)
+    check_members(members)
+    prefix = _strip_prefix(members)
+    if not _executable_lemond(members, prefix):
+        raise StepFailed("the tarball has no executable `lemond` at its top",
+                         "is this a lemonade-embeddable release tarball?")
+    return members, prefix
+
+
+def inspect(tarball: Path) -> str:
+    """Run every check `extract` runs, without unpacking; return the top folder's name
+    ("" when there is none). StepFailed says why a real install would refuse it."""
+    try:
+        with _open_archive(tarball) as tar:
+            _, prefix = _checked(tar, tarball)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise StepFailed(f"cannot unpack the tarball: {exc}",
+                         "the download is probably damaged; re-run to fetch it again") from None
+    return prefix.rstrip("/")
+
+
 def extract(tarball: Path, dest: Path) -> str:
     """Unpack `tarball` into the empty directory `dest`, its top folder stripped; return
     that folder's name ("" when there is none)."""
     try:
-        with tarfile.open(tarball, "r:*") as tar:
-            members = tar.getmembers()
-            check_members(members)
-            prefix = _strip_prefix(members)
+        with _open_archive(tarball) as tar:
+            members, prefix = _checked(tar, tarball)
 
             def strip(member: tarfile.TarInfo, path: str):
                 name = _clean_name(member.name)
@@ -264,11 +352,22 @@ def extract(tarball: Path, dest: Path) -> str:
                 # tarfile's own "data" filter is the second line of defence.
                 return tarfile.data_filter(member.replace(**changes, deep=False), path)
 
-            tar.extractall(dest, filter=strip)
+            tar.extractall(dest, members=members, filter=strip)
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise StepFailed(f"cannot unpack the tarball: {exc}",
                          "the download is probably damaged; re-run to fetch it again") from None
     return prefix.rstrip("/")
+
+
+def write_new(path: Path, text: str) -> None:
+    """Write `text` to `path` as a new file, never through whatever is there: a symlink
+    planted in the archive under that name (say, to `lemond`) is removed, not followed."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
 
 
 # --- swapping in ---------------------------------------------------------------------------

@@ -345,17 +345,40 @@ class Installer:
         local = download.local_path(self._source())
         return None if local is None else (local, download.sha256_of(local))
 
+    @functools.cached_property
     def _tarball_problem(self) -> str | None:
-        """Why a real install would stop on the local --tarball (None when it would not)."""
+        """Why a real install would stop on the local --tarball (None when it would not);
+        worked out once per run."""
         try:
             local = self._local_tarball
         except StepFailed as exc:
             return str(exc)
         expected = self._expected_sha()
-        if local is None or expected == PLACEHOLDER_SHA256 or local[1] == expected:
+        if local is None:
             return None
-        return (_mismatch(local[0], expected, local[1])
-                + "\n  nothing was changed: the tarball is damaged or --sha256 is wrong for it")
+        if expected != PLACEHOLDER_SHA256 and local[1] != expected:
+            return (_mismatch(local[0], expected, local[1])
+                    + "\n  nothing was changed: the tarball is damaged or --sha256 is wrong "
+                    "for it")
+        # The archive checks step 4 runs before unpacking, run here too, so a dry run
+        # fails exactly when the real run would (and the real run before any change).
+        try:
+            self._release_version(download.inspect(local[0]))
+        except StepFailed as exc:
+            return str(exc)
+        return None
+
+    def _release_version(self, top: str) -> str:
+        """The version a release tarball with top folder `top` holds; StepFailed when it
+        is not the --lemond-version asked for."""
+        version = _archive_version(top) or self._version()
+        wanted = self.options.lemond_version
+        if wanted and version != wanted:
+            raise StepFailed(f"the tarball holds lemond {version} ({top}), not "
+                             f"--lemond-version {wanted}",
+                             f"nothing under {LEMONADE_DIR} was changed; pass the "
+                             "tarball of that version, or the version it holds")
+        return version
 
     def _source(self) -> str:
         return self.options.tarball or LEMOND_URL.format(ver=self._version())
@@ -417,7 +440,7 @@ class Installer:
         # A local tarball can be checked before anything changes (in a dry run too:
         # reading it changes nothing). A URL is only fetched by a real install's step 4.
         if "lemond" in self.selected and self._needs_lemond():
-            problem = self._tarball_problem()
+            problem = self._tarball_problem
             if problem:
                 failures.append(problem)
         for text in warnings:
@@ -485,7 +508,7 @@ class Installer:
 
     # -- 4 ----------------------------------------------------------------------------------
     def step_lemond(self) -> str:
-        ctx, o = self.ctx, self.options
+        ctx = self.ctx
         target = ctx.path(LEMONADE_DIR)
         if not self._needs_lemond():
             self._note_kept_lemond()
@@ -498,7 +521,7 @@ class Installer:
                              "HAL0_SKIP_LEMONADE_SHA=1 to install it unchecked, unsafe)")
         if ctx.dry_run:
             ctx.note(f"would fetch {source}")
-            if self._tarball_problem():
+            if self._tarball_problem:
                 ctx.note("a real install stops in preflight: see the warning there")
                 return WOULD_FAIL
             digest = self._local_tarball and self._local_tarball[1]
@@ -531,19 +554,13 @@ class Installer:
                 ctx.note(f"sha256 ok ({digest})")
             staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}-new-"))
             try:
-                top = download.extract(tarball, staging)
-                version = _archive_version(top) or self._version()
-                if o.lemond_version and version != o.lemond_version:
-                    raise StepFailed(f"the tarball holds lemond {version} ({top}), not "
-                                     f"--lemond-version {o.lemond_version}",
-                                     f"nothing under {LEMONADE_DIR} was changed; pass the "
-                                     "tarball of that version, or the version it holds")
+                version = self._release_version(download.extract(tarball, staging))
                 lemond = staging / "lemond"
                 if not (lemond.is_file() and os.access(lemond, os.X_OK)):
                     raise StepFailed("the tarball has no executable `lemond` at its top",
                                      "is this a lemonade-embeddable release tarball?")
-                (staging / Path(MARKER).name).write_text(
-                    f"{version}\nsha256 {digest}\n")
+                download.write_new(staging / Path(MARKER).name,
+                                   f"{version}\nsha256 {digest}\n")
                 os.chmod(staging, 0o755)
                 count = sum(1 for _ in staging.rglob("*"))
                 download.swap_in(staging, target)

@@ -321,8 +321,136 @@ def test_tarball_with_an_escaping_member_is_refused(tmp_path, member):
     code, out = install("--root", root, "--only", "lemond", "--tarball", path, "--sha256", sha)
     assert code == 1, out
     assert "refusing the tarball" in out
-    assert [p.name for p in (root / "opt").iterdir()] == []  # no staging dir, no tarball
+    assert "[1/10] preflight checks … FAILED" in out  # a local tarball: before any change
+    assert not (root / "opt").exists()
     assert not (tmp_path / "evil").exists()
+
+
+def _member(name: str, *, kind=tarfile.REGTYPE, link: str = "", size: int = 5,
+            mode: int = 0o644) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(f"{TOP}/{name}")
+    info.type, info.linkname, info.mode = kind, link, mode
+    info.size = size if kind == tarfile.REGTYPE else 0
+    return info
+
+
+def _no_lemond(path: Path) -> tuple[Path, str]:
+    """A release-looking tarball whose `lemond` is not executable."""
+    with tarfile.open(path, "w:gz") as tar:
+        info = _member("lemond", size=3)
+        tar.addfile(info, io.BytesIO(b"hi\n"))
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _not_a_tarball(path: Path) -> tuple[Path, str]:
+    path.write_bytes(b"<html>not found</html>\n")
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# Tarballs a real run refuses, with what it says; the dry run must refuse each the same way.
+REFUSED = {
+    "escaping member": (lambda p: make_tarball(p, [tarfile.TarInfo("../evil")], blob=1000),
+                        "'..' in path"),
+    "device": (lambda p: make_tarball(p, [_member("dev", kind=tarfile.CHRTYPE)], blob=1000),
+               "device or special file"),
+    "hard link to a missing member": (
+        lambda p: make_tarball(p, [_member("lib.so", kind=tarfile.LNKTYPE,
+                                           link=f"{TOP}/missing.so")], blob=1000),
+        "which is not an earlier file in the archive"),
+    "lemond not executable": (_no_lemond, "the tarball has no executable `lemond`"),
+    "not a tarball": (_not_a_tarball, "cannot unpack the tarball"),
+    "another version": (
+        lambda p: make_tarball(p, blob=1000, top_name="lemonade-embeddable-10.8.0-ubuntu-x64"),
+        "the tarball holds lemond 10.8.0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_the_dry_run_refuses_every_tarball_the_real_run_refuses(tmp_path, case):
+    build, message = REFUSED[case]
+    path, sha = build(tmp_path / "release.tar.gz")
+    version = ["--lemond-version", "10.6.0"]  # the tarball must hold the version named
+    root = tmp_path / "root"
+    root.mkdir()
+    code, out = install("--root", root, "--dry-run", "--only", "lemond", "--tarball", path,
+                        "--sha256", sha, *version)
+    assert code == 1, out
+    assert "a real install would stop here: " in out and message in out
+    assert "[1/10] preflight checks … would fail" in out
+    assert list(root.iterdir()) == []
+    code, out = install("--root", root, "--only", "lemond", "--tarball", path, "--sha256", sha,
+                        *version)
+    assert code == 1, out
+    assert message in out and "Traceback" not in out
+    assert list(root.iterdir()) == []  # refused in preflight, before any change
+
+
+def test_a_hard_link_to_a_missing_member_is_a_clear_error_after_a_download(tmp_path, server,
+                                                                           monkeypatch):
+    """The path that cannot be checked before step 4 (a URL): extract refuses it too."""
+    path, sha = make_tarball(tmp_path / "links.tar.gz", blob=1000, extra=[
+        _member("lib.so", kind=tarfile.LNKTYPE, link=f"{TOP}/missing.so")])
+    monkeypatch.setitem(_Handler.files, "links.tar.gz", path.read_bytes())
+    root = tmp_path / "root"
+    code, out = install("--root", root, "--only", "lemond", "--tarball",
+                        f"{server}/links.tar.gz", "--sha256", sha)
+    assert code == 1, out
+    assert "[4/10] lemond v10.6.0 … FAILED" in out
+    assert "hard link to 'lemonade-embeddable-10.6.0-ubuntu-x64/missing.so'" in out
+    assert [p.name for p in (root / "opt").iterdir()] == []
+
+
+def test_a_symlinked_marker_in_the_tarball_does_not_overwrite_lemond(tmp_path):
+    marker = _member(".installed-version", kind=tarfile.SYMTYPE, link="lemond")
+    path, sha = make_tarball(tmp_path / "marker.tar.gz", [marker], blob=1000)
+    root = tmp_path / "root"
+    code, out = install("--root", root, "--only", "lemond", "--tarball", path, "--sha256", sha)
+    assert code == 0, out
+    lemonade = root / "opt/lemonade"
+    assert (lemonade / "lemond").read_bytes() == b"#!/bin/sh\necho lemond \"$@\"\n"
+    assert not (lemonade / ".installed-version").is_symlink()
+    assert (lemonade / ".installed-version").read_text().split() == ["10.6.0", "sha256", sha]
+
+
+def test_a_gzip_bomb_is_refused_before_it_fills_the_disk(tmp_path, monkeypatch):
+    # The cap, scaled down so the test stays small: 8 MiB of zeros is 8 KiB of gzip.
+    monkeypatch.setattr(download, "MAX_UNPACKED", 4 * 1024 * 1024)
+    path = tmp_path / "bomb.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.addfile(_member("lemond", size=3, mode=0o755), io.BytesIO(b"hi\n"))
+        zeros = 8 * 1024 * 1024
+        tar.addfile(_member("resources/zeros", size=zeros), io.BytesIO(bytes(zeros)))
+    assert path.stat().st_size < 100_000
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    root = tmp_path / "root"
+    for args in (["--dry-run"], []):
+        code, out = install("--root", root, *args, "--only", "lemond", "--tarball", path,
+                            "--sha256", sha)
+        assert code == 1, out
+        assert "it unpacks to more than 4.0 MiB" in out
+        assert not root.exists() or not (root / "opt/lemonade").exists()
+
+
+def test_the_size_cap_is_a_multiple_of_a_release():
+    assert download.MAX_UNPACKED >= 512 * 1024 * 1024
+
+
+@pytest.mark.parametrize("kind", ["/dev/zero", "fifo", "directory"])
+def test_a_tarball_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind):
+    source = tmp_path / "release.tar.gz"
+    if kind == "fifo":
+        os.mkfifo(source)  # opening it would block until a writer comes
+    elif kind == "directory":
+        source.mkdir()
+    else:
+        source = Path(kind)  # reading it never ends
+    root = tmp_path / "root"
+    for args in (["--dry-run"], []):
+        code, out = install("--root", root, *args, "--only", "lemond", "--tarball", source,
+                            "--sha256", "cd" * 32)
+        assert code == 1, out
+        assert f"cannot read the --tarball {source}: " in out
+        assert "not a regular file" in out or "Is a directory" in out
 
 
 def test_placeholder_hash_needs_the_explicit_skip(tmp_path, tarball, monkeypatch):
