@@ -2,7 +2,8 @@
 
 The embedded defaults run on a fresh machine with nothing else installed: SQLite under
 `var/`, the in-memory channel layer, lemond on 127.0.0.1:13305. Production (HAL0_DEBUG
-unset or false and not the demo) refuses to start without HAL0_SECRET_KEY.
+unset or false and not the demo) refuses to start without HAL0_SECRET_KEY, or with one
+shorter than 50 characters.
 """
 
 import os
@@ -74,6 +75,15 @@ if not SECRET_KEY:
             "e.g. HAL0_SECRET_KEY=$(python -c 'import secrets; print(secrets.token_urlsafe(50))')"
         )
     SECRET_KEY = _demo_secret_key()
+# Django's own deploy check wants 50 characters; a short key (HAL0_SECRET_KEY=abc) signs
+# sessions and password-reset links that can be forged offline, so production refuses it.
+MIN_SECRET_KEY_LENGTH = 50
+if PRODUCTION and len(SECRET_KEY) < MIN_SECRET_KEY_LENGTH:
+    raise ImproperlyConfigured(
+        f"HAL0_SECRET_KEY is {len(SECRET_KEY)} characters long; production needs at least "
+        f"{MIN_SECRET_KEY_LENGTH}. Generate one: "
+        "python -c 'import secrets; print(secrets.token_urlsafe(50))'"
+    )
 
 ALLOWED_HOSTS = [
     h.strip()

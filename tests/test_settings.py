@@ -26,6 +26,19 @@ def test_production_refuses_to_start_without_a_secret_key(tmp_path):
     assert "HAL0_SECRET_KEY is not set" in proc.stderr
 
 
+@pytest.mark.parametrize("key", ["abc", "x" * 49])
+def test_production_refuses_a_short_secret_key(tmp_path, key):
+    proc = settings_in({"HAL0_DEBUG": "0", "HAL0_SECRET_KEY": key}, tmp_path)
+    assert proc.returncode != 0
+    assert f"HAL0_SECRET_KEY is {len(key)} characters long; production needs at least 50" \
+        in proc.stderr
+
+
+def test_a_short_secret_key_is_fine_for_the_demo(tmp_path):
+    proc = settings_in({"HAL0_SECRET_KEY": "abc"}, tmp_path, "s.SECRET_KEY")
+    assert proc.stdout.strip() == "'abc'", proc.stderr
+
+
 def test_production_with_a_key(tmp_path):
     proc = settings_in({"HAL0_DEBUG": "0", "HAL0_SECRET_KEY": "x" * 50}, tmp_path,
                        "s.DEBUG, s.SECRET_KEY == 'x' * 50, s.PRODUCTION")
