@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from axes.models import AccessAttempt, AccessFailureLog, AccessLog
 from channels.testing import WebsocketCommunicator
 from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Group, User
@@ -131,6 +132,11 @@ def world(dead_node, admin_user):
     SlotEvent.objects.create(slot=Slot.objects.get(name="chat"), slot_name="chat",
                              action="load", actor="boss", message="seed event")
     token, raw = tokens.create_token("scoped", slots="chat")
+    seen = {"username": "guesser", "ip_address": "10.0.0.66", "user_agent": "",
+            "http_accept": "", "path_info": "/accounts/login/"}  # django-axes' admin pages
+    AccessAttempt.objects.create(**seen, get_data="", post_data="", failures_since_start=1)
+    AccessLog.objects.create(**seen)
+    AccessFailureLog.objects.create(**seen, locked_out=False)
     return {"node": dead_node, "user": admin_user, "token": token, "raw_token": raw}
 
 
