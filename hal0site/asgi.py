@@ -1,7 +1,8 @@
 """ASGI entry point: HTTP through Django, websockets through Channels.
 
-Websockets go through the session auth stack and an Origin check against ALLOWED_HOSTS,
-so a page on another site cannot open a socket with the operator's cookies.
+Websockets go through the session auth stack and an Origin check as strict as CSRF's
+(hal0site.security), so a page on another site cannot open a socket with the operator's
+cookies.
 """
 
 import os
@@ -13,8 +14,8 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs Django set up first)
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from hal0site.security import WebsocketOriginValidator  # noqa: E402
 from slots import gateway_asgi  # noqa: E402
 from slots.routing import websocket_urlpatterns  # noqa: E402
 
@@ -23,7 +24,7 @@ application = ProtocolTypeRouter(
         # /v1/... (the OpenAI gateway) is served beside Django's handler, not through it:
         # that saves a thread hop per request (docs/benchmarks.md); the rest is Django.
         "http": gateway_asgi.wrap(django_asgi_app),
-        "websocket": AllowedHostsOriginValidator(
+        "websocket": WebsocketOriginValidator(
             AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
         ),
     }

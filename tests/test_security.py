@@ -369,6 +369,75 @@ async def test_websockets_refuse_anonymous_and_foreign_origins(dead_node, admin_
             await comm.disconnect()
 
 
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("origin, host, extra, ok", [
+    ("http://127.0.0.1:8000", HOST, {}, True),  # the dashboard's own page
+    ("http://localhost:3000", HOST, {}, False),  # another local web app
+    ("http://127.0.0.1:9999", HOST, {}, False),  # same host name, another port
+    ("http://localhost:8000", HOST, {}, False),  # another host name, same port
+    ("https://127.0.0.1:8000", HOST, {}, False),  # another scheme
+    ("http://127.0.0.1", HOST, {}, False),  # the default port is another port
+    ("http://evil.example:8000", "evil.example:8000", {}, False),  # host not allowed
+    # behind a TLS proxy: the proxy's header says the page is https
+    ("https://hal0.lan", "hal0.lan", {"x-forwarded-proto": "https"}, True),
+    ("http://hal0.lan", "hal0.lan", {"x-forwarded-proto": "https"}, False),
+    # HAL0_CSRF_TRUSTED_ORIGINS: exact, or a subdomain pattern
+    ("https://dash.example.org", HOST, {}, True),
+    ("https://dash.example.org:444", HOST, {}, False),
+    ("https://a.lan.example", HOST, {}, True),
+    ("http://a.lan.example", HOST, {}, False),
+])
+async def test_websocket_origins_are_compared_like_csrf(dead_node, admin_user, settings,
+                                                       origin, host, extra, ok):
+    from asgiref.sync import sync_to_async
+
+    settings.ALLOWED_HOSTS = ["127.0.0.1", "localhost", "hal0.lan"]
+    settings.CSRF_TRUSTED_ORIGINS = ["https://dash.example.org", "https://*.lan.example"]
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+    def session() -> bytes:
+        client = Client()
+        client.force_login(admin_user)
+        return f"sessionid={client.cookies['sessionid'].value}".encode()
+
+    from hal0site.asgi import application
+
+    headers = [(b"host", host.encode()), (b"origin", origin.encode()),
+               (b"cookie", await sync_to_async(session)()),
+               *((k.encode(), v.encode()) for k, v in extra.items())]
+    for path in ws_paths():
+        comm = WebsocketCommunicator(application, path, headers=headers)
+        connected, _ = await comm.connect(timeout=5)
+        assert connected is ok, (path, origin, host)
+        await comm.disconnect()
+
+
+def test_a_real_serve_refuses_websockets_from_other_origins(tmp_path, lemond_sim):
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    stack = Stack(tmp_path, HAL0_LEMONADE_URL=lemond_sim.url, HAL0_LOG_LEVEL="WARNING")
+    try:
+        stack.setup()
+        url = stack.serve()
+        browser = login(url)
+        cookie = "; ".join(f"{k}={v}" for k, v in browser.cookies.items())
+        port = url.rsplit(":", 1)[1]
+        for path in ("/ws/slots/", "/ws/logs/"):
+            ws_url = url.replace("http://", "ws://", 1) + path
+            for origin in ("http://localhost:3000", "http://127.0.0.1:9999",
+                           f"https://127.0.0.1:{port}", f"http://localhost:{port}"):
+                with pytest.raises(InvalidStatus) as refused:
+                    connect(ws_url, additional_headers={"Cookie": cookie, "Origin": origin},
+                            open_timeout=10).close()
+                assert refused.value.response.status_code == 403, origin
+            with connect(ws_url, additional_headers={"Cookie": cookie, "Origin": url},
+                         open_timeout=10) as socket:
+                assert socket.recv(timeout=10)  # the page's first sync
+    finally:
+        stack.stop()
+
+
 # --- check --deploy ----------------------------------------------------------------------------
 
 def manage_check(tmp_path, **env) -> subprocess.CompletedProcess:

@@ -77,9 +77,8 @@ def test_bad_boolean_is_named(tmp_path, value):
 
 
 def test_asgi_routes_websockets_through_auth_and_origin_checks():
-    from channels.security.websocket import OriginValidator
-
     from hal0site.asgi import application
+    from hal0site.security import WebsocketOriginValidator
 
     ws = application.application_mapping["websocket"]
-    assert isinstance(ws, OriginValidator)
+    assert isinstance(ws, WebsocketOriginValidator)
