@@ -116,11 +116,11 @@ def setup(slot_count: int, node_count: int, sims) -> None:
     ])
     get_user_model().objects.create_superuser("bench", "", PASSWORD)
     # a couple of models loaded on every node, so health answers have entries to reconcile
-    from slots import services
+    from slots.actions import lifecycle
 
     for node in nodes:
         for slot in list(Slot.objects.filter(node=node, capability__in=("chat", "embed")))[:2]:
-            services.load_slot(slot, actor="bench")
+            lifecycle.do_load_slot(slot, actor="bench")
 
 
 # --- 1. GET / ------------------------------------------------------------------------------------

@@ -18,10 +18,9 @@ def finish() -> NoReturn:
     threads: a normal exit waits for every one of them, and one may be waiting on lemond
     for HAL0_LEMONADE_LOAD_TIMEOUT (a load, a joined load, an idle unload); systemd would
     kill us first, with nothing recorded."""
-    from slots import services
+    from slots import runtime
 
-    services.release_serving_claims()
-    if services.settle_actions_at_exit(settings.HAL0_SHUTDOWN_GRACE_S):
+    if runtime.current().stop(settings.HAL0_SHUTDOWN_GRACE_S):
         log.warning("exiting without waiting for lemond (see the interrupted actions above)")
     # What the process registered to run at exit still runs (logging's flush, `demo`
     # stopping its simulator); only the interpreter's join of worker threads is skipped.

@@ -1,43 +1,17 @@
-"""Django admin for nodes, slots and the audit log. Writes go through slots.services so the
-admin records events and pushes live updates like every other entry point."""
+"""Django admin for nodes, slots, the audit log and API tokens. Writes go through
+`slots.actions` (and `slots.tokens`) so the admin records events and pushes live updates
+like every other entry point."""
 
 from django import forms
 from django.contrib import admin, messages
+from django.utils import timezone
 from django.utils.html import format_html
 
-from . import services
-from .models import Node, Slot, SlotEvent
-from .services import SlotError
-
-
-class NodeForm(forms.ModelForm):
-    """Keys are write-only: never rendered back; leaving a field empty keeps the old key."""
-
-    base_url = forms.URLField(label="Base URL", assume_scheme="http",
-                              help_text="e.g. http://127.0.0.1:13305")
-    api_key = forms.CharField(required=False, widget=forms.PasswordInput(render_value=False),
-                              help_text="Leave empty to keep the current key (dropped if the URL changes).")
-    admin_api_key = forms.CharField(required=False,
-                                    widget=forms.PasswordInput(render_value=False),
-                                    help_text="Leave empty to keep the current key "
-                                              "(dropped if the URL changes).")
-    clear_keys = forms.BooleanField(required=False, help_text="Remove both stored keys.")
-
-    class Meta:
-        model = Node
-        fields = ["name", "base_url", "api_key", "admin_api_key", "enabled"]
-
-    def clean(self):
-        data = super().clean()
-        # Stored keys stay with the URL they were given for: pointing a node elsewhere
-        # without retyping them drops them, so nobody can redirect the keys to their own host.
-        moved = self.instance.pk and data.get("base_url") not in (None, self.instance.base_url)
-        for key in ("api_key", "admin_api_key"):
-            if data.get("clear_keys") or (moved and not data.get(key)):
-                data[key] = ""
-            elif not data.get(key) and self.instance.pk:
-                data[key] = getattr(self.instance, key)
-        return data
+from . import tokens
+from .actions import config, lifecycle
+from .actions.errors import SlotError
+from .forms import NodeForm
+from .models import ApiToken, Node, Slot, SlotEvent
 
 
 @admin.register(Node)
@@ -49,6 +23,22 @@ class NodeAdmin(admin.ModelAdmin):
     search_fields = ("name", "base_url")
     readonly_fields = ("reachable", "last_seen", "unreachable_since", "last_error", "version",
                        "simulated", "max_loaded_models")
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            config.do_update_node(obj, actor=request.user)
+        else:
+            config.do_create_node(obj, actor=request.user)
+
+    def delete_model(self, request, obj):
+        try:
+            config.do_delete_node(obj, actor=request.user)
+        except SlotError as exc:
+            messages.error(request, exc.message)
+
+    def delete_queryset(self, request, queryset):
+        for node in queryset:
+            self.delete_model(request, node)
 
 
 STATE_COLOURS = {
@@ -86,9 +76,9 @@ class SlotAdmin(admin.ModelAdmin):
         try:
             if change:
                 # obj carries the form's values already; update_slot diffs against the row
-                saved = services.update_slot(obj, data, actor=request.user)
+                saved = config.do_update_slot(obj, data, actor=request.user)
             else:
-                saved = services.create_slot(
+                saved = config.do_create_slot(
                     {f: form.cleaned_data[f] for f in self.fields}, actor=request.user)
         except SlotError as exc:
             messages.error(request, exc.message)
@@ -97,7 +87,7 @@ class SlotAdmin(admin.ModelAdmin):
 
     def delete_model(self, request, obj):
         try:
-            services.delete_slot(obj, actor=request.user)
+            config.do_delete_slot(obj, actor=request.user)
         except SlotError as exc:
             messages.error(request, exc.message)
 
@@ -115,11 +105,11 @@ class SlotAdmin(admin.ModelAdmin):
 
     @admin.action(description="Load selected slots")
     def load_selected(self, request, queryset):
-        self._run(request, queryset, services.load_slot)
+        self._run(request, queryset, lifecycle.do_load_slot)
 
     @admin.action(description="Unload selected slots")
     def unload_selected(self, request, queryset):
-        self._run(request, queryset, services.unload_slot)
+        self._run(request, queryset, lifecycle.do_unload_slot)
 
 
 @admin.register(SlotEvent)
@@ -142,17 +132,13 @@ class SlotEventAdmin(admin.ModelAdmin):
 
 # --- API tokens (gateway) ---------------------------------------------------------------------
 
-from .models import ApiToken  # noqa: E402
-from .tokens import PREFIX, clear_cache, generate, hash_token, parse_slots  # noqa: E402
-
-
 class ApiTokenForm(forms.ModelForm):
     class Meta:
         model = ApiToken
         fields = ["name", "slots", "listed", "expires_at"]
 
     def clean_slots(self):
-        value = parse_slots(self.cleaned_data.get("slots", ""))
+        value = tokens.parse_slots(self.cleaned_data.get("slots", ""))
         if value:
             known = set(Slot.objects.values_list("name", flat=True))
             unknown = [s for s in value.split(",") if s not in known]
@@ -180,8 +166,6 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
     @admin.display(description="status")
     def status(self, token):
-        from django.utils import timezone
-
         if token.revoked_at:
             return "revoked"
         if token.expires_at and token.expires_at <= timezone.now():
@@ -190,30 +174,27 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         if not change:
-            raw = generate()
-            obj.key_hash = hash_token(raw)
-            obj.prefix = raw[: len(PREFIX) + 6]
-            obj.created_by = request.user.get_username()
-            super().save_model(request, obj, form, change)
+            row, raw = tokens.create_token(obj.name, slots=obj.slots, expires_at=obj.expires_at,
+                                           created_by=request.user.get_username())
+            obj.pk = row.pk
+            obj.refresh_from_db()
             messages.warning(request, format_html(
                 "API token <b>{}</b>: <code>{}</code> — copy it now, it is not shown again.",
                 obj.name, raw))
             return
         super().save_model(request, obj, form, change)
-        clear_cache()
+        tokens.clear_cache()
 
     def delete_model(self, request, obj):
         super().delete_model(request, obj)
-        clear_cache()
+        tokens.clear_cache()
 
     def delete_queryset(self, request, queryset):
         super().delete_queryset(request, queryset)
-        clear_cache()
+        tokens.clear_cache()
 
     @admin.action(description="Revoke selected tokens")
     def revoke_selected(self, request, queryset):
-        from django.utils import timezone
-
         count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
-        clear_cache()
+        tokens.clear_cache()
         messages.success(request, f"Revoked {count} token(s).")

@@ -20,14 +20,14 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from . import services
+from . import runtime, tokens
+from .actions import lifecycle
+from .actions.errors import SlotError, envelope, get_slot
 from .models import Node, Slot
-from .services import SlotError
 
 
 def error_response(code: str, message: str, status: int, slot: str | None = None) -> JsonResponse:
-    return JsonResponse({"error": {"code": code, "message": message, "slot": slot}},
-                         status=status)
+    return JsonResponse(envelope(code, message, slot), status=status)
 
 
 def authenticate(request):
@@ -35,8 +35,6 @@ def authenticate(request):
     returns (user_or_token, None) or (None, error response)."""
     header = request.headers.get("Authorization", "")
     if header.lower().startswith("bearer "):
-        from . import tokens  # the gateway's API tokens
-
         token = tokens.authenticate(header[7:].strip())
         if token is None:
             return None, error_response("auth.invalid_token", "Invalid or expired API token.", 401)
@@ -91,31 +89,21 @@ def slot_detail(request, name: str):
     if not _allowed(request, name):
         return error_response("auth.forbidden", f"This token may not use slot {name!r}.", 403, name)
     try:
-        slot = services.get_slot(name)
+        slot = get_slot(name)
     except SlotError as exc:
         return JsonResponse(exc.envelope(), status=exc.http_status)
     return JsonResponse(slot.as_json())
 
 
-ACTIONS = {
-    "load": services.load_slot,
-    "unload": services.unload_slot,
-    "restart": services.restart_slot,
-    "pin": services.pin_slot,
-    "unpin": services.unpin_slot,
-}
-
-
 def _run_action(action: str, name: str, body: dict, actor) -> tuple[dict, int]:
     try:
+        model = ""
         if action == "swap":
             model = body.get("model") or body.get("model_name")
             if not isinstance(model, str) or not model.strip():
-                return {"error": {"code": "slot.config_error", "slot": name,
-                                  "message": 'swap needs {"model": "<model name>"}'}}, 400
-            slot = services.swap_slot(name, model, actor=actor)
-        else:
-            slot = ACTIONS[action](name, actor=actor)
+                return envelope("slot.config_error", 'swap needs {"model": "<model name>"}',
+                                name), 400
+        slot = lifecycle.do_action(action, name, actor=actor, model=model)
         slot.refresh_from_db()
         return slot.as_json(), 200
     except SlotError as exc:
@@ -127,7 +115,7 @@ def _run_action(action: str, name: str, body: dict, actor) -> tuple[dict, int]:
 @require_POST
 @api_view
 async def slot_action(request, name: str, action: str):
-    if action not in ACTIONS and action != "swap":
+    if action not in lifecycle.ACTIONS:
         return error_response("api.not_found", f"Unknown action {action!r}.", 404, name)
     if not _allowed(request, name):
         return error_response("auth.forbidden", f"This token may not use slot {name!r}.", 403, name)
@@ -142,12 +130,12 @@ async def slot_action(request, name: str, action: str):
                                   400, name)
     elif request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
         body = request.POST.dict()  # e.g. an htmx form posting model=...
-    user = request.principal
-    actor = user if hasattr(user, "get_username") else f"token:{getattr(user, 'name', '?')}"
-    # thread_sensitive=False: a load takes minutes and must not hold Django's shared
-    # sync thread, which every other sync view needs.
-    data, status = await sync_to_async(_run_action, thread_sensitive=False)(
-        action, name, body, actor)
+    # On the runtime's action pool: a load takes minutes and must not hold Django's shared
+    # sync thread, which every other sync view needs. The actor is a user or a token's
+    # principal (recorded as "token:<name>").
+    data, status = await sync_to_async(
+        _run_action, thread_sensitive=False, executor=runtime.current().actions)(
+        action, name, body, request.principal)
     return JsonResponse(data, status=status)
 
 

@@ -23,7 +23,6 @@ from django.conf import settings
 from django.template.loader import render_to_string
 
 from providers.lemonade import logs as lemond_logs
-from providers.lemonade.client import client_for
 
 from . import live
 from .models import Node, Slot
@@ -185,7 +184,4 @@ class LogsConsumer(AsyncWebsocketConsumer):
             await asyncio.sleep(3)
 
     def lemond(self):
-        node = self.node
-        return client_for(node.base_url, api_key=node.api_key,
-                          admin_api_key=node.admin_api_key,
-                          timeout=settings.HAL0_PAGE_LEMOND_TIMEOUT_S)
+        return self.node.client(settings.HAL0_PAGE_LEMOND_TIMEOUT_S)

@@ -1,17 +1,20 @@
-"""The slot form: the model's own validation (`Slot.clean`) with errors shown inline.
+"""The slot, node and token forms: the model's own validation with errors shown inline.
 
-Saving goes through `services.create_slot` / `services.update_slot`, never `form.save()`,
-so the audit row and the live push happen as for every other entry point.
+Saving goes through the actions (`slots.actions.config`), never `form.save()`, so the audit
+row and the live push happen as for every other entry point.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from django import forms
 from django.db.models import Q
 
-from . import services
-from .models import Node, Slot
-from .services import SlotError
+from .actions import config
+from .actions.audit import Actor
+from .actions.errors import SlotError
+from .models import ApiToken, Node, Slot, unknown_slots_or_capabilities
 
 FIELDS = [*Slot.DESIRED_FIELDS, "node"]
 
@@ -45,12 +48,12 @@ class SlotForm(forms.ModelForm):
         data["node"] = self.cleaned_data.get("node") or Node.local()
         return data
 
-    def save_through_services(self, actor) -> Slot | None:
+    def save_through_actions(self, actor: Actor) -> Slot | None:
         """Create or update via the actions; their errors land on the form's fields."""
         try:
             if self.instance.pk:
-                return services.update_slot(self.original_name, self.desired(), actor=actor)
-            return services.create_slot(self.desired(), actor=actor)
+                return config.do_update_slot(self.original_name, self.desired(), actor=actor)
+            return config.do_create_slot(self.desired(), actor=actor)
         except SlotError as exc:
             if exc.fields:
                 for name, messages in exc.fields.items():
@@ -78,8 +81,6 @@ class TokenForm(forms.Form):
         help_text="Empty = never expires.")
 
     def clean_name(self):
-        from .models import ApiToken
-
         name = self.cleaned_data["name"]
         if ApiToken.objects.filter(name=name).exists():
             raise forms.ValidationError(f"A token named {name!r} exists already.")
@@ -94,10 +95,52 @@ class TokenForm(forms.Form):
         return ",".join(names)
 
     def clean_listed(self):
-        from .models import unknown_slots_or_capabilities
-
         names = [s.strip() for s in self.cleaned_data["listed"].split(",") if s.strip()]
         if unknown := unknown_slots_or_capabilities(names):
             raise forms.ValidationError(
                 f"No slot or capability named {', '.join(map(repr, unknown))}.")
         return ",".join(names)
+
+
+class NodeForm(forms.ModelForm):
+    """A lemond node (the Nodes page and the admin). Keys are write-only: never rendered
+    back; leaving a field empty keeps the old key."""
+
+    base_url = forms.URLField(label="Base URL", assume_scheme="http",
+                              help_text="e.g. http://127.0.0.1:13305")
+    api_key = forms.CharField(required=False, widget=forms.PasswordInput(render_value=False),
+                              help_text="Leave empty to keep the current key (dropped if the URL changes).")
+    admin_api_key = forms.CharField(required=False,
+                                    widget=forms.PasswordInput(render_value=False),
+                                    help_text="Leave empty to keep the current key "
+                                              "(dropped if the URL changes).")
+    clear_keys = forms.BooleanField(required=False, help_text="Remove both stored keys.")
+
+    class Meta:
+        model = Node
+        fields = ["name", "base_url", "api_key", "admin_api_key", "enabled"]
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.instance.pk and self.instance.name == Node.LOCAL:
+            self.fields["name"].disabled = True
+            self.fields["name"].help_text = "The default node keeps its name."
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        # Stored keys stay with the URL they were given for: pointing a node elsewhere
+        # without retyping them drops them, so nobody can redirect the keys to their own host.
+        moved = self.instance.pk and data.get("base_url") not in (None, self.instance.base_url)
+        for key in ("api_key", "admin_api_key"):
+            if data.get("clear_keys") or (moved and not data.get(key)):
+                data[key] = ""
+            elif not data.get(key) and self.instance.pk:
+                data[key] = getattr(self.instance, key)
+        return data
+
+    def save_through_actions(self, actor: Actor) -> Node:
+        """Create or update the (valid) node via the actions: an audit row, a live push."""
+        node = self.save(commit=False)
+        if node.pk:
+            return config.do_update_node(node, actor=actor)
+        return config.do_create_node(node, actor=actor)

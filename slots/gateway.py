@@ -3,7 +3,7 @@
 A request's `model` names a slot (`chat`), a capability (`embed` -> that capability's
 default slot) or a model a slot serves. The gateway loads the slot through the `load`
 action when it is not loaded (so the dashboard shows it loading), counts the request as
-in flight (`services.acquire_serving`: the slot shows `serving` and is never idle-unloaded
+in flight (`ServingTracker.acquire`: the slot shows `serving` and is never idle-unloaded
 meanwhile), forwards the body to the slot's lemond node with the slot's model substituted,
 and passes the answer back: SSE chunk by chunk, binary and multipart as they are. A client
 that disconnects cancels the upstream request.
@@ -24,7 +24,6 @@ import json
 import logging
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
@@ -37,10 +36,11 @@ from django.http.multipartparser import MultiPartParserError
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
-from . import metrics, services, tokens
+from . import metrics, runtime, states, tokens
+from .actions.errors import SlotError, disabled
+from .actions.lifecycle import do_ensure_loaded
 from .metrics import Observation
-from .models import Capability, Slot, State, parse_version
-from .services import SlotError
+from .models import Capability, Slot, parse_version
 
 log = logging.getLogger("hal0.gateway")
 
@@ -66,12 +66,8 @@ CAPABILITY_ALIASES: dict[str, str] = {
     "img": "img", "image": "img", "images": "img",
 }
 
-LOADED = (State.READY, State.SERVING)
 TAIL_KEEP = 16_384  # bytes of a stream kept to read its final `usage`/`timings`
 
-# Loads wait minutes on a thread: give them their own pool so they never starve the
-# default executor that short database calls use.
-_load_executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hal0-gw-load")
 
 
 # --- errors --------------------------------------------------------------------------------
@@ -124,7 +120,7 @@ class Route:
 
     @property
     def loaded(self) -> bool:
-        return self.state in LOADED
+        return states.is_loaded(self.state)
 
     @property
     def serves_its_model(self) -> bool:
@@ -202,7 +198,8 @@ _table_until = 0.0
 async def route_table() -> RouteTable:
     global _table, _table_until
     if _table is None or time.monotonic() >= _table_until:
-        _table = await sync_to_async(_load_routes)()
+        # on the runtime's database thread: never queued behind a reconciler pass
+        _table = await runtime.current().run_db(_load_routes)
         _table_until = time.monotonic() + settings.HAL0_GATEWAY_ROUTE_CACHE_S
     return _table
 
@@ -241,7 +238,7 @@ _loads: dict[int, asyncio.Future] = {}
 
 def _ensure_loaded_in_thread(name: str, timeout: float) -> None:
     try:
-        services.ensure_loaded(name, timeout)
+        do_ensure_loaded(name, timeout)
     finally:
         connection.close()
 
@@ -259,8 +256,9 @@ async def ensure_loaded(route: Route) -> None:
     wait = settings.HAL0_GATEWAY_LOAD_WAIT_S
     future = _loads.get(route.pk)
     if future is None or future.done():
+        # loads wait minutes on a thread: the runtime's own pool for them
         run = sync_to_async(_ensure_loaded_in_thread, thread_sensitive=False,
-                            executor=_load_executor)
+                            executor=runtime.current().gateway_loads)
         # the load goes on after a client gave up waiting: the dashboard shows it finish
         future = asyncio.ensure_future(run(route.name, settings.HAL0_LEMONADE_LOAD_TIMEOUT))
         _loads[route.pk] = future
@@ -269,7 +267,7 @@ async def ensure_loaded(route: Route) -> None:
         await asyncio.wait_for(asyncio.shield(future), wait)
     finally:
         invalidate_routes()
-    services.refresh_serving_state(route.pk, force=True)  # in flight: ready -> serving
+    runtime.current().serving.refresh(route.pk, force=True)  # in flight: ready -> serving
 
 
 # --- auth --------------------------------------------------------------------------------------
@@ -305,13 +303,13 @@ class Flight:
         self.stream = False
         self.ttft_ms: float | None = None
         self.done = False
-        services.acquire_serving(route.pk)
+        runtime.current().serving.acquire(route.pk)
 
     def finish(self, status: int, payload: bytes = b"") -> None:
         if self.done:
             return
         self.done = True
-        services.release_serving(self.route.pk)
+        runtime.current().serving.release(self.route.pk)
         latency_ms = (time.perf_counter() - self.started) * 1000.0
         usage = metrics.usage_of(payload) if payload and status < 400 else {}
         ttft_ms = self.ttft_ms if self.stream else usage.get("prompt_ms")
@@ -481,13 +479,12 @@ async def _proxy(request, endpoint: str):
                                  f"/v1/{endpoint} needs a {capability} slot.",
                             code="model_not_supported", param="model")
     if not route.enabled:
-        return openai_error(409, f"Slot {route.name!r} is disabled; enable it first.",
-                            code="slot_disabled")
+        return _slot_error(disabled(route.name))
 
     flight = Flight(route, endpoint, started, timezone.now())
     metrics.ensure_flusher()
     try:
-        if not route.serves_its_model or services.is_idle_unloading(route.pk):
+        if not route.serves_its_model or runtime.current().serving.is_idle_unloading(route.pk):
             try:
                 await ensure_loaded(route)
             except SlotError as exc:

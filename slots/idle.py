@@ -8,7 +8,7 @@ request times (in memory for this process; `last_use_at`, written when a slot st
 serving, for the others) and the moment the slot became ready.
 
 The reconciler calls `aunload_idle_slots()` once per `HAL0_POLL_IDLE_S` (its housekeeping); the
-unload itself is the `idle_unload_slot` action (event `idle-unload`).
+unload itself is the `do_idle_unload_slot` action (event `idle-unload`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from asgiref.sync import sync_to_async
 from django.db import connection
 from django.utils import timezone
 
-from . import services
-from .models import Slot, State
-from .services import SlotError
+from . import runtime
+from .actions.errors import SlotError
+from .actions.lifecycle import do_idle_unload_slot
+from .models import EventActor, Slot, State
 
 log = logging.getLogger("hal0.idle")
 
@@ -42,7 +43,7 @@ def _lemond_last_use(entry: dict) -> datetime | None:
 def last_activity(slot: Slot) -> datetime:
     """The latest sign of use of the slot (see the module docstring)."""
     seen = [slot.state_changed_at, slot.last_use_at, _lemond_last_use(slot.lemond_entry)]
-    own = services.last_request_at(slot)
+    own = runtime.current().serving.last_request_at(slot)
     if own is not None:
         seen.append(datetime.fromtimestamp(own, tz=UTC))
     return max(d for d in seen if d is not None)
@@ -60,8 +61,9 @@ def find_idle_slots(now: datetime | None = None) -> list[Slot]:
                   .filter(state=State.READY, pinned=False, keep_loaded=False,
                           idle_timeout_s__gt=0)
                   .order_by("name"))
+    serving = runtime.current().serving
     return [s for s in candidates
-            if not services.serving_count(s)
+            if not serving.count(s)
             and idle_for(s, now) >= timedelta(seconds=s.idle_timeout_s)]
 
 
@@ -70,7 +72,7 @@ def unload_idle_slots(now: datetime | None = None) -> list[str]:
     unloaded = []
     for slot in find_idle_slots(now):
         try:
-            if services.idle_unload_slot(slot) is not None:
+            if do_idle_unload_slot(slot, actor=EventActor.RECONCILER) is not None:
                 unloaded.append(slot.name)
                 log.info("slot %s: unloaded after %s idle", slot.name,
                          str(idle_for(slot, now)).split(".")[0])
@@ -87,5 +89,7 @@ def _unload_in_thread(now: datetime | None) -> list[str]:
 
 
 async def aunload_idle_slots(now: datetime | None = None) -> list[str]:
-    """`unload_idle_slots` for the reconciler's event loop (runs on a worker thread)."""
-    return await sync_to_async(_unload_in_thread, thread_sensitive=False)(now)
+    """`unload_idle_slots` for the reconciler's event loop (runs on the runtime's action
+    pool: an unload may wait on lemond)."""
+    return await sync_to_async(_unload_in_thread, thread_sensitive=False,
+                               executor=runtime.current().actions)(now)

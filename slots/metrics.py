@@ -25,7 +25,9 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
+from . import runtime, tokens
 from .models import Node, RequestMetric, Slot, State
+from .serving import lease_ttl
 
 log = logging.getLogger("hal0.metrics")
 
@@ -113,8 +115,6 @@ def pending() -> list[Observation]:
 def flush(now: datetime | None = None) -> int:
     """Write buffered observations (one bulk insert), token stamps, and prune. Sync."""
     global _buffer
-    from . import tokens
-
     # first, and on its own: a batch that cannot be written must not let claims lapse
     try:
         _renew_claims_if_due()
@@ -137,13 +137,11 @@ _last_renewal = 0.0
 
 
 def _renew_claims_if_due() -> None:
-    """The gateway process's serving claims outlive long streams (slots.services)."""
+    """The gateway process's serving leases outlive long streams (slots.serving)."""
     global _last_renewal
-    from . import services
-
-    if time.monotonic() - _last_renewal >= services._claim_ttl() / 3:
+    if time.monotonic() - _last_renewal >= lease_ttl() / 3:
         _last_renewal = time.monotonic()
-        services.renew_serving_claims()
+        runtime.current().serving.renew_leases()
 
 
 def prune_if_due(now: datetime | None = None) -> int:
@@ -299,8 +297,7 @@ def _label(value: Any) -> str:
 
 def prometheus_text() -> str:
     """Prometheus text exposition (version 0.0.4) for slots, nodes and the gateway."""
-    from . import services
-
+    serving = runtime.current().serving
     out: list[str] = []
 
     def family(name: str, kind: str, help_text: str) -> None:
@@ -325,7 +322,7 @@ def prometheus_text() -> str:
            "Gateway requests in flight for the slot in this process.")
     for s in slots:
         out.append(f'hal0_slot_in_flight_requests{{slot="{_label(s.name)}"}} '
-                   f'{services.serving_count(s)}')
+                   f'{serving.count(s)}')
     family("hal0_slot_last_load_seconds", "gauge", "How long the slot's last load took.")
     for s in slots:
         if s.last_load_ms is not None:

@@ -2,7 +2,7 @@
 (`Node`) and the audit log (`SlotEvent`).
 
 Desired fields are written by the operator (forms, admin, API, CLI, import) through the
-actions in `slots.services`; observed fields are written only by those actions and the
+actions in `slots.actions`; observed fields are written only by those actions and the
 reconciler, from what lemond reports. Validation lives in `clean()` so every entry point
 shares it.
 """
@@ -19,8 +19,12 @@ from django.db.models import Q
 from django.utils import timezone
 
 from providers.lemonade import versions
+from providers.lemonade.client import LemonadeClient, client_for
 from providers.lemonade.names import model_name_problem
 from providers.lemonade.versions import parse_version  # noqa: F401 - imported from here
+
+from . import states
+from .states import State
 
 
 class Capability(models.TextChoices):
@@ -37,16 +41,6 @@ class Device(models.TextChoices):
     GPU_VULKAN = "gpu-vulkan", "GPU (Vulkan)"
     CPU = "cpu", "CPU"
     NPU = "npu", "NPU"
-
-
-class State(models.TextChoices):
-    OFFLINE = "offline", "offline"
-    PULLING = "pulling", "pulling"
-    LOADING = "loading", "loading"
-    READY = "ready", "ready"
-    SERVING = "serving", "serving"
-    UNLOADING = "unloading", "unloading"
-    ERROR = "error", "error"
 
 
 # capability -> lemond model type (lemond >= 10.5 names; `audio` before, see provider)
@@ -149,6 +143,15 @@ class Node(models.Model):
         )
         return node
 
+    def client(self, timeout: float | None = None) -> LemonadeClient:
+        """The client for this node's lemond (shared connections; `.sync` is its blocking
+        twin); `timeout` for ordinary calls (default HAL0_LEMONADE_TIMEOUT), loads get
+        HAL0_LEMONADE_LOAD_TIMEOUT. The one place slots/ gets a lemond client."""
+        return client_for(self.base_url, api_key=self.api_key, admin_api_key=self.admin_api_key,
+                          timeout=settings.HAL0_LEMONADE_TIMEOUT if timeout is None
+                          else timeout,
+                          load_timeout=settings.HAL0_LEMONADE_LOAD_TIMEOUT)
+
     @property
     def lemond(self) -> versions.Capabilities:
         """What this node's lemond can do, by the version it last reported."""
@@ -203,7 +206,7 @@ class Slot(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
-    # observed: written only by slots.services and slots.reconciler
+    # observed: written only by slots.actions and slots.reconciler
     state = models.CharField(max_length=10, choices=State.choices, default=State.OFFLINE)
     loaded_model = models.CharField(max_length=200, blank=True)
     last_use_at = models.DateTimeField(null=True, blank=True)
@@ -304,31 +307,20 @@ class Slot(models.Model):
             return f"lemond has {self.loaded_model} loaded, the slot wants {self.model_name}"
         return ""
 
-    # Which lifecycle actions are legal from which observed state. Busy states (pulling,
-    # loading, unloading) admit nothing; a load during a load joins it (see services).
-    LEGAL_FROM = {
-        "load": {State.OFFLINE, State.READY, State.SERVING, State.ERROR},
-        "unload": {State.OFFLINE, State.READY, State.SERVING, State.ERROR},
-        "restart": {State.OFFLINE, State.READY, State.SERVING, State.ERROR},
-        "swap": {State.OFFLINE, State.READY, State.SERVING, State.ERROR},
-        "pin": set(State.values),
-        "unpin": set(State.values),
-    }
-
-    @classmethod
-    def can(cls, action: str, state: str) -> bool:
-        return state in cls.LEGAL_FROM.get(action, ())
+    @staticmethod
+    def can(action: str, state: str) -> bool:
+        return states.can(action, state)
 
     @property
     def actions(self) -> dict[str, bool]:
         """For templates: which buttons are enabled now."""
-        enabled = {a: self.enabled and self.can(a, self.state) for a in self.LEGAL_FROM}
-        enabled["unload"] = self.can("unload", self.state)
+        enabled = {a: self.enabled and states.can(a, self.state) for a in states.LEGAL_FROM}
+        enabled["unload"] = states.can("unload", self.state)
         return enabled
 
     @property
     def is_loaded(self) -> bool:
-        return self.state in (State.READY, State.SERVING)
+        return states.is_loaded(self.state)
 
     def as_json(self) -> dict:
         """Desired plus observed state, for the JSON API and `slots … --json`."""
@@ -367,6 +359,8 @@ class SlotEvent(models.Model):
     ACTIONS = (
         "create", "update", "delete", "load", "unload", "restart", "swap", "pin", "unpin",
         "evicted", "adopted", "restored", "idle-unload", "error", "pull",
+        # a node's changes, recorded under its name with no slot
+        "node-create", "node-update", "node-delete",
     )
 
     slot = models.ForeignKey(

@@ -16,6 +16,8 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
+from .actions import config
+from .actions.errors import unknown_keys
 from .models import Node, Slot
 
 FORMAT_VERSION = 1
@@ -87,14 +89,14 @@ def plan_import(text: str) -> ImportPlan:
     plan = ImportPlan()
     final: dict[str, Slot] = dict(existing)
     seen: set[str] = set()
-    allowed = set(Slot.DESIRED_FIELDS) | {"node"}
+    allowed = config.SLOT_FIELDS
     for i, entry in enumerate(entries):
         name = entry["name"]
         where = f"slots[{i}] ({name!r})"
         if name in seen:
             raise ImportProblem(f"{where}.name: slot {name!r} appears twice in the file")
         seen.add(name)
-        unknown = sorted(set(entry) - allowed)
+        unknown = unknown_keys(entry, allowed)
         if unknown:
             raise ImportProblem(f"{where}.{unknown[0]}: unknown field "
                                 f"(allowed: {', '.join(sorted(allowed))})")
@@ -169,8 +171,6 @@ def _check(candidate: Slot, where: str) -> None:
 
 
 def import_json(text: str, *, dry_run: bool = False, actor: Any = "cli") -> ImportPlan:
-    from . import services
-
     plan = plan_import(text)
     if dry_run or not plan.change_count:
         return plan
@@ -178,9 +178,9 @@ def import_json(text: str, *, dry_run: bool = False, actor: Any = "cli") -> Impo
         # Clear defaults that move first, so the one-default constraint holds at every step.
         for slot, changes in plan.updates:
             if changes.get("is_default") is False:
-                services.update_slot(slot, {"is_default": False}, actor=actor)
+                config.do_update_slot(slot, {"is_default": False}, actor=actor)
         for slot, changes in plan.updates:
-            services.update_slot(slot, changes, actor=actor)
+            config.do_update_slot(slot, changes, actor=actor)
         for data in plan.creates:
-            services.create_slot(data, actor=actor)
+            config.do_create_slot(data, actor=actor)
     return plan

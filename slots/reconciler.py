@@ -25,7 +25,7 @@ a Redis channel layer (`REDIS_URL`: dashboards may be open in *other* processes,
 viewers it cannot count) it always polls at the active rate. Each node is polled by its
 own task with its own timeout, so a hung node never delays the others. `manage.py serve`
 runs it beside the web server; `manage.py reconcile` runs it alone. Writes go through
-`slots.services`.
+`slots.actions` (`audit.record_observation`, the `restored` action).
 
 With several hal0 processes, only one reconciler polls a given node: the one holding the
 node's lease (`slots.leases`, `reconciler:<node>`, `HAL0_LEASE_TTL_S`). The others keep
@@ -46,23 +46,23 @@ from django.conf import settings
 from django.db import close_old_connections, connection
 from django.utils import timezone
 
-from providers.lemonade.client import Health, LemonadeClient, LoadedModel
+from providers.lemonade.client import Health, LoadedModel
 from providers.lemonade.errors import LemonadeError
 
-from . import leases, live, services
+from . import idle, leases, live, metrics, runtime, states
+from .actions import lifecycle
+from .actions.audit import record_node_observation, record_observation
 from .models import LEMOND_TYPE, Capability, Node, Slot, SlotEvent, State
 
 log = logging.getLogger("hal0.reconciler")
 
 TICK_S = 0.25
-LOADED = {State.READY, State.SERVING}
-LOAD_ACTIONS = ("load", "restart", "swap", "restored")
 # A failed load this recent explains models vanishing at once (lemond's evict-all).
 FAILED_LOAD_WINDOW = timedelta(seconds=60)
 
 
 @dataclass
-class Observation:
+class NodeReading:
     """One poll of one node: health, or why there is none."""
 
     health: Health | None = None
@@ -240,19 +240,19 @@ class Reconciler:
 
     async def poll_node(self, node: Node) -> None:
         memory = self.nodes.setdefault(node.pk, NodeMemory())
-        seen = await self.observe(node, memory)
-        restore = await sync_to_async(self.apply, thread_sensitive=True)(node, memory, seen)
+        seen = await self.read_node(node, memory)
+        # on the runtime's database thread: a slow pass never holds up gateway requests
+        restore = await runtime.current().run_db(self.apply, node, memory, seen)
         for slot, reason in restore:
             self._start_restore(slot, reason)
 
     # --- reading lemond -----------------------------------------------------------------
-    async def observe(self, node: Node, memory: NodeMemory) -> Observation:
-        seen = Observation(started_at=timezone.now())
+    async def read_node(self, node: Node, memory: NodeMemory) -> NodeReading:
+        seen = NodeReading(started_at=timezone.now())
         want_stats = time.monotonic() - memory.stats_at >= settings.HAL0_STATS_EVERY_S
         timeout = settings.HAL0_RECONCILE_TIMEOUT_S
         try:
-            async with LemonadeClient(node.base_url, node.api_key, node.admin_api_key,
-                                      timeout=timeout) as client:
+            async with node.client(timeout) as client:
                 async with asyncio.timeout(timeout):
                     calls = [client.health()]
                     if want_stats:
@@ -277,13 +277,13 @@ class Reconciler:
         return seen
 
     # --- the database pass (runs on Django's sync thread) -------------------------------
-    def apply(self, node: Node, memory: NodeMemory, seen: Observation
+    def apply(self, node: Node, memory: NodeMemory, seen: NodeReading
               ) -> list[tuple[Slot, str]]:
         _fresh_connection()
         node.refresh_from_db()
         now = timezone.now()
         if seen.health is None:
-            services.observe_node(
+            record_node_observation(
                 node, reachable=False, last_error=seen.error[:500],
                 unreachable_since=node.unreachable_since or now,
             )
@@ -305,7 +305,7 @@ class Reconciler:
         restarted = self._restarted(memory, health, seen)
         slots = list(Slot.objects.filter(node=node).select_related("node"))
         node_fields["config_warning"], memory.warned_pools = _pool_warning(slots, health)
-        services.observe_node(node, **node_fields)
+        record_node_observation(node, **node_fields)
         for slot in slots:
             slot.node = node
 
@@ -328,19 +328,19 @@ class Reconciler:
 
     def _reconcile_slot(self, slot: Slot, loaded: dict[str, LoadedModel],
                         previous: dict[str, LoadedModel] | None, restarted: bool,
-                        seen: Observation, health: Health, memory: NodeMemory) -> str:
+                        seen: NodeReading, health: Health, memory: NodeMemory) -> str:
         """Diff one slot; returns a reason when it should be restored, else ''."""
         if slot.state_changed_at >= seen.started_at:
             return ""  # an action moved it while we were asking lemond: look next time
-        if slot.state in services.BUSY_STATES and not _stale(slot):
+        if slot.state in states.BUSY and not states.is_stale(slot.state, slot.state_changed_at):
             return ""  # an action is running; it records its own outcome
         protected = slot.enabled and (slot.keep_loaded or slot.pinned)
-        if slot.state in LOADED:
+        if slot.is_loaded:
             entry = loaded.get(slot.loaded_model or slot.model_name)
             if entry is None:
                 reason = self._eviction_reason(slot, loaded, previous, restarted)
                 plan = " — hal0 reloads it" if protected else ""
-                services.observe(slot, "evicted", message=reason + plan,
+                record_observation(slot, "evicted", message=reason + plan,
                                  state=State.OFFLINE, loaded_model="", lemond_entry={},
                                  state_message=reason[:1000])
                 if protected:
@@ -350,13 +350,13 @@ class Reconciler:
             self.restores.pop(slot.pk, None)
             fresh = _fresh_fields(slot, entry)
             if fresh:
-                services.observe(slot, **fresh)
+                record_observation(slot, **fresh)
             return ""
         entry = loaded.get(slot.model_name)
         if entry is not None and slot.enabled:
             how = "loaded outside hal0" if previous is None or slot.model_name not in previous \
                 else "already loaded in lemond"
-            services.observe(
+            record_observation(
                 slot, "adopted", message=f"lemond serves {slot.model_name} ({how}); adopted",
                 state=State.READY, loaded_model=slot.model_name, error_code="",
                 state_message="", lemond_entry=entry.raw, last_use_at=entry.last_use or
@@ -390,12 +390,12 @@ class Reconciler:
         backoff.attempts += 1
         backoff.next_at = time.monotonic() + backoff.wait()
         log.info("restoring slot %s (attempt %d)", slot.name, backoff.attempts)
-        backoff.future = services.start_in_background(services.restore_slot, slot.name,
-                                                      reason=f"attempt {backoff.attempts}")
+        backoff.future = runtime.current().submit(lifecycle.do_restore_slot, slot.name,
+                                                  reason=f"attempt {backoff.attempts}")
 
     # --- why a model vanished -----------------------------------------------------------
     @staticmethod
-    def _restarted(memory: NodeMemory, health: Health, seen: Observation) -> bool:
+    def _restarted(memory: NodeMemory, health: Health, seen: NodeReading) -> bool:
         """lemond has no uptime field: a restart shows as a gap in reachability, request
         totals going down, or (v10.1–10.7) a new random log websocket port."""
         restarted = memory.gap
@@ -428,7 +428,7 @@ class Reconciler:
         # a failed load before this slot (re)became loaded cannot have evicted it
         since = max(timezone.now() - FAILED_LOAD_WINDOW, slot.state_changed_at)
         failed = (SlotEvent.objects.filter(
-            slot__node_id=slot.node_id, ok=False, action__in=LOAD_ACTIONS,
+            slot__node_id=slot.node_id, ok=False, action__in=states.LOAD_ACTIONS,
             created_at__gte=since)
             .values_list("model", flat=True).first())
         if failed:
@@ -448,10 +448,8 @@ class Reconciler:
 async def _housekeeping() -> None:
     """Once per slow period: slots left serving by a dead gateway process, idle unload,
     and pruning old gateway metrics."""
-    from . import idle, metrics
-
     try:
-        await sync_to_async(services.settle_serving)()
+        await sync_to_async(runtime.current().serving.settle)()
     except Exception:
         log.exception("settling serving states failed")
     try:
@@ -484,12 +482,6 @@ def _pool_of(slot: Slot) -> str:
 def _max_loaded(health: Health) -> int | None:
     values = [v for v in health.max_models.values() if isinstance(v, int)]
     return max(values) if values else None
-
-
-def _stale(slot: Slot) -> bool:
-    """A busy state older than any load could take: its action died with its process."""
-    limit = timedelta(seconds=settings.HAL0_LEMONADE_LOAD_TIMEOUT + 60)
-    return timezone.now() - slot.state_changed_at > limit
 
 
 def _fresh_fields(slot: Slot, entry: LoadedModel) -> dict[str, Any]:
@@ -565,14 +557,9 @@ def _lease_retry_s() -> float:
     return min(1.0, leases.ttl_s() / 3)
 
 
-_instance: Reconciler | None = None
-
-
 async def run_forever(standalone: bool = False) -> None:
     """The reconciler loop for this process (`manage.py serve` and `manage.py reconcile`).
 
     Standalone, or with a Redis channel layer, dashboards live in other processes: poll at
     the active rate rather than guess whether anyone is watching."""
-    global _instance
-    _instance = Reconciler(always_active=standalone or bool(settings.REDIS_URL))
-    await _instance.run_forever()
+    await Reconciler(always_active=standalone or bool(settings.REDIS_URL)).run_forever()

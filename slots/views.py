@@ -1,6 +1,6 @@
 """Pages: function-based views that render from the database and never wait on lemond.
 
-Buttons start their action on a worker (`services.start_in_background`) and answer at
+Buttons start their action on a worker (`Runtime.submit`) and answer at
 once; the card then changes through the websocket push. The few reads a page needs from
 lemond (the swap picker's model list, a model's raw entry) are async views with a short
 timeout that render an error message when lemond is down. htmx requests get a named
@@ -26,13 +26,14 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_http_methods, require_POST
 
 from providers.lemonade import catalog
-from providers.lemonade.client import LemonadeClient
 from providers.lemonade.errors import LemonadeError
 
-from . import leases, live, metrics, services, tokens
-from .forms import SlotForm, TokenForm
+from . import leases, live, metrics, runtime, states, tokens
+from .actions import config, lifecycle, pulls
+from .actions.errors import SlotError
+from .consumers import LEVELS
+from .forms import NodeForm, SlotForm, TokenForm
 from .models import LEMOND_TYPE, ApiToken, Capability, Node, Slot
-from .services import SlotError
 
 # How long a button's request waits for a quick action (pin, an unload) to finish, so its
 # answer can carry the final card; longer actions answer before and push when done.
@@ -59,7 +60,7 @@ def slot_detail(request, name):
     if request.method == "POST":
         form = SlotForm(request.POST, instance=Slot.objects.select_related("node").get(pk=slot.pk))
         if form.is_valid():
-            updated = form.save_through_services(request.user)
+            updated = form.save_through_actions(request.user)
             if updated is not None:
                 if updated.name != name:
                     target = reverse("slots:detail", args=[updated.name])
@@ -87,7 +88,7 @@ def slot_detail(request, name):
 def load_chart(slot: Slot) -> dict:
     """The last loads' durations, oldest first, scaled for a small inline SVG bar chart."""
     events = list(
-        slot.events.filter(ok=True, action__in=("load", "restart", "swap", "restored"),
+        slot.events.filter(ok=True, action__in=states.LOAD_ACTIONS,
                            duration_ms__isnull=False)
         .values("duration_ms", "created_at", "action", "model")[:LOAD_HISTORY])[::-1]
     if not events:
@@ -111,8 +112,8 @@ def slot_create(request):
     # bound on any POST, an empty one too, so missing fields are reported
     form = SlotForm(request.POST if request.method == "POST" else None)
     if request.method == "POST" and form.is_valid():
-        slot = form.save_through_services(request.user)
-        if slot is not None:  # open dashboards get the new card from services
+        slot = form.save_through_actions(request.user)
+        if slot is not None:  # open dashboards get the new card from the action
             target = reverse("slots:detail", args=[slot.name])
             if request.htmx:
                 return HttpResponse(headers={"HX-Redirect": target})
@@ -129,7 +130,7 @@ def slot_delete(request, name):
     error = ""
     if request.method == "POST":
         try:
-            services.delete_slot(slot, actor=request.user)
+            config.do_delete_slot(slot, actor=request.user)
         except SlotError as exc:
             error = exc.message
         else:
@@ -142,31 +143,19 @@ def slot_delete(request, name):
 
 # --- buttons -----------------------------------------------------------------------------
 
-ACTIONS = {
-    "load": services.load_slot,
-    "unload": services.unload_slot,
-    "restart": services.restart_slot,
-    "swap": services.swap_slot,
-    "pin": services.pin_slot,
-    "unpin": services.unpin_slot,
-}
-
-
 @login_required
 async def slot_action(request, name, action):
     """Start an action and answer at once: the card follows over the websocket."""
     if request.method != "POST":
         return HttpResponseNotAllowed(["POST"])
-    if action not in ACTIONS:
+    if action not in lifecycle.ACTIONS:
         raise Http404(f"Unknown action {action!r}.")
     user = await request.auser()
-    args = [name]
-    if action == "swap":
-        model = (request.POST.get("model") or "").strip()
-        if not model:
-            return await _answer(request, name, "Pick a model to swap to.")
-        args.append(model)
-    future = services.start_in_background(ACTIONS[action], *args, actor=user)
+    model = (request.POST.get("model") or "").strip()
+    if action == "swap" and not model:
+        return await _answer(request, name, "Pick a model to swap to.")
+    future = runtime.current().submit(lifecycle.do_action, action, name, actor=user,
+                                      model=model)
     wrapped = asyncio.wrap_future(future)
     done, _ = await asyncio.wait({wrapped}, timeout=ACTION_WAIT_S)
     error = ""
@@ -204,11 +193,6 @@ async def _answer(request, name: str, error: str = "", with_card: bool = False,
 
 
 # --- the swap picker and downloads (reads lemond; short timeouts) ----------------------------
-
-def _client(node: Node) -> LemonadeClient:
-    timeout = settings.HAL0_PAGE_LEMOND_TIMEOUT_S
-    return LemonadeClient(node.base_url, node.api_key, node.admin_api_key, timeout=timeout)
-
 
 async def _slot_or_404(name: str) -> Slot:
     slot = await Slot.objects.select_related("node").filter(name=name).afirst()
@@ -252,7 +236,7 @@ async def swap_picker(request, name):
     slot = await _slot_or_404(name)
     rows, error = [], ""
     try:
-        async with _client(slot.node) as client:
+        async with slot.node.client(settings.HAL0_PAGE_LEMOND_TIMEOUT_S) as client:
             listed = await asyncio.wait_for(client.models(show_all=True),
                                             settings.HAL0_PAGE_LEMOND_TIMEOUT_S)
         rows = model_rows(listed, slot.capability, request.GET.get("q", ""), slot.model_name)
@@ -260,7 +244,7 @@ async def swap_picker(request, name):
         error = f"Cannot list lemond's models: {exc or 'no answer in time'}"
     context = {"slot": slot, "rows": rows[:PICKER_ROWS], "more": max(0, len(rows) - PICKER_ROWS),
                "error": error, "q": request.GET.get("q", ""),
-               "pulling": {r["id"] for r in rows if services.pull_running(slot.node_id, r["id"])}}
+               "pulling": {r["id"] for r in rows if pulls.pull_running(slot.node_id, r["id"])}}
     template = "slots/_swap_picker.html#rows" if "q" in request.GET else "slots/_swap_picker.html"
     return await sync_to_async(render)(request, template, context)
 
@@ -294,7 +278,7 @@ async def pull_start(request, name):
         last_push[0] = now
         live.send(_pull_fragment(slot, model, phase, data))
 
-    services.start_pull(slot, model, actor=user, progress=progress)
+    pulls.do_start_pull(slot, model, actor=user, progress=progress)
     return HttpResponse(_pull_fragment(slot, model, "starting", {}))
 
 
@@ -303,7 +287,7 @@ async def pull_start(request, name):
 async def pull_cancel(request, name):
     slot = await _slot_or_404(name)
     model = (request.POST.get("model") or "").strip()
-    cancelled = services.cancel_pull(slot.node_id, model)
+    cancelled = pulls.do_cancel_pull(slot.node_id, model)
     phase = "cancelling" if cancelled else "idle"
     return HttpResponse(_pull_fragment(slot, model, phase, {}))
 
@@ -314,7 +298,7 @@ async def lemond_model(request, name):
     slot = await _slot_or_404(name)
     entry, error = None, ""
     try:
-        async with _client(slot.node) as client:
+        async with slot.node.client(settings.HAL0_PAGE_LEMOND_TIMEOUT_S) as client:
             entry = await asyncio.wait_for(client.model(slot.model_name),
                                            settings.HAL0_PAGE_LEMOND_TIMEOUT_S)
     except (LemonadeError, TimeoutError) as exc:
@@ -330,8 +314,6 @@ async def lemond_model(request, name):
 def logs(request):
     nodes = list(Node.objects.filter(enabled=True))
     current = request.GET.get("node") or (nodes[0].name if nodes else "")
-    from .consumers import LEVELS
-
     return render(request, "slots/logs.html", {
         "nodes": nodes, "current": current, "levels": LEVELS, "level": "info",
         "live_url": f"/ws/logs/?node={quote(current)}",
@@ -346,29 +328,16 @@ def _staff_only(request) -> HttpResponse | None:
 
 # --- lemond nodes ------------------------------------------------------------------------
 
-def _node_form(*args, **kwargs):
-    """The admin's node form (keys write-only: never rendered back, empty keeps the old)."""
-    from .admin import NodeForm
-
-    form = NodeForm(*args, **kwargs)
-    instance = kwargs.get("instance")
-    if instance is not None and instance.name == Node.LOCAL:
-        form.fields["name"].disabled = True
-        form.fields["name"].help_text = "The default node keeps its name."
-    return form
-
-
 @login_required
 @require_http_methods(["GET", "POST"])
 def nodes(request):
-    if (denied := _staff_only(request)) is not None:  # nodes carry lemond's keys
-        return denied
     """Every lemond node (reachability, which process polls it, its slots) and a form to
     add one."""
-    form = _node_form(request.POST or None)
+    if (denied := _staff_only(request)) is not None:  # nodes carry lemond's keys
+        return denied
+    form = NodeForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
-        node = form.save()
-        live.push_layout()
+        node = form.save_through_actions(request.user)
         return redirect("slots:node", name=node.name)
     rows = list(Node.objects.annotate(slot_count=Count("slots")).order_by("name"))
     polled_by = leases.holders()
@@ -384,15 +353,14 @@ def node_edit(request, name):
     if (denied := _staff_only(request)) is not None:  # nodes carry lemond's keys
         return denied
     node = get_object_or_404(Node, name=name)
-    form = _node_form(request.POST or None, instance=node)
+    form = NodeForm(request.POST or None, instance=node)
     saved = False
     if request.method == "POST" and form.is_valid():
-        node = form.save()
-        live.push_layout()
+        node = form.save_through_actions(request.user)
         if node.name != name:
             return redirect("slots:node", name=node.name)
         saved = True
-        form = _node_form(instance=node)
+        form = NodeForm(instance=node)
     return render(request, "slots/node_edit.html", {
         "node": node, "form": form, "saved": saved,
         "slots": list(node.slots.order_by("capability", "name")),
@@ -406,18 +374,15 @@ def node_delete(request, name):
     if (denied := _staff_only(request)) is not None:  # nodes carry lemond's keys
         return denied
     node = get_object_or_404(Node, name=name)
-    used_by = list(node.slots.order_by("name").values_list("name", flat=True))
-    if used_by:
+    try:
+        config.do_delete_node(node, actor=request.user)
+    except SlotError as exc:
         return render(request, "slots/node_edit.html", {
-            "node": node, "form": _node_form(instance=node),
+            "node": node, "form": NodeForm(instance=node),
             "slots": list(node.slots.order_by("capability", "name")),
             "polled_by": leases.holders().get(node.name, ""),
-            "error": f"Node {node.name} still serves {len(used_by)} slot"
-                     f"{'s' if len(used_by) != 1 else ''} ({', '.join(used_by)}): move them "
-                     "to another node or delete them first.",
+            "error": exc.message,
         }, status=409)
-    node.delete()
-    live.push_layout()
     return redirect("slots:nodes")
 
 

@@ -103,7 +103,18 @@ def admin_client(client, admin_user):
 
 
 @pytest.fixture(autouse=True)
-def _seeded_slots(request):
+def hal0_runtime():
+    """A fresh `Runtime` for every test (executors, in-flight counts, downloads): what
+    `serve` builds, with database passes on the test's own connection."""
+    from slots.runtime import Runtime
+
+    runtime = Runtime(own_db_thread=False).start()
+    yield runtime
+    runtime.stop(grace=0)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_slots(request, hal0_runtime):
     """Transactional tests flush the database, seeded rows included; put them back so every
     database test starts from what `migrate` gives a fresh install."""
     marker = request.node.get_closest_marker("django_db")
@@ -126,6 +137,4 @@ def _seeded_slots(request):
     yield
     # Actions a test started in the background must not write into the next test's rows
     # (a flushed SQLite database reuses primary keys).
-    from slots import services
-
-    assert services.wait_for_background(30), "a background action outlived its test"
+    assert hal0_runtime.wait_idle(30), "a background action outlived its test"

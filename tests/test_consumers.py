@@ -11,7 +11,8 @@ from channels.testing import WebsocketCommunicator
 from django.test import AsyncClient
 
 from hal0site.asgi import application
-from slots import live, services
+from slots import live
+from slots.actions import config, lifecycle
 from slots.models import Node, Slot, State
 from tests.stack import REDIS_URL, in_a_worker_after_the_loop_stopped, redis_available
 
@@ -77,7 +78,7 @@ async def test_an_action_pushes_the_card_partial(node, session_cookie):
     comm = communicator("/ws/slots/", ORIGIN, session_cookie)
     assert (await comm.connect())[0]
     await comm.receive_from()  # the resync
-    await sync_to_async(services.pin_slot)("chat", actor="cli")
+    await sync_to_async(lifecycle.do_pin_slot)("chat", actor="cli")
     html = await receive_until(comm, 'id="slot-chat"')
     assert html.lstrip().startswith('<article id="slot-chat"')
     assert 'hx-swap-oob="true"' in html and "pinned" in html
@@ -115,7 +116,7 @@ async def test_logs_are_relayed_from_lemond(node, sim, session_cookie):
     # the snapshot ends with what lemond logged last: the simulator reset before this test
     assert 'hx-swap-oob="afterbegin"' in snapshot and "Reset to the startup state" in snapshot
     # something happens in lemond: its log line arrives
-    await sync_to_async(services.load_slot)("embed")
+    await sync_to_async(lifecycle.do_load_slot)("embed", actor="cli")
     line = await receive_until(comm, "nomic-embed-text-v1-GGUF")
     assert 'class="log lvl-info"' in line
 
@@ -123,7 +124,7 @@ async def test_logs_are_relayed_from_lemond(node, sim, session_cookie):
     await comm.send_to(text_data='{"pause": "1"}')
     controls = await receive_until(comm, 'id="log-pause"')
     assert "Resume" in controls
-    await sync_to_async(services.unload_slot)("embed")
+    await sync_to_async(lifecycle.do_unload_slot)("embed", actor="cli")
     assert await comm.receive_nothing(timeout=0.3)
     await comm.send_to(text_data='{"pause": "0"}')
     released = await receive_until(comm, "Unloaded nomic-embed-text-v1-GGUF")
@@ -144,7 +145,7 @@ async def test_logs_from_lemond_10_0_come_over_server_sent_events(node, lemond_s
     comm = communicator("/ws/logs/", ORIGIN, session_cookie)
     assert (await comm.connect())[0]
     await receive_until(comm, "server-sent events, lemond &lt;= 10.0")
-    await sync_to_async(services.load_slot)("embed")
+    await sync_to_async(lifecycle.do_load_slot)("embed", actor="cli")
     line = await receive_until(comm, "nomic-embed-text-v1-GGUF")
     assert 'class="log lvl-' in line
     await comm.disconnect()
@@ -188,20 +189,20 @@ async def test_a_slot_made_outside_the_page_takes_its_place_on_open_dashboards(
     """Not only the page's own buttons: services push the grid when a card is new, renamed
     or deleted, so a second browser sees a slot made in the admin or another browser."""
     comm = await _dashboard(session_cookie)
-    await sync_to_async(services.create_slot)(
-        {"name": "chat2", "capability": "chat", "device": "cpu", "model_name": "Qwen3-0.6B-GGUF"})
+    await sync_to_async(config.do_create_slot)(
+        {"name": "chat2", "capability": "chat", "device": "cpu", "model_name": "Qwen3-0.6B-GGUF"}, actor="cli")
     layout = await receive_until(comm, 'id="layout"')
     assert layout.lstrip().startswith('<div id="layout" hx-swap-oob="true"')
     assert _holder(layout, "chat2", "group") == "chat"
     assert _holder(layout, "embed", "group") == "embed"  # the rest stays where it was
 
-    await sync_to_async(services.update_slot)("chat2", {"name": "chat3", "capability": "embed",
-                                                        "model_name": "nomic-embed-text-v1-GGUF"})
+    await sync_to_async(config.do_update_slot)("chat2", {"name": "chat3", "capability": "embed",
+                                                        "model_name": "nomic-embed-text-v1-GGUF"}, actor="cli")
     layout = await receive_until(comm, 'id="layout"')
     assert _holder(layout, "chat2", "group") is None
     assert _holder(layout, "chat3", "group") == "embed"
 
-    await sync_to_async(services.delete_slot)("chat3")
+    await sync_to_async(config.do_delete_slot)("chat3", actor="cli")
     layout = await receive_until(comm, 'id="layout"')
     assert _holder(layout, "chat3", "group") is None and _holder(layout, "chat", "group")
     await comm.disconnect()
@@ -210,11 +211,11 @@ async def test_a_slot_made_outside_the_page_takes_its_place_on_open_dashboards(
 async def test_a_slot_moved_to_another_node_moves_on_open_dashboards(node, session_cookie):
     await Node.objects.acreate(name="b", base_url="http://127.0.0.1:9")  # nothing polls it
     comm = await _dashboard(session_cookie)
-    await sync_to_async(services.update_slot)("chat", {"node": "b"})
+    await sync_to_async(config.do_update_slot)("chat", {"node": "b"}, actor="cli")
     layout = await receive_until(comm, 'id="layout"')
     assert _holder(layout, "chat", "nodesection") == "b"
     assert _holder(layout, "embed", "nodesection") == "local"
-    await sync_to_async(services.update_slot)("chat", {"pinned": True})  # same place
+    await sync_to_async(config.do_update_slot)("chat", {"pinned": True}, actor="cli")  # same place
     card = await receive_until(comm, 'id="slot-chat"')
     assert card.lstrip().startswith('<article id="slot-chat"')  # just the card, no layout
     assert await comm.receive_nothing(timeout=0.5)

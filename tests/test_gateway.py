@@ -33,16 +33,17 @@ SETUP = r"""
 import json
 from datetime import timedelta
 from django.utils import timezone
-from slots import services, tokens
+from slots import tokens
+from slots.actions import config
 from slots.models import Node
 
 Node.objects.create(name="dead", base_url="http://127.0.0.1:%(dead_port)d")
-services.create_slot({"name": "writer", "capability": "chat", "device": "cpu",
-                      "model_name": "Qwen3-0.6B-GGUF"})
-services.create_slot({"name": "ghost", "capability": "chat", "device": "cpu",
-                      "model_name": "Ghost-1B-GGUF", "node": "dead"})
-services.create_slot({"name": "off", "capability": "chat", "device": "cpu",
-                      "model_name": "Off-1B-GGUF", "enabled": False})
+config.do_create_slot({"name": "writer", "capability": "chat", "device": "cpu",
+                      "model_name": "Qwen3-0.6B-GGUF"}, actor="cli")
+config.do_create_slot({"name": "ghost", "capability": "chat", "device": "cpu",
+                      "model_name": "Ghost-1B-GGUF", "node": "dead"}, actor="cli")
+config.do_create_slot({"name": "off", "capability": "chat", "device": "cpu",
+                      "model_name": "Off-1B-GGUF", "enabled": False}, actor="cli")
 out = {}
 for name, options in {"all": {}, "chatonly": {"slots": "chat,writer"},
                       "expired": {"expires_at": timezone.now() - timedelta(minutes=1)}}.items():

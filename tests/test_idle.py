@@ -11,7 +11,8 @@ import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from django.utils import timezone
 
-from slots import idle, services
+from slots import idle, runtime, states
+from slots.actions import lifecycle
 from slots.models import Slot, SlotEvent, State
 from slots.reconciler import Reconciler
 
@@ -19,19 +20,10 @@ EMBED_MODEL = "nomic-embed-text-v1-GGUF"
 CHAT_MODEL = "Qwen3-4B-Instruct-2507-GGUF"
 
 
-@pytest.fixture(autouse=True)
-def _no_gateway_state():
-    services._in_flight.clear()
-    services._last_request.clear()
-    yield
-    services._in_flight.clear()
-    services._last_request.clear()
-
-
 @pytest.fixture
 def idle_embed(node, sim):
     """The seeded `embed` slot, loaded in the simulator, unused for ten minutes, 60 s timeout."""
-    slot = services.load_slot("embed")
+    slot = lifecycle.do_load_slot("embed", actor="cli")
     past = timezone.now() - timedelta(minutes=10)
     Slot.objects.filter(pk=slot.pk).update(state_changed_at=past, last_use_at=past,
                                            idle_timeout_s=60)
@@ -65,19 +57,19 @@ def test_pinned_keep_loaded_and_never_idle_slots_stay(idle_embed, sim, change):
     Slot.objects.filter(pk=idle_embed.pk).update(**change)
     assert idle.find_idle_slots() == []
     assert idle.unload_idle_slots() == []
-    assert services.idle_unload_slot("embed") is None  # the action re-checks, too
+    assert lifecycle.do_idle_unload_slot("embed") is None  # the action re-checks, too
     assert EMBED_MODEL in sim.state()["loaded_names"]
 
 
 def test_a_serving_slot_stays_and_counts_as_used(idle_embed, sim):
-    services.acquire_serving(idle_embed)
+    runtime.current().serving.acquire(idle_embed)
     assert Slot.objects.get(pk=idle_embed.pk).state == State.SERVING
     assert idle.find_idle_slots() == []
-    assert services.idle_unload_slot("embed") is None
-    services.acquire_serving(idle_embed)  # a second, concurrent request
-    services.release_serving(idle_embed)
+    assert lifecycle.do_idle_unload_slot("embed") is None
+    runtime.current().serving.acquire(idle_embed)  # a second, concurrent request
+    runtime.current().serving.release(idle_embed)
     assert Slot.objects.get(pk=idle_embed.pk).state == State.SERVING  # one still in flight
-    services.release_serving(idle_embed)
+    runtime.current().serving.release(idle_embed)
     assert Slot.objects.get(pk=idle_embed.pk).state == State.READY
     # it was just used: hal0's own request time keeps it loaded
     assert idle.find_idle_slots() == []
@@ -88,9 +80,9 @@ def test_a_serving_slot_stays_and_counts_as_used(idle_embed, sim):
 
 def test_in_flight_requests_protect_a_slot_whose_state_says_ready(idle_embed):
     # e.g. the mirror write has not happened yet: the in-memory count is what counts
-    services._in_flight[idle_embed.pk] = 1
+    runtime.current().serving.in_flight[idle_embed.pk] = 1
     assert idle.find_idle_slots() == []
-    assert services.idle_unload_slot("embed") is None
+    assert lifecycle.do_idle_unload_slot("embed") is None
 
 
 def test_lemonds_last_use_counts(idle_embed):
@@ -124,8 +116,8 @@ def test_the_reconcilers_loop_unloads_idle_slots(node, sim, settings):
     settings.HAL0_POLL_IDLE_S = 0.5
     settings.HAL0_POLL_ACTIVE_S = 0.5
     settings.HAL0_RECONCILE_TIMEOUT_S = 1.0
-    services.load_slot("chat")
-    services.load_slot("embed")
+    lifecycle.do_load_slot("chat", actor="cli")
+    lifecycle.do_load_slot("embed", actor="cli")
     Slot.objects.filter(name="embed").update(idle_timeout_s=1)
     Slot.objects.filter(name="chat").update(idle_timeout_s=3600)
     loaded_at = Slot.objects.get(name="embed").state_changed_at
@@ -136,7 +128,7 @@ def test_the_reconcilers_loop_unloads_idle_slots(node, sim, settings):
             deadline = time.monotonic() + timeout
             while True:
                 embed = await Slot.objects.aget(name="embed")
-                settled = embed.state not in (State.READY, *services.BUSY_STATES)
+                settled = embed.state not in (State.READY, *states.BUSY)
                 if settled or time.monotonic() > deadline:
                     return embed
                 await asyncio.sleep(0.05)
@@ -144,7 +136,7 @@ def test_the_reconcilers_loop_unloads_idle_slots(node, sim, settings):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            await sync_to_async(services.wait_for_background)(10)
+            await sync_to_async(runtime.current().wait_idle)(10)
 
     embed = async_to_sync(run_until_unloaded)(15)
     assert embed.state == State.OFFLINE and embed.loaded_model == "", embed.state_message

@@ -163,16 +163,16 @@ def test_nonsense_token_counts_are_dropped_not_written():
 
 @pytest.mark.django_db(transaction=True)
 def test_a_batch_that_cannot_be_written_does_not_stop_claim_renewal(dead_node, make_slot,
-                                                                    monkeypatch):
+                                                                   hal0_runtime,
+                                                                   monkeypatch):
     """The serving claims of a busy process are renewed even when the database refuses the
     metrics batch (here a row its CHECK constraint rejects)."""
     from django.db import IntegrityError
 
-    from slots import services
     from slots.models import Lease
 
     busy = make_slot("busy", node=dead_node)
-    monkeypatch.setattr(services, "_in_flight", {busy.pk: 1})
+    hal0_runtime.serving.in_flight[busy.pk] = 1
     monkeypatch.setattr(metrics, "_last_renewal", 0.0)
     metrics.observe(obs(tokens_in=-1))  # past usage_of's clamp: PositiveIntegerField says no
     with pytest.raises(IntegrityError):

@@ -17,7 +17,8 @@ from django.template.loader import render_to_string
 from django.test.utils import CaptureQueriesContext
 
 from hal0site.asgi import application
-from slots import live, reconciler, services
+from slots import live, reconciler
+from slots.actions import errors, lifecycle
 from slots.models import Node, Slot, SlotEvent, State
 from slots.reconciler import Reconciler
 
@@ -69,7 +70,7 @@ def test_first_poll_records_the_node_and_a_quiet_poll_writes_nothing(node):
 
 @pytest.mark.django_db
 def test_a_model_unloaded_behind_hals_back_is_recorded_evicted(node, sim):
-    services.load_slot("chat")
+    lifecycle.do_load_slot("chat", actor="cli")
     reconciler = Reconciler()
     poll(reconciler)
     assert slot("chat").lemond_entry["model_name"] == CHAT_MODEL
@@ -85,7 +86,7 @@ def test_a_model_unloaded_behind_hals_back_is_recorded_evicted(node, sim):
 
 @pytest.mark.django_db
 def test_lru_eviction_names_the_model_that_pushed_it_out(node, sim):
-    services.load_slot("chat")
+    lifecycle.do_load_slot("chat", actor="cli")
     reconciler = Reconciler()
     poll(reconciler)
     lemond(sim, "/v1/load", model_name=SMALL_LLM)  # max_loaded_models=1: evicts the chat model
@@ -98,13 +99,13 @@ def test_lru_eviction_names_the_model_that_pushed_it_out(node, sim):
 
 @pytest.mark.django_db
 def test_evict_all_after_a_failed_load(node, sim):
-    services.load_slot("chat")
-    services.load_slot("embed")
+    lifecycle.do_load_slot("chat", actor="cli")
+    lifecycle.do_load_slot("embed", actor="cli")
     reconciler = Reconciler()
     poll(reconciler)
     sim.fault("fail_next_load", model="bge-reranker-v2-m3-GGUF")
-    with pytest.raises(services.SlotError):
-        services.load_slot("rerank")
+    with pytest.raises(errors.SlotError):
+        lifecycle.do_load_slot("rerank", actor="cli")
     poll(reconciler)
     for name in ("chat", "embed"):
         event = last_event(name)
@@ -115,7 +116,7 @@ def test_evict_all_after_a_failed_load(node, sim):
 
 @pytest.mark.django_db
 def test_a_lemond_restart_is_named(node, sim):
-    services.load_slot("chat")
+    lifecycle.do_load_slot("chat", actor="cli")
     httpx.post(f"{sim.url}/v1/chat/completions", timeout=10,
                json={"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}]})
     reconciler = Reconciler()
@@ -154,7 +155,7 @@ def test_a_busy_slot_is_left_to_its_action(node, sim):
 @pytest.mark.django_db(transaction=True)
 def test_keep_loaded_slots_are_restored_after_eviction(node, sim):
     Slot.objects.filter(name="chat").update(keep_loaded=True)
-    services.load_slot("chat")
+    lifecycle.do_load_slot("chat", actor="cli")
     reconciler = Reconciler()
     poll(reconciler)
     sim.fault("evict_all")
@@ -174,7 +175,7 @@ def test_keep_loaded_slots_are_restored_after_eviction(node, sim):
 @pytest.mark.django_db(transaction=True)
 def test_pinned_slots_are_protected_on_lemond_without_pins(node, sim):
     Slot.objects.filter(name="embed").update(pinned=True)
-    services.load_slot("embed")
+    lifecycle.do_load_slot("embed", actor="cli")
     reconciler = Reconciler()
     poll(reconciler)
     lemond(sim, "/v1/unload", model_name="nomic-embed-text-v1-GGUF")
@@ -187,7 +188,7 @@ def test_pinned_slots_are_protected_on_lemond_without_pins(node, sim):
 @pytest.mark.django_db
 def test_no_restore_while_the_pool_is_full_of_another_model(node, sim):
     Slot.objects.filter(name="chat").update(keep_loaded=True)
-    services.load_slot("chat")
+    lifecycle.do_load_slot("chat", actor="cli")
     reconciler = Reconciler()
     poll(reconciler)
     lemond(sim, "/v1/load", model_name=SMALL_LLM)  # the operator's own choice, via lemond
@@ -203,7 +204,7 @@ def test_no_restore_while_the_pool_is_full_of_another_model(node, sim):
 def test_more_keep_loaded_slots_than_the_pool_holds_is_a_warning_not_a_loop(node, sim, make_slot):
     Slot.objects.filter(name="chat").update(keep_loaded=True)
     make_slot("chat2", model_name=SMALL_LLM, keep_loaded=True)
-    services.load_slot("chat")
+    lifecycle.do_load_slot("chat", actor="cli")
     reconciler = Reconciler()
     poll(reconciler)
     node.refresh_from_db()
@@ -355,7 +356,7 @@ async def test_failed_restores_are_retried_with_growing_spacing(node, sim, setti
     settings.HAL0_RESTORE_BACKOFF_S = 0.3
     settings.HAL0_RESTORE_BACKOFF_MAX_S = 5.0
     await Slot.objects.filter(name="chat").aupdate(keep_loaded=True)
-    await sync_to_async(services.load_slot)("chat")
+    await sync_to_async(lifecycle.do_load_slot)("chat", actor="cli")
     async with running(Reconciler(always_active=True)) as rec:
         deadline = time.monotonic() + 5
         while not rec.nodes.get(node.pk) or not rec.nodes[node.pk].polls:

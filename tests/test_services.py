@@ -8,9 +8,10 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
-from slots import services
+from slots import runtime
+from slots.actions import config, lifecycle
+from slots.actions.errors import SlotError
 from slots.models import Node, Slot, SlotEvent
-from slots.services import SlotError
 
 pytestmark = pytest.mark.django_db
 
@@ -24,7 +25,7 @@ def health(sim) -> dict:
 
 
 def test_load_makes_the_slot_ready(node, sim):
-    result = services.load_slot("chat", actor="cli")
+    result = lifecycle.do_load_slot("chat", actor="cli")
     assert result.state == "ready" and result.loaded_model == "Qwen3-4B-Instruct-2507-GGUF"
     fresh = slot()
     assert fresh.state == "ready" and fresh.last_load_ms >= 100 and fresh.error_code == ""
@@ -56,8 +57,8 @@ def test_cli_error_exit_code_and_envelope(dead_node, capsys):
 
 
 def test_unload_is_idempotent(node, sim):
-    services.unload_slot("chat")  # lemond never had it: still success
-    services.unload_slot("chat")
+    lifecycle.do_unload_slot("chat", actor="cli")  # lemond never had it: still success
+    lifecycle.do_unload_slot("chat", actor="cli")
     assert slot().state == "offline"
     assert SlotEvent.objects.filter(slot_name="chat", action="unload", ok=True).count() == 2
 
@@ -65,7 +66,7 @@ def test_unload_is_idempotent(node, sim):
 def test_unknown_model_is_a_config_error(node, sim):
     Slot.objects.filter(name="chat").update(model_name="No-Such-Model")
     with pytest.raises(SlotError) as exc:
-        services.load_slot("chat")
+        lifecycle.do_load_slot("chat", actor="cli")
     assert exc.value.code == "slot.config_error"
     assert exc.value.envelope()["error"]["slot"] == "chat"
     assert "lemond does not know model 'No-Such-Model'" in exc.value.message
@@ -75,23 +76,23 @@ def test_unknown_model_is_a_config_error(node, sim):
 def test_failed_load_is_spawn_failed_and_recorded(node, sim):
     sim.fault("fail_next_load")
     with pytest.raises(SlotError) as exc:
-        services.load_slot("chat")
+        lifecycle.do_load_slot("chat", actor="cli")
     assert exc.value.code == "slot.spawn_failed" and exc.value.http_status == 502
     event = SlotEvent.objects.get(slot_name="chat", action="load")
     assert not event.ok and event.error_code == "slot.spawn_failed" and event.to_state == "error"
     # the next load works again
-    assert services.load_slot("chat").state == "ready"
+    assert lifecycle.do_load_slot("chat", actor="cli").state == "ready"
 
 
 def test_unreachable_is_lemond_unavailable(dead_node):
-    for action in (services.load_slot, services.unload_slot, services.restart_slot,
-                   services.pin_slot, services.unpin_slot):
+    for action in (lifecycle.do_load_slot, lifecycle.do_unload_slot, lifecycle.do_restart_slot,
+                   lifecycle.do_pin_slot, lifecycle.do_unpin_slot):
         with pytest.raises(SlotError) as exc:
-            action("chat")
+            action("chat", actor="cli")
         assert exc.value.code == "lemond.unavailable", action
         assert exc.value.http_status == 503
     with pytest.raises(SlotError) as exc:
-        services.swap_slot("chat", "Qwen3-0.6B-GGUF")
+        lifecycle.do_swap_slot("chat", "Qwen3-0.6B-GGUF", actor="cli")
     assert exc.value.code == "lemond.unavailable"
     assert slot().model_name == "Qwen3-4B-Instruct-2507-GGUF"
     assert slot().pinned is False
@@ -101,7 +102,7 @@ def test_hanging_lemond_is_lemond_timeout(node, sim, settings):
     settings.HAL0_LEMONADE_LOAD_TIMEOUT = 0.5
     sim.fault("hang", seconds=3)
     with pytest.raises(SlotError) as exc:
-        services.load_slot("chat")
+        lifecycle.do_load_slot("chat", actor="cli")
     assert exc.value.code == "lemond.timeout" and exc.value.http_status == 504
 
 
@@ -119,38 +120,38 @@ def test_pinned_pool_is_lemond_conflict(sim11):
     sim = sim11
     httpx.post(f"{sim.url}/v1/load", json={"model_name": "Qwen3-0.6B-GGUF", "pinned": True})
     with pytest.raises(SlotError) as exc:
-        services.load_slot("chat")
+        lifecycle.do_load_slot("chat", actor="cli")
     assert exc.value.code == "lemond.conflict" and exc.value.http_status == 409
 
 
 def test_pin_on_a_lemond_with_pins(sim11):
     sim = sim11
-    services.load_slot("chat")
-    services.pin_slot("chat")
+    lifecycle.do_load_slot("chat", actor="cli")
+    lifecycle.do_pin_slot("chat", actor="cli")
     assert slot().pinned is True
     assert health(sim)["all_models_loaded"][0]["pinned"] is True
-    services.unpin_slot("chat")
+    lifecycle.do_unpin_slot("chat", actor="cli")
     assert health(sim)["all_models_loaded"][0]["pinned"] is False
 
 
 def test_pin_on_lemond_without_pins_is_kept_by_hal0(node, sim):
-    services.pin_slot("chat")
+    lifecycle.do_pin_slot("chat", actor="cli")
     assert slot().pinned is True
     event = SlotEvent.objects.get(slot_name="chat", action="pin")
     assert "hal0 protects the slot itself" in event.message
 
 
 def test_restart(node, sim):
-    services.load_slot("chat")
-    services.restart_slot("chat")
+    lifecycle.do_load_slot("chat", actor="cli")
+    lifecycle.do_restart_slot("chat", actor="cli")
     assert slot().state == "ready"
     assert sim.state()["load_calls"]["Qwen3-4B-Instruct-2507-GGUF"] == 2
     assert SlotEvent.objects.filter(slot_name="chat", action="restart", ok=True).exists()
 
 
 def test_swap_success_changes_the_desired_model(node, sim, settings):
-    services.load_slot("chat")
-    services.swap_slot("chat", "Qwen3-0.6B-GGUF")
+    lifecycle.do_load_slot("chat", actor="cli")
+    lifecycle.do_swap_slot("chat", "Qwen3-0.6B-GGUF", actor="cli")
     fresh = slot()
     assert (fresh.model_name, fresh.loaded_model, fresh.state) == (
         "Qwen3-0.6B-GGUF", "Qwen3-0.6B-GGUF", "ready")
@@ -160,9 +161,9 @@ def test_swap_success_changes_the_desired_model(node, sim, settings):
 
 
 def test_swap_to_unknown_model_keeps_the_old_one_serving(node, sim):
-    services.load_slot("chat")
+    lifecycle.do_load_slot("chat", actor="cli")
     with pytest.raises(SlotError) as exc:
-        services.swap_slot("chat", "No-Such-Model")
+        lifecycle.do_swap_slot("chat", "No-Such-Model", actor="cli")
     assert exc.value.code == "slot.config_error"
     fresh = slot()
     assert fresh.model_name == "Qwen3-4B-Instruct-2507-GGUF"
@@ -171,10 +172,10 @@ def test_swap_to_unknown_model_keeps_the_old_one_serving(node, sim):
 
 
 def test_swap_failure_after_evict_all_keeps_old_desired(node, sim):
-    services.load_slot("chat")
+    lifecycle.do_load_slot("chat", actor="cli")
     sim.fault("fail_next_load")  # lemond evicts everything, then fails
     with pytest.raises(SlotError) as exc:
-        services.swap_slot("chat", "Qwen3-0.6B-GGUF")
+        lifecycle.do_swap_slot("chat", "Qwen3-0.6B-GGUF", actor="cli")
     assert exc.value.code == "slot.spawn_failed"
     fresh = slot()
     assert fresh.model_name == "Qwen3-4B-Instruct-2507-GGUF"
@@ -183,29 +184,29 @@ def test_swap_failure_after_evict_all_keeps_old_desired(node, sim):
 
 def test_swap_validates_the_model_name(node):
     with pytest.raises(SlotError) as exc:
-        services.swap_slot("chat", "  ")
+        lifecycle.do_swap_slot("chat", "  ", actor="cli")
     assert exc.value.code == "slot.config_error" and "model_name" in exc.value.fields
 
 
 def test_disabled_slot_refuses_load(node):
     Slot.objects.filter(name="chat").update(enabled=False)
     with pytest.raises(SlotError) as exc:
-        services.load_slot("chat")
+        lifecycle.do_load_slot("chat", actor="cli")
     assert exc.value.code == "slot.disabled" and exc.value.http_status == 409
 
 
 def test_illegal_transition(node):
     Slot.objects.filter(name="chat").update(state="unloading")
-    for action in (services.load_slot, services.unload_slot, services.restart_slot):
+    for action in (lifecycle.do_load_slot, lifecycle.do_unload_slot, lifecycle.do_restart_slot):
         with pytest.raises(SlotError) as exc:
-            action("chat")
+            action("chat", actor="cli")
         assert exc.value.code == "slot.illegal_transition"
         assert "while it is unloading" in exc.value.message
 
 
 def test_unknown_slot():
     with pytest.raises(SlotError) as exc:
-        services.load_slot("nope")
+        lifecycle.do_load_slot("nope", actor="cli")
     assert exc.value.envelope() == {"error": {"code": "slot.not_found",
                                               "message": "No slot named 'nope'.", "slot": "nope"}}
 
@@ -221,7 +222,7 @@ def test_ten_concurrent_loads_reach_lemond_once(sim):
     def load():
         from django.db import connection
         try:
-            results.append(services.load_slot("chat", actor="t").state)
+            results.append(lifecycle.do_load_slot("chat", actor="t").state)
         except SlotError as exc:  # pragma: no cover - reported below
             errors.append(exc)
         finally:
@@ -238,20 +239,20 @@ def test_ten_concurrent_loads_reach_lemond_once(sim):
 
 
 def test_create_update_delete(node):
-    created = services.create_slot({"name": "coder", "capability": "chat", "device": "cpu",
+    created = config.do_create_slot({"name": "coder", "capability": "chat", "device": "cpu",
                                     "model_name": "Qwen3-0.6B-GGUF"}, actor="cli")
     assert created.node.name == "local" and not created.seeded
     with pytest.raises(SlotError) as exc:
-        services.create_slot({"name": "coder", "capability": "chat", "device": "cpu",
-                              "model_name": "m"})
+        config.do_create_slot({"name": "coder", "capability": "chat", "device": "cpu",
+                              "model_name": "m"}, actor="cli")
     assert exc.value.code == "slot.config_error" and "name" in exc.value.fields
-    updated = services.update_slot("coder", {"ctx_size": 4096})
+    updated = config.do_update_slot("coder", {"ctx_size": 4096}, actor="cli")
     assert updated.ctx_size == 4096
     with pytest.raises(SlotError) as exc:
-        services.update_slot("coder", {"extra_args": "--port 1"})
+        config.do_update_slot("coder", {"extra_args": "--port 1"}, actor="cli")
     assert "extra_args may not contain --port" in exc.value.message
     assert Slot.objects.get(name="coder").extra_args == ""
-    services.delete_slot("coder")
+    config.do_delete_slot("coder", actor="cli")
     assert not Slot.objects.filter(name="coder").exists()
     assert list(SlotEvent.objects.filter(slot_name="coder").values_list("action", flat=True)) == [
         "delete", "update", "create"]
@@ -259,10 +260,10 @@ def test_create_update_delete(node):
 
 def test_seeded_slots_cannot_be_deleted_or_renamed(node):
     with pytest.raises(SlotError, match="disable it instead"):
-        services.delete_slot("chat")
+        config.do_delete_slot("chat", actor="cli")
     with pytest.raises(SlotError, match="cannot be renamed"):
-        services.update_slot("chat", {"name": "talk"})
-    services.update_slot("chat", {"enabled": False})
+        config.do_update_slot("chat", {"name": "talk"}, actor="cli")
+    config.do_update_slot("chat", {"enabled": False}, actor="cli")
     assert slot().enabled is False
 
 
@@ -274,14 +275,14 @@ def test_a_load_left_behind_by_a_dead_process_is_taken_over(node, sim, settings)
     settings.HAL0_LEMONADE_LOAD_TIMEOUT = 60
     Slot.objects.filter(name="chat").update(
         state="loading", state_changed_at=timezone.now() - timedelta(minutes=5))
-    assert services.load_slot("chat").state == "ready"
+    assert lifecycle.do_load_slot("chat", actor="cli").state == "ready"
     assert sim.state()["load_calls"]["Qwen3-4B-Instruct-2507-GGUF"] == 1
 
 
 def test_joining_a_load_gives_up_after_its_timeout(node, sim):
     Slot.objects.filter(name="chat").update(state="loading")  # someone else is loading
     with pytest.raises(SlotError) as exc:
-        services.load_slot("chat", join_timeout=0.3)
+        lifecycle.do_load_slot("chat", join_timeout=0.3, actor="cli")
     assert exc.value.code == "lemond.timeout"
     assert sim.state()["load_requests_total"] == 0
 
@@ -297,21 +298,21 @@ def test_an_interrupted_action_does_not_leave_the_slot_busy(node, sim, monkeypat
 
     monkeypatch.setattr(providers.get(), "load", interrupted)
     with pytest.raises(interruption):
-        services.load_slot("chat")
+        lifecycle.do_load_slot("chat", actor="cli")
     fresh = slot()
     assert fresh.state == "error" and "interrupted" in fresh.state_message
     event = SlotEvent.objects.get(slot_name="chat", action="load")
     assert not event.ok and event.from_state == "offline"
     monkeypatch.undo()
-    assert services.load_slot("chat").state == "ready"  # and it can be loaded again
+    assert lifecycle.do_load_slot("chat", actor="cli").state == "ready"  # and it can be loaded again
 
 
 def test_swap_keeps_a_model_another_slot_serves(node, sim, make_slot):
     sim.configure(max_loaded_models=-1)
     make_slot("twin", model_name="Qwen3-4B-Instruct-2507-GGUF")
-    services.load_slot("twin")
-    services.load_slot("chat")
-    services.swap_slot("chat", "Qwen3-0.6B-GGUF")
+    lifecycle.do_load_slot("twin", actor="cli")
+    lifecycle.do_load_slot("chat", actor="cli")
+    lifecycle.do_swap_slot("chat", "Qwen3-0.6B-GGUF", actor="cli")
     assert set(sim.state()["loaded_names"]) == {"Qwen3-4B-Instruct-2507-GGUF", "Qwen3-0.6B-GGUF"}
 
 
@@ -330,12 +331,12 @@ def test_serving_left_by_a_dead_gateway_process_is_settled(dead_node, make_slot)
     soon, past = timezone.now() + timedelta(seconds=30), timezone.now() - timedelta(seconds=1)
     Lease.objects.create(name=f"serving:{alive.pk}:other", holder="box:1:aa", expires_at=soon)
     Lease.objects.create(name=f"serving:{orphan.pk}:dead", holder="box:2:bb", expires_at=past)
-    assert services.settle_serving() == ["orphan"]
+    assert runtime.current().serving.settle() == ["orphan"]
     assert Slot.objects.get(pk=orphan.pk).state == State.READY
     assert Slot.objects.get(pk=alive.pk).state == State.SERVING
     assert not Lease.objects.filter(name__startswith=f"serving:{orphan.pk}:").exists()
     # this process going idle does not turn a slot another process serves to ready
-    assert services.sync_serving_state(alive) is None
+    assert runtime.current().serving.sync_state(alive) is None
     assert Slot.objects.get(pk=alive.pk).state == State.SERVING
 
 
@@ -345,8 +346,8 @@ def test_serving_claims_are_renewed_while_requests_run(dead_node, make_slot, mon
 
     settings.HAL0_SERVING_CLAIM_TTL_S = 60
     busy, idle = make_slot("busy", node=dead_node), make_slot("idle", node=dead_node)
-    monkeypatch.setattr(services, "_in_flight", {busy.pk: 2, idle.pk: 0})
-    assert services.renew_serving_claims() == 1
+    runtime.current().serving.in_flight.update({busy.pk: 2, idle.pk: 0})
+    assert runtime.current().serving.renew_leases() == 1
     claims = Lease.objects.filter(name__startswith="serving:")
     assert [c.name.split(":")[1] for c in claims] == [str(busy.pk)]
     left = (claims[0].expires_at - timezone.now()).total_seconds()
@@ -361,8 +362,8 @@ def test_renewal_puts_back_serving_a_racing_idle_edge_turned_ready(dead_node, ma
 
     slot = make_slot("raced", node=dead_node)
     Slot.objects.filter(pk=slot.pk).update(state=State.READY)
-    monkeypatch.setattr(services, "_in_flight", {slot.pk: 1})
-    services.renew_serving_claims()
+    runtime.current().serving.in_flight[slot.pk] = 1
+    runtime.current().serving.renew_leases()
     assert Slot.objects.get(pk=slot.pk).state == State.SERVING
 
 
@@ -373,11 +374,11 @@ def test_idle_unload_skips_a_slot_another_process_serves(node, sim):
 
     from slots.models import Lease, State
 
-    slot = services.load_slot("chat")
+    slot = lifecycle.do_load_slot("chat", actor="cli")
     Slot.objects.filter(pk=slot.pk).update(idle_timeout_s=1)
     Lease.objects.create(name=f"serving:{slot.pk}:elsewhere", holder="box:9:cc",
                          expires_at=timezone.now() + timedelta(seconds=30))
-    assert services.idle_unload_slot("chat") is None
+    assert lifecycle.do_idle_unload_slot("chat") is None
     assert Slot.objects.get(pk=slot.pk).state == State.READY
     Lease.objects.all().delete()
-    assert services.idle_unload_slot("chat").state == State.OFFLINE
+    assert lifecycle.do_idle_unload_slot("chat").state == State.OFFLINE

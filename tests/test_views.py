@@ -9,7 +9,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.test import AsyncClient
 
-from slots import services
+from slots.actions import lifecycle, pulls
 from slots.models import Slot, SlotEvent, State
 
 HTMX = {"HX-Request": "true"}
@@ -56,8 +56,8 @@ def test_dashboard_query_count_does_not_grow_with_slots(admin_client, node, make
 
 @pytest.mark.django_db
 def test_slot_page_shows_form_history_chart_and_raw_entry(admin_client, node):
-    services.load_slot("chat")
-    services.load_slot("chat")  # joins nothing: already loaded, a second load event
+    lifecycle.do_load_slot("chat", actor="cli")
+    lifecycle.do_load_slot("chat", actor="cli")  # joins nothing: already loaded, a second load event
     Slot.objects.filter(name="chat").update(lemond_entry={"model_name": "X", "pid": 4242})
     html = admin_client.get("/slots/chat/").content.decode()
     assert 'id="slot-form"' in html and 'name="model_name"' in html
@@ -217,9 +217,9 @@ async def test_download_runs_with_progress_and_is_recorded(node, sim, admin_user
     response = await client.post("/slots/chat/pull/", {"model": NOT_DOWNLOADED_LLM},
                                  headers=HTMX)
     assert "<progress" in response.content.decode()
-    assert services.pull_running(node.pk, NOT_DOWNLOADED_LLM)
+    assert pulls.pull_running(node.pk, NOT_DOWNLOADED_LLM)
     for _ in range(100):
-        if not services.pull_running(node.pk, NOT_DOWNLOADED_LLM):
+        if not pulls.pull_running(node.pk, NOT_DOWNLOADED_LLM):
             break
         await __import__("asyncio").sleep(0.05)
     assert any("Swap to this" in html and "downloaded" in html for html in pushed)
@@ -242,7 +242,7 @@ async def test_download_can_be_cancelled(node, sim, admin_user, monkeypatch):
                                  headers=HTMX)
     assert "cancelling" in response.content.decode()
     for _ in range(50):
-        if not services.pull_running(node.pk, NOT_DOWNLOADED_LLM):
+        if not pulls.pull_running(node.pk, NOT_DOWNLOADED_LLM):
             break
         await asyncio.sleep(0.05)
     event = await SlotEvent.objects.filter(slot_name="chat", action="pull").afirst()

@@ -16,17 +16,10 @@ import sys
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 import providers
-from slots import portability, services
+from slots import portability
+from slots.actions import lifecycle
+from slots.actions.errors import SlotError, get_slot
 from slots.models import EventActor, Slot
-from slots.services import SlotError
-
-LIFECYCLE = {
-    "load": services.load_slot,
-    "unload": services.unload_slot,
-    "restart": services.restart_slot,
-    "pin": services.pin_slot,
-    "unpin": services.unpin_slot,
-}
 
 
 class Command(BaseCommand):
@@ -116,10 +109,7 @@ class Command(BaseCommand):
     def lifecycle(self, action: str, name: str, json: bool = False, model: str | None = None,
                   **_):
         try:
-            if action == "swap":
-                slot = services.swap_slot(name, model, actor=EventActor.CLI)
-            else:
-                slot = LIFECYCLE[action](name, actor=EventActor.CLI)
+            slot = lifecycle.do_action(action, name, actor=EventActor.CLI, model=model or "")
         except SlotError as exc:
             self.stderr.write(_dumps(exc.envelope()))
             sys.exit(1)
@@ -166,7 +156,7 @@ class Command(BaseCommand):
 
     def _get(self, name: str) -> Slot:
         try:
-            return services.get_slot(name)
+            return get_slot(name)
         except SlotError as exc:
             raise CommandError(exc.message) from None
 
