@@ -62,11 +62,12 @@ def _start(tmp_path, sim, **env: str) -> Gateway:
     stack = Stack(tmp_path, HAL0_LEMONADE_URL=sim.url, HAL0_GATEWAY_ROUTE_CACHE_S="0.1",
                   HAL0_TOKEN_CACHE_S="0.5", **env)
     stack.setup()
-    stack.manage("shell", "-c", "from slots import services\n"
-                 "services.create_slot({'name': 'writer', 'capability': 'chat', "
-                 "'device': 'cpu', 'model_name': 'Qwen3-0.6B-GGUF', 'ctx_size': 8192})\n"
-                 "services.create_slot({'name': 'ears2', 'capability': 'stt', "
-                 "'device': 'cpu', 'model_name': 'Whisper-Tiny'})")
+    stack.manage("shell", "-c", "from slots.actions import config\n"
+                 "config.do_create_slot({'name': 'writer', 'capability': 'chat', "
+                 "'device': 'cpu', 'model_name': 'Qwen3-0.6B-GGUF', 'ctx_size': 8192}, "
+                 "actor='cli')\n"
+                 "config.do_create_slot({'name': 'ears2', 'capability': 'stt', "
+                 "'device': 'cpu', 'model_name': 'Whisper-Tiny'}, actor='cli')")
     tokens = {"all": stack.manage("tokens", "create", "all").stdout.strip(),
               "picker": stack.manage("tokens", "create", "open-webui", "--list", "chat")
               .stdout.strip()}
