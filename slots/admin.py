@@ -174,7 +174,8 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         if not change:
-            row, raw = tokens.create_token(obj.name, slots=obj.slots, expires_at=obj.expires_at,
+            row, raw = tokens.create_token(obj.name, slots=obj.slots, listed=obj.listed,
+                                           expires_at=obj.expires_at,
                                            created_by=request.user.get_username())
             obj.pk = row.pk
             obj.refresh_from_db()
