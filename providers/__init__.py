@@ -1,5 +1,5 @@
 """Model runtimes hal0 can drive. Each is a provider: a thin typed layer that maps a slot
-onto the runtime's API. Only `slots.services` calls providers.
+onto the runtime's API. Only `slots.actions` calls providers.
 
     from providers import get
     provider = get("lemonade")

@@ -1,4 +1,4 @@
-"""The JSON API: session (CSRF enforced) auth, listing, actions through the services, the
+"""The JSON API: session (CSRF enforced) auth, listing, actions, the
 error envelope, and /api/health."""
 
 import json

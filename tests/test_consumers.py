@@ -186,7 +186,7 @@ async def _dashboard(session_cookie) -> WebsocketCommunicator:
 
 async def test_a_slot_made_outside_the_page_takes_its_place_on_open_dashboards(
         node, session_cookie):
-    """Not only the page's own buttons: services push the grid when a card is new, renamed
+    """Not only the page's own buttons: actions push the grid when a card is new, renamed
     or deleted, so a second browser sees a slot made in the admin or another browser."""
     comm = await _dashboard(session_cookie)
     await sync_to_async(config.do_create_slot)(
