@@ -139,23 +139,35 @@ async def slot_action(request, name: str, action: str):
     return JsonResponse(data, status=status)
 
 
+def _node_json(node: Node, staff: bool) -> dict:
+    data = {"name": node.name, "enabled": node.enabled, "reachable": node.reachable,
+            "version": node.version, "simulated": node.simulated,
+            "last_seen": node.last_seen.isoformat() if node.last_seen else None,
+            "unreachable_since": node.unreachable_since.isoformat()
+            if node.unreachable_since else None}
+    if staff:  # where lemond lives and what went wrong there is for administrators
+        data["url"] = node.base_url
+        data["last_error"] = node.last_error
+    return data
+
+
 @require_GET
 def health(request):
-    """hal0's own health; the nodes' reachability (as last observed) for a logged-in caller."""
+    """hal0's own health; the nodes' reachability (as last observed) for a logged-in caller
+    or a token: a scoped token sees only the nodes of its slots, and only staff see node
+    URLs and errors."""
     try:
         Slot.objects.exists()
         database = "ok"
     except Exception as exc:  # the database is the one thing hal0 cannot work without
         return JsonResponse({"status": "error", "database": str(exc)[:200]}, status=503)
     data = {"status": "ok", "database": database, "time": timezone.now().isoformat()}
-    _, denied = authenticate(request)
+    principal, denied = authenticate(request)
     if not denied:
-        data["nodes"] = [
-            {"name": n.name, "url": n.base_url, "enabled": n.enabled, "reachable": n.reachable,
-             "version": n.version, "simulated": n.simulated,
-             "last_seen": n.last_seen.isoformat() if n.last_seen else None,
-             "unreachable_since": n.unreachable_since.isoformat() if n.unreachable_since else None,
-             "last_error": n.last_error}
-            for n in Node.objects.all()
-        ]
+        nodes = Node.objects.all()
+        scope = getattr(principal, "allowed", ())  # a token's slots; () = every slot
+        if scope:
+            nodes = nodes.filter(slots__name__in=scope).distinct()
+        staff = bool(getattr(principal, "is_staff", False))
+        data["nodes"] = [_node_json(n, staff) for n in nodes]
     return JsonResponse(data)

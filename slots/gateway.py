@@ -577,10 +577,12 @@ async def models(request, model_id: str | None = None):
 async def prometheus(request):
     """Prometheus text; needs an API token (any) or a logged-in staff session."""
     header = request.headers.get("Authorization", "")
+    scope: tuple[str, ...] = ()
     if header[:7].lower() == "bearer ":
-        _, denied = await _principal(request)
+        principal, denied = await _principal(request)
         if denied:
             return denied
+        scope = principal.allowed
     else:
         user = await request.auser()
         if not (user.is_authenticated and user.is_staff):
@@ -588,6 +590,6 @@ async def prometheus(request):
                                     status=401, content_type="text/plain")
             response["WWW-Authenticate"] = 'Bearer realm="hal0"'
             return response
-    text = await sync_to_async(metrics.prometheus_text)()
+    text = await sync_to_async(metrics.prometheus_text)(scope)
     return HttpResponse(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 

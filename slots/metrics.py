@@ -295,16 +295,22 @@ def _label(value: Any) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def prometheus_text() -> str:
-    """Prometheus text exposition (version 0.0.4) for slots, nodes and the gateway."""
+def prometheus_text(scope: tuple[str, ...] = ()) -> str:
+    """Prometheus text exposition (version 0.0.4) for slots, nodes and the gateway.
+    `scope`: a scoped token's slot names; it sees only those slots, their nodes and their
+    gateway numbers (() = everything)."""
     serving = runtime.current().serving
+
+    def shown(slot_name: str) -> bool:
+        return not scope or slot_name in scope
+
     out: list[str] = []
 
     def family(name: str, kind: str, help_text: str) -> None:
         out.append(f"# HELP {name} {help_text}")
         out.append(f"# TYPE {name} {kind}")
 
-    slots = list(Slot.objects.select_related("node").order_by("name"))
+    slots = [s for s in Slot.objects.select_related("node").order_by("name") if shown(s.name)]
     family("hal0_slot_info", "gauge", "A declared slot (value 1) and its configuration.")
     for s in slots:
         out.append(f'hal0_slot_info{{slot="{_label(s.name)}",capability="{s.capability}",'
@@ -329,16 +335,23 @@ def prometheus_text() -> str:
             out.append(f'hal0_slot_last_load_seconds{{slot="{_label(s.name)}"}} '
                        f'{s.last_load_ms / 1000:.3f}')
     family("hal0_node_reachable", "gauge", "1 when the reconciler last reached the lemond node.")
-    for n in Node.objects.order_by("name"):
+    nodes = Node.objects.order_by("name")
+    if scope:
+        nodes = nodes.filter(pk__in={s.node_id for s in slots})
+    for n in nodes:
         out.append(f'hal0_node_reachable{{node="{_label(n.name)}"}} {int(n.reachable)}')
 
     family("hal0_gateway_requests_total", "counter", "Gateway requests by slot, endpoint, status.")
     for (slot, endpoint, status), value in sorted(counters.requests.items()):
+        if not shown(slot):
+            continue
         out.append(f'hal0_gateway_requests_total{{slot="{_label(slot)}",'
                    f'endpoint="{_label(endpoint)}",status="{status}"}} {value}')
     family("hal0_gateway_request_duration_seconds", "histogram",
            "Gateway request latency (to the last byte) by slot.")
     for slot, buckets in sorted(counters.latency_buckets.items()):
+        if not shown(slot):
+            continue
         cumulative = 0
         for bound, count in zip((*LATENCY_BUCKETS, math.inf), buckets, strict=True):
             cumulative += count
@@ -351,13 +364,13 @@ def prometheus_text() -> str:
                    f'{cumulative}')
     family("hal0_gateway_time_to_first_token_seconds", "summary",
            "Time to the first streamed byte (or the backend's prompt time) by slot.")
-    for slot in sorted(counters.ttft_count):
+    for slot in sorted(filter(shown, counters.ttft_count)):
         out.append(f'hal0_gateway_time_to_first_token_seconds_sum{{slot="{_label(slot)}"}} '
                    f'{counters.ttft_sum[slot]:.6f}')
         out.append(f'hal0_gateway_time_to_first_token_seconds_count{{slot="{_label(slot)}"}} '
                    f'{counters.ttft_count[slot]}')
     family("hal0_gateway_tokens_total", "counter", "Tokens through the gateway by slot.")
-    for slot in sorted(set(counters.tokens_in) | set(counters.tokens_out)):
+    for slot in sorted(filter(shown, set(counters.tokens_in) | set(counters.tokens_out))):
         out.append(f'hal0_gateway_tokens_total{{slot="{_label(slot)}",direction="in"}} '
                    f'{counters.tokens_in[slot]}')
         out.append(f'hal0_gateway_tokens_total{{slot="{_label(slot)}",direction="out"}} '

@@ -284,6 +284,54 @@ def test_scoped_token_on_the_json_api(node):
 
 
 @pytest.mark.django_db
+def test_a_scoped_token_sees_only_its_slots_on_metrics_and_health(dead_node, admin_user,
+                                                                  django_user_model,
+                                                                  monkeypatch):
+    from slots import metrics
+
+    monkeypatch.setattr(metrics, "counters", metrics._Counters())
+    monkeypatch.setattr(metrics, "_buffer", [])
+    dead_node.last_error = "lemond answered 500"
+    dead_node.save()
+    far = Node.objects.create(name="far", base_url="http://10.9.9.9:13305",
+                              last_error="lemond answered 500")
+    Slot.objects.create(name="faraway", capability="chat", device="cpu",
+                        model_name="Qwen3-0.6B-GGUF", node=far)
+    for slot in ("chat", "embed"):
+        metrics.observe(metrics.Observation(
+            slot_name=slot, endpoint="chat/completions", status=200,
+            started_at=timezone.now(), latency_ms=3.0, tokens_in=1, tokens_out=2, ttft_ms=1.0))
+    _, raw = tokens.create_token("chat-only", slots="chat")
+    scoped = Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
+    text = scoped.get("/metrics").content.decode()
+    assert 'hal0_slot_loaded{slot="chat"}' in text and 'node="local"' in text
+    assert 'hal0_gateway_requests_total{slot="chat"' in text
+    for other in ('slot="embed"', 'slot="faraway"', 'node="far"'):
+        assert other not in text, other
+    nodes = scoped.get("/api/health").json()["nodes"]
+    assert [n["name"] for n in nodes] == ["local"]
+    assert "url" not in nodes[0] and "last_error" not in nodes[0]
+    # an unscoped token sees every slot and node, but no URLs or errors either
+    _, everything = tokens.create_token("all")
+    text = Client(HTTP_AUTHORIZATION=f"Bearer {everything}").get("/metrics").content.decode()
+    assert 'slot="embed"' in text and 'node="far"' in text
+    nodes = Client(HTTP_AUTHORIZATION=f"Bearer {everything}").get("/api/health").json()["nodes"]
+    assert {n["name"] for n in nodes} == {"local", "far"}
+    assert not any("url" in n or "last_error" in n for n in nodes)
+    # a logged-in operator who is not staff: reachability, no URLs or errors
+    operator = Client()
+    operator.force_login(django_user_model.objects.create_user("op", "", "op-password-1"))
+    nodes = operator.get("/api/health").json()["nodes"]
+    assert not any("url" in n or "last_error" in n for n in nodes)
+    # staff see where lemond lives and what went wrong
+    staff = Client()
+    staff.force_login(admin_user)
+    nodes = {n["name"]: n for n in staff.get("/api/health").json()["nodes"]}
+    assert nodes["far"]["url"] == "http://10.9.9.9:13305"
+    assert nodes["far"]["last_error"] == "lemond answered 500"
+
+
+@pytest.mark.django_db
 def test_revoked_and_expired_tokens_are_refused(node):
     _, revoked = tokens.create_token("old")
     tokens.revoke_token("old")
