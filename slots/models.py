@@ -128,6 +128,14 @@ class Node(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def clean(self) -> None:
+        super().clean()
+        # hal0 sends lemond's keys to this URL: only lemond's own schemes, nothing httpx or
+        # a later client might resolve to a file, a socket or another protocol.
+        scheme = self.base_url.split(":", 1)[0].lower() if ":" in (self.base_url or "") else ""
+        if self.base_url and scheme not in ("http", "https"):
+            raise ValidationError({"base_url": "A node's URL starts with http:// or https://."})
+
     LOCAL = "local"
 
     @classmethod

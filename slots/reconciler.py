@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -47,7 +48,11 @@ from django.db import close_old_connections, connection
 from django.utils import timezone
 
 from providers.lemonade.client import Health, LoadedModel
-from providers.lemonade.errors import LemonadeError
+from providers.lemonade.errors import (
+    LemonadeBadResponse,
+    LemonadeError,
+    LemonadeHTTPError,
+)
 
 from . import idle, leases, live, metrics, runtime, states
 from .actions import lifecycle
@@ -262,12 +267,11 @@ class Reconciler:
             seen.error = f"lemond at {node.base_url} did not answer within {timeout:g} s"
             return seen
         except Exception as exc:  # a broken node must not stop the loop
-            seen.error = f"{exc.__class__.__name__}: {exc}"
+            seen.error = failure_reason(exc)
             return seen
         health = results[0]
         if isinstance(health, BaseException):
-            seen.error = str(health) if isinstance(health, LemonadeError) else \
-                f"{health.__class__.__name__}: {health}"
+            seen.error = failure_reason(health)
             return seen
         seen.health = health
         if want_stats:
@@ -467,6 +471,23 @@ def _fresh_connection() -> None:
     CONN_MAX_AGE retired (never inside a transaction, e.g. a test's)."""
     if not connection.in_atomic_block:
         close_old_connections()
+
+
+_CODE_RE = re.compile(r"[A-Za-z0-9_.-]{1,40}")
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Why a node's poll failed, for its banner and /api/health: the status and a short
+    reason hal0 wrote itself, never what answered. Whatever listens at a node's URL may
+    be another service, and its error body can hold its secrets."""
+    if isinstance(exc, LemonadeBadResponse):
+        return f"lemond answered {exc.status} with something that is not lemond's JSON"
+    if isinstance(exc, LemonadeHTTPError):
+        code = exc.code if isinstance(exc.code, str) and _CODE_RE.fullmatch(exc.code) else ""
+        return f"lemond answered {exc.status}" + (f" ({code})" if code else "")
+    if isinstance(exc, LemonadeError):
+        return str(exc)[:300]  # hal0's own words: unreachable, timed out
+    return exc.__class__.__name__
 
 
 def _enabled_nodes() -> list[Node]:

@@ -25,6 +25,7 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Group, User
 from django.contrib.contenttypes.models import ContentType
+from django.core.exceptions import ValidationError
 from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils import timezone
@@ -484,6 +485,71 @@ def test_a_real_serve_refuses_websockets_from_other_origins(tmp_path, lemond_sim
                 assert socket.recv(timeout=10)  # the page's first sync
     finally:
         stack.stop()
+
+
+# --- node URLs and what a failing node shows -----------------------------------------------------
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1:21/", "ftps://127.0.0.1/", "file:///etc/passwd",
+                                 "gopher://127.0.0.1/"])
+def test_node_urls_are_http_or_https_only(admin_client, dead_node, url):
+    response = admin_client.post("/nodes/", {"name": "odd", "base_url": url, "enabled": "on"})
+    assert response.status_code == 400
+    assert not Node.objects.filter(name="odd").exists()
+    response = admin_client.post(f"/nodes/{dead_node.name}/", {
+        "name": dead_node.name, "base_url": url, "enabled": "on"})
+    assert response.status_code == 400
+    assert Node.objects.get(pk=dead_node.pk).base_url == dead_node.base_url
+    node = Node(name="odd", base_url=url)
+    with pytest.raises(ValidationError) as refused:
+        node.full_clean()
+    assert "http:// or https://" in str(refused.value)
+
+
+@pytest.fixture
+def leaky_service():
+    """Another internal service where a node points: every answer is a 500 whose body
+    holds a secret."""
+    import http.server
+    import threading
+
+    class Leaky(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body = b'{"error": {"message": "denied for token=INTERNAL-SECRET-42", "code": "x"}}'
+            self.send_response(500)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Leaky)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.django_db
+def test_a_failing_node_shows_its_status_never_the_body(admin_client, dead_node, leaky_service):
+    from asgiref.sync import async_to_sync
+
+    from slots.reconciler import Reconciler
+
+    dead_node.base_url = leaky_service
+    dead_node.save()
+    async_to_sync(Reconciler().poll_once)()
+    dead_node.refresh_from_db()
+    assert not dead_node.reachable
+    assert dead_node.last_error == "lemond answered 500 (x)"
+    health = admin_client.get("/api/health").content.decode()
+    page = admin_client.get("/").content.decode()
+    assert "lemond answered 500" in page
+    for text in (health, page):
+        assert "INTERNAL-SECRET-42" not in text
 
 
 # --- check --deploy ----------------------------------------------------------------------------
