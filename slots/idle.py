@@ -2,8 +2,9 @@
 
 A slot is idle when it is ready (not serving, loading, …), unpinned, not keep-loaded, has a
 non-zero timeout, has no gateway request in flight in this process, and its last activity
-is older than the timeout. Last activity is the latest of: lemond's `last_use` for the
-model (as the reconciler last stored it in `lemond_entry` / `last_use_at`), hal0's own
+is older than the timeout. Last activity is the latest of: `last_use_at` (written by the
+reconciler when lemond's `last_use` for the model moved between two polls: lemond sends
+steady-clock milliseconds, never a date, so hal0 never reads it as one), hal0's own
 request times (in memory for this process; `last_use_at`, written when a slot stops
 serving, for the others) and the moment the slot became ready.
 
@@ -28,21 +29,9 @@ from .models import EventActor, Slot, State
 log = logging.getLogger("hal0.idle")
 
 
-def _lemond_last_use(entry: dict) -> datetime | None:
-    """lemond sends integer ms since the epoch (its docs show float seconds)."""
-    value = entry.get("last_use") if isinstance(entry, dict) else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        return None
-    seconds = value / 1000.0 if value > 1e11 else float(value)
-    try:
-        return datetime.fromtimestamp(seconds, tz=UTC)
-    except (OverflowError, OSError, ValueError):
-        return None
-
-
 def last_activity(slot: Slot) -> datetime:
     """The latest sign of use of the slot (see the module docstring)."""
-    seen = [slot.state_changed_at, slot.last_use_at, _lemond_last_use(slot.lemond_entry)]
+    seen = [slot.state_changed_at, slot.last_use_at]
     own = runtime.current().serving.last_request_at(slot)
     if own is not None:
         seen.append(datetime.fromtimestamp(own, tz=UTC))

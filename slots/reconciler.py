@@ -47,12 +47,14 @@ from django.conf import settings
 from django.db import close_old_connections, connection
 from django.utils import timezone
 
+from providers.lemonade import versions
 from providers.lemonade.client import Health, LoadedModel
 from providers.lemonade.errors import (
     LemonadeBadResponse,
     LemonadeError,
     LemonadeHTTPError,
 )
+from providers.lemonade.names import find_published
 
 from . import idle, leases, live, metrics, runtime, states
 from .actions import lifecycle
@@ -306,15 +308,17 @@ class Reconciler:
             node_fields["system_stats"] = seen.system_stats
         if seen.request_stats is not None:
             node_fields["request_stats"] = seen.request_stats
-        restarted = self._restarted(memory, health, seen)
+        loaded = {e.model_name: e for e in health.loaded if e.status in (None, "ready", "in_use")}
+        restarted = self._restarted(memory, health, seen,
+                                    versions.for_version(health.version), loaded)
         slots = list(Slot.objects.filter(node=node).select_related("node"))
         node_fields["config_warning"], memory.warned_pools = _pool_warning(slots, health)
         record_node_observation(node, **node_fields)
         for slot in slots:
             slot.node = node
 
-        # lemond < 10.8 lists a model only once it is up; later ones say "loading"
-        loaded = {e.model_name: e for e in health.loaded if e.status in (None, "ready", "in_use")}
+        # lemond < 10.8 lists a model only once it is up; later ones say "loading". Keys are
+        # the names lemond *publishes* (user.X as X): look slots up with `_entry`.
         previous = memory.models
         restore: list[tuple[Slot, str]] = []
         for slot in slots:
@@ -340,7 +344,7 @@ class Reconciler:
             return ""  # an action is running; it records its own outcome
         protected = slot.enabled and (slot.keep_loaded or slot.pinned)
         if slot.is_loaded:
-            entry = loaded.get(slot.loaded_model or slot.model_name)
+            entry = _entry(loaded, slot.loaded_model or slot.model_name)
             if entry is None:
                 reason = self._eviction_reason(slot, loaded, previous, restarted)
                 plan = " — hal0 reloads it" if protected else ""
@@ -352,19 +356,21 @@ class Reconciler:
                     return self._restore_reason(slot, loaded, health, memory, reason)
                 return ""
             self.restores.pop(slot.pk, None)
-            fresh = _fresh_fields(slot, entry)
+            before = _entry(previous, slot.loaded_model or slot.model_name)
+            fresh = _fresh_fields(slot, entry, before, seen.started_at)
             if fresh:
                 record_observation(slot, **fresh)
             return ""
-        entry = loaded.get(slot.model_name)
+        entry = _entry(loaded, slot.model_name)
         if entry is not None and slot.enabled:
-            how = "loaded outside hal0" if previous is None or slot.model_name not in previous \
+            how = "loaded outside hal0" if _entry(previous, slot.model_name) is None \
                 else "already loaded in lemond"
+            # lemond's last_use says nothing about wall-clock time: becoming ready is the
+            # slot's latest activity (idle unload counts from it)
             record_observation(
                 slot, "adopted", message=f"lemond serves {slot.model_name} ({how}); adopted",
                 state=State.READY, loaded_model=slot.model_name, error_code="",
-                state_message="", lemond_entry=entry.raw, last_use_at=entry.last_use or
-                slot.last_use_at)
+                state_message="", lemond_entry=entry.raw)
             self.restores.pop(slot.pk, None)
             return ""
         if slot.pk in self.restores:
@@ -399,11 +405,19 @@ class Reconciler:
 
     # --- why a model vanished -----------------------------------------------------------
     @staticmethod
-    def _restarted(memory: NodeMemory, health: Health, seen: NodeReading) -> bool:
-        """lemond has no uptime field: a restart shows as a gap in reachability, request
-        totals going down, or (v10.1–10.7) a new random log websocket port."""
+    def _restarted(memory: NodeMemory, health: Health, seen: NodeReading,
+                   caps: versions.Capabilities, loaded: dict[str, LoadedModel]) -> bool:
+        """lemond has no uptime field: a restart shows as a gap in reachability, a model
+        still listed under a new backend `pid` (lemond >= 10.4), request totals going down
+        (only lemond >= 10.7 has them), or (v10.1–10.7) a new random log websocket port."""
         restarted = memory.gap
-        total = (seen.request_stats or {}).get("request_count_total")
+        if memory.models and any(
+                entry.pid is not None and before.pid is not None and entry.pid != before.pid
+                for name, entry in loaded.items()
+                if (before := memory.models.get(name)) is not None):
+            restarted = True
+        total = (seen.request_stats or {}).get("request_count_total") \
+            if caps.stats_totals else None
         if isinstance(total, int):
             if memory.request_total is not None and total < memory.request_total:
                 restarted = True
@@ -438,6 +452,13 @@ class Reconciler:
         if failed:
             return (f"{model} evicted: lemond drops every model after a failed load "
                     f"(the load of {failed} failed)")
+        loading = (Slot.objects.filter(node_id=slot.node_id, state=State.LOADING)
+                   .exclude(pk=slot.pk).values_list("name", flat=True).first())
+        if loading:
+            # lemond evicts everything before it retries a failing load, and answers only
+            # after the retry: the load's failure is not recorded yet
+            return (f"{model} evicted while slot {loading!r} was loading: lemond drops every "
+                    "model when a load fails")
         vanished = [name for name in previous if name not in loaded]
         if len(vanished) > 1 and not loaded:
             # no failed load explains it: lemond restarting too fast to be seen down (it
@@ -505,19 +526,35 @@ def _max_loaded(health: Health) -> int | None:
     return max(values) if values else None
 
 
-def _fresh_fields(slot: Slot, entry: LoadedModel) -> dict[str, Any]:
-    """The observed fields of a loaded slot that lemond's entry says changed."""
+def _entry(loaded: dict[str, LoadedModel] | None, name: str) -> LoadedModel | None:
+    """lemond's entry for the model a slot names (`X`, `user.X`, `builtin.X`), found under
+    the name lemond publishes for it."""
+    if not loaded:
+        return None
+    published = find_published(name, loaded)
+    return loaded[published] if published is not None else None
+
+
+def _fresh_fields(slot: Slot, entry: LoadedModel, before: LoadedModel | None,
+                  polled_at: Any) -> dict[str, Any]:
+    """The observed fields of a loaded slot that lemond's entry says changed.
+
+    lemond's `last_use` is steady-clock milliseconds of its own process, not a date: only
+    a rise since the previous poll of the same backend (same pid) means the model was used
+    since then, and then `polled_at` is when hal0 learnt it."""
     fields: dict[str, Any] = {}
     moving = ("last_use", "is_busy", "is_streaming")
     new_raw = {k: v for k, v in entry.raw.items() if k not in moving}
     old_raw = {k: v for k, v in (slot.lemond_entry or {}).items() if k not in moving}
     if new_raw != old_raw:
         fields["lemond_entry"] = entry.raw
-    if entry.last_use is not None and (
-            slot.last_use_at is None or
-            abs((entry.last_use - slot.last_use_at).total_seconds())
-            > settings.HAL0_OBSERVE_RESOLUTION_S):
-        fields["last_use_at"] = entry.last_use
+    used = (before is not None and entry.pid == before.pid
+            and entry.last_use_ms is not None and before.last_use_ms is not None
+            and entry.last_use_ms > before.last_use_ms)
+    if used and (slot.last_use_at is None or
+                 (polled_at - slot.last_use_at).total_seconds()
+                 > settings.HAL0_OBSERVE_RESOLUTION_S):
+        fields["last_use_at"] = polled_at
         fields["lemond_entry"] = entry.raw
     return fields
 

@@ -85,13 +85,14 @@ def test_in_flight_requests_protect_a_slot_whose_state_says_ready(idle_embed):
     assert lifecycle.do_idle_unload_slot("embed") is None
 
 
-def test_lemonds_last_use_counts(idle_embed):
-    recent = int((time.time() - 5) * 1000)  # lemond sends ms since the epoch
+def test_lemonds_last_use_counts_through_last_use_at(idle_embed):
+    # lemond's last_use is steady-clock ms: the reconciler turns a rise between two polls
+    # into last_use_at (test_lemond_truth); the raw value is never read as a date
+    recent = int((time.time() - 5) * 1000)
     Slot.objects.filter(pk=idle_embed.pk).update(lemond_entry={"last_use": recent})
-    assert idle.find_idle_slots() == []
-    Slot.objects.filter(pk=idle_embed.pk).update(
-        lemond_entry={"last_use": time.time() - 3600})  # seconds (its docs' shape)
     assert [s.name for s in idle.find_idle_slots()] == ["embed"]
+    Slot.objects.filter(pk=idle_embed.pk).update(last_use_at=timezone.now())
+    assert idle.find_idle_slots() == []
 
 
 def test_only_ready_slots_are_candidates(idle_embed):

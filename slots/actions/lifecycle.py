@@ -250,10 +250,13 @@ def do_swap_slot(slot: Slot | str, new_model: str, *, actor: Actor) -> Slot:
             provider.load(slot, model_name=new_model)
         except LemonadeError as exc:
             error = lemond_error(slot, exc, f"swap to {new_model}", model=new_model)
-            # The old model stays desired. If lemond still has it, the slot still serves it.
-            still_loaded = bool(provider.status(slot).entry)
-            observed = {"loaded_model": old_model if still_loaded else "",
-                        "state": State.READY if still_loaded else State.ERROR}
+            # The old model stays desired, and the dialog promises the slot keeps it.
+            still_loaded = _keep_old_model(slot, provider, was_loaded=states.is_loaded(
+                from_state))
+            observed: dict[str, Any] = {"loaded_model": old_model if still_loaded else "",
+                                        "state": State.READY if still_loaded else State.ERROR}
+            if still_loaded:  # serving as before: the failure is the event's, not the card's
+                observed.update(error_code="", state_message="")
             raise fail(slot, "swap", from_state, error, actor=actor, started=started,
                        model=new_model, **observed) from None
         if old_model != new_model and not model_wanted_elsewhere(slot, old_model):
@@ -267,6 +270,22 @@ def do_swap_slot(slot: Slot | str, new_model: str, *, actor: Actor) -> Slot:
                model=new_model, message=f"swapped {old_model} → {new_model}",
                observed={"model_name": new_model, **_ready(new_model, elapsed)})
     return slot
+
+
+def _keep_old_model(slot: Slot, provider: Any, *, was_loaded: bool) -> bool:
+    """After a failed swap: is the slot's (old) model loaded, reloading it if lemond dropped
+    it? lemond 10.6 evicts every model when a load fails, the old one included."""
+    if provider.status(slot).entry:
+        return True
+    if not was_loaded:
+        return False
+    try:
+        provider.load(slot)
+    except LemonadeError as exc:
+        log.warning("slot %s: %s not reloaded after a failed swap: %s", slot.name,
+                    slot.model_name, exc)
+        return False
+    return True
 
 
 def _set_pin(slot: Slot | str, pinned: bool, actor: Actor) -> Slot:
