@@ -40,7 +40,7 @@ from . import metrics, runtime, states, tokens
 from .actions.errors import SlotError, disabled
 from .actions.lifecycle import do_ensure_loaded
 from .metrics import Observation
-from .models import Capability, Slot, parse_version
+from .models import Capability, Slot
 
 log = logging.getLogger("hal0.gateway")
 
@@ -117,6 +117,12 @@ class Route:
     is_default: bool
     upstream: str  # base URL + the lemond API prefix, e.g. http://127.0.0.1:13305/v1
     api_key: str = field(repr=False)
+    rerank_route: str = "reranking"  # what the node's lemond version serves rerank on
+
+    def upstream_url(self, endpoint: str) -> str:
+        """lemond's URL for a gateway endpoint: `/v1/rerank` goes to the rerank route the
+        node's version serves (a v10.6 lemond has only `reranking`)."""
+        return f"{self.upstream}/{self.rerank_route if endpoint == 'rerank' else endpoint}"
 
     @property
     def loaded(self) -> bool:
@@ -179,15 +185,13 @@ def _load_routes() -> RouteTable:
     routes = []
     for slot in Slot.objects.select_related("node").order_by("name"):
         node = slot.node
-        version = parse_version(node.version)
-        # lemond-api.md: /api/v1 is served by every version; before 10.1 (the 10.0 shape)
-        # it may be the only prefix, from 10.1 on the unprefixed /v1 is the documented one
-        prefix = "/api/v1" if version and version < (10, 1) else "/v1"
+        caps = node.lemond  # what the version it last reported serves (providers.versions)
         routes.append(Route(
             pk=slot.pk, name=slot.name, capability=slot.capability,
             model_name=slot.model_name, loaded_model=slot.loaded_model, state=slot.state,
             enabled=slot.enabled and node.enabled, is_default=slot.is_default,
-            upstream=node.base_url.rstrip("/") + prefix, api_key=node.api_key))
+            upstream=node.base_url.rstrip("/") + caps.api_prefix + "/v1",
+            api_key=node.api_key, rerank_route=caps.rerank_route))
     return RouteTable.build(routes)
 
 
@@ -335,13 +339,19 @@ def _json_body(raw: bytes) -> tuple[dict | None, JsonResponse | None]:
     return data, None
 
 
+def _carries_data(chunk: bytes) -> bool:
+    """False for a chunk of SSE comment lines only (`: ping`, sent by lemond during long
+    prefills): they are passed on as they are, but they are not the first token."""
+    return any(line.strip() and not line.startswith(b":") for line in chunk.split(b"\n"))
+
+
 async def _relay(response: httpx.Response, flight: Flight):
     """Pass an upstream stream through chunk by chunk; closing it cancels upstream."""
     status = response.status_code
     tail = bytearray()
     try:
         async for chunk in response.aiter_raw():
-            if flight.ttft_ms is None:
+            if flight.ttft_ms is None and _carries_data(chunk):
                 flight.ttft_ms = (time.perf_counter() - flight.started) * 1000.0
             tail += chunk
             if len(tail) > 2 * TAIL_KEEP:
@@ -394,7 +404,7 @@ async def _forward(request, endpoint: str, route: Route, flight: Flight, *, cont
     if route.api_key:  # lemond's key: only ever in this upstream header
         headers["Authorization"] = f"Bearer {route.api_key}"
     client = http_client()
-    upstream = client.build_request("POST", f"{route.upstream}/{endpoint}", headers=headers,
+    upstream = client.build_request("POST", route.upstream_url(endpoint), headers=headers,
                                     content=content, data=data, files=files)
     try:
         response = await client.send(upstream, stream=True)
