@@ -21,6 +21,7 @@ from django.utils import timezone
 from providers.lemonade import versions
 from providers.lemonade.client import LemonadeClient, client_for
 from providers.lemonade.names import model_name_problem
+from providers.lemonade.provider import recipe_for
 from providers.lemonade.versions import parse_version  # noqa: F401 - imported from here
 
 from . import states
@@ -66,17 +67,15 @@ SUPPORTED_DEVICES = {
 
 SLOT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 CTX_MIN, CTX_MAX = 128, 1_048_576
-# llama-server flags lemond sets itself and refuses in llamacpp_args (lemond-api.md §2.4),
-# plus the short/long spellings of the same flags.
-FORBIDDEN_FLAGS = (
-    "-m", "--model", "--port", "--ctx-size", "-c", "-ngl", "--jinja", "--mmproj",
-    "--embeddings", "--reranking",
-)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def validate_extra_args(value: str) -> None:
-    """Reject what lemond would reject, naming the offending flag."""
+def validate_extra_args(value: str, *, recipe: str = "llamacpp", lemond_version: str = ""
+                        ) -> None:
+    """Reject what lemond would reject, naming the offending flag: the flags the node's
+    lemond version sets itself for the slot's backend (`providers.lemonade.versions`; an
+    unknown version is taken as the pinned one). lemond 10.6 does not refuse them up front:
+    the backend fails to start and lemond evicts every loaded model."""
     if not value:
         return
     if _CONTROL_RE.search(value):
@@ -85,16 +84,12 @@ def validate_extra_args(value: str) -> None:
             code="control_chars",
         )
     try:
-        tokens = shlex.split(value)
+        shlex.split(value)
     except ValueError as exc:
         raise ValidationError(f"extra_args cannot be parsed: {exc}.", code="unparsable") from None
-    for token in tokens:
-        flag = token.split("=", 1)[0]
-        if flag in FORBIDDEN_FLAGS:
-            raise ValidationError(
-                f"extra_args may not contain {flag}: lemond sets it itself.",
-                code="forbidden_flag",
-            )
+    problem = versions.for_version(lemond_version).backend_args_problem(recipe, value)
+    if problem:
+        raise ValidationError(problem, code="forbidden_flag")
 
 
 class Node(models.Model):
@@ -295,7 +290,10 @@ class Slot(models.Model):
         if self.capability == Capability.TTS and (self.extra_args or "").strip():
             add("extra_args", "Text-to-speech (kokoro) takes no extra args; leave it empty.")
         try:
-            validate_extra_args(self.extra_args or "")
+            if self.capability in Capability.values and self.device in Device.values:
+                validate_extra_args(
+                    self.extra_args or "", recipe=recipe_for(self.capability, self.device),
+                    lemond_version=self.node.version if self.node_id else "")
         except ValidationError as exc:
             errors.setdefault("extra_args", []).extend(exc.messages)
         return errors

@@ -71,15 +71,20 @@ def test_where_the_log_streams():
 
 
 def test_only_versions_compares_lemond_version_numbers():
-    """The rule of issue #10 part 4, kept by a test: no other module of providers/ parses
-    or compares lemond versions (slots/ callers move over with the slots restructure)."""
+    """The rule of issue #10 part 4, kept by a test: outside `providers/lemonade/versions.py`
+    (and the simulator, which plays every version) nothing parses or compares lemond
+    versions; everything asks `versions.for_version()` (or `Node.lemond`)."""
+    import re
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent / "providers"
+    root = Path(__file__).resolve().parent.parent
+    comparison = re.compile(r"parse_version\(|version_tuple|[<>]=? ?\(1[01], ?\d+")
     offenders = [
-        str(path.relative_to(root)) for path in root.rglob("*.py")
-        if "simulator" not in str(path) and path.name != "versions.py"
-        and ("parse_version" in path.read_text() or "version_tuple" in path.read_text())
+        str(path.relative_to(root))
+        for package in ("providers", "slots", "hal0site", "installer")
+        for path in (root / package).rglob("*.py")
+        if "simulator" not in path.parts and path.name != "versions.py"
+        and comparison.search(path.read_text())
     ]
     assert offenders == []
 

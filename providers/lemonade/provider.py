@@ -74,6 +74,12 @@ RECIPE_KEYS: dict[str, tuple[str, str | None, str | None]] = {
 CTX_RECIPES = {"llamacpp", "flm"}
 
 
+def recipe_for(capability: str, device: str) -> str:
+    """The lemond recipe a slot of this capability runs on this device (npu: flm)."""
+    recipe, _ = device_to_backend(device)
+    return recipe or RECIPE_KEYS[capability][0]
+
+
 def device_to_backend(device: str) -> tuple[str | None, str | None]:
     """`gpu-rocm -> (None, "rocm")`, …, `npu -> ("flm", None)` (design.md, slot vocabulary)."""
     try:
@@ -107,8 +113,7 @@ class LemonadeProvider:
 
     # --- mapping -----------------------------------------------------------------------
     def recipe(self, slot: SlotConfig) -> str:
-        recipe, _ = device_to_backend(slot.device)
-        return recipe or RECIPE_KEYS[slot.capability][0]
+        return recipe_for(slot.capability, slot.device)
 
     def load_body(self, slot: SlotConfig, model_name: str | None = None) -> dict[str, Any]:
         """The `/v1/load` request for this slot (optionally for another model: swap)."""
