@@ -255,8 +255,6 @@ def do_swap_slot(slot: Slot | str, new_model: str, *, actor: Actor) -> Slot:
                 from_state))
             observed: dict[str, Any] = {"loaded_model": old_model if still_loaded else "",
                                         "state": State.READY if still_loaded else State.ERROR}
-            if still_loaded:  # serving as before: the failure is the event's, not the card's
-                observed.update(error_code="", state_message="")
             raise fail(slot, "swap", from_state, error, actor=actor, started=started,
                        model=new_model, **observed) from None
         if old_model != new_model and not model_wanted_elsewhere(slot, old_model):
