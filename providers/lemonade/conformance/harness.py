@@ -88,6 +88,14 @@ def first_line(text: str, limit: int = 300) -> str:
     return line[:limit]
 
 
+def describe(err, limit: int = 300) -> str:
+    """The exception's type and the first line of its message (an assertion message
+    may go on with a server log, which is not what the table needs)."""
+    exc_type, exc, _ = err
+    text = "".join(traceback.format_exception_only(exc_type, exc)).strip()
+    return (text.splitlines() or [""])[0][:limit]
+
+
 class RecordingResult(unittest.TextTestResult):
     """Keeps one outcome per test; a failing setUpClass fails every test of its class."""
 
@@ -121,11 +129,11 @@ class RecordingResult(unittest.TextTestResult):
 
     def addFailure(self, test, err):
         super().addFailure(test, err)
-        self._set(test, "failed", first_line(self._exc_info_to_string(err, test)))
+        self._set(test, "failed", describe(err))
 
     def addError(self, test, err):
         super().addError(test, err)
-        detail = first_line(self._exc_info_to_string(err, test))
+        detail = describe(err)
         if isinstance(test, unittest.case._SubTest):
             test = test.test_case
         if not isinstance(test, unittest.TestCase):  # setUpClass/tearDownClass holder
@@ -149,7 +157,7 @@ class RecordingResult(unittest.TextTestResult):
     def addSubTest(self, test, subtest, err):
         super().addSubTest(test, subtest, err)
         if err is not None:
-            self._set(test, "failed", first_line(self._exc_info_to_string(err, test)))
+            self._set(test, "failed", describe(err))
 
 
 def flatten(suite) -> list[unittest.TestCase]:

@@ -176,10 +176,11 @@ def tests_read_port_env(test_dir: Path) -> bool:
 
 
 def simulator_command(shape: str) -> list[str]:
-    """`manage.py lemond_sim` in the tag's shape, quick loads and downloads; add --port."""
+    """`manage.py lemond_sim` in the tag's shape, quick loads and downloads; add --port.
+    Streams keep the simulator's default pace (10 ms a token): tests watch a model busy
+    while it streams."""
     return [sys.executable, str(REPO / "manage.py"), "lemond_sim", "--version-shape", shape,
-            "--load-delay", "0.05", "--pull-delay", "0.2", "--token-delay", "0",
-            "--verbose"]
+            "--load-delay", "0.05", "--pull-delay", "0.2", "--verbose"]
 
 
 def write_lemond_shim(bin_dir: Path, shape: str) -> None:
