@@ -21,14 +21,18 @@ from providers.lemonade.simulator.constants import (
     SIM_FLM_MODELS,
 )
 from providers.lemonade.simulator.downloads import DownloadsMixin
+from providers.lemonade.simulator.eviction import EvictionMixin
 from providers.lemonade.simulator.faults import FaultControl
 from providers.lemonade.simulator.logs import LogBuffer, LogsMixin
+from providers.lemonade.simulator.options import OptionsMixin
+from providers.lemonade.simulator.processes import ProcessMixin
 from providers.lemonade.simulator.registry import RegistryMixin
 from providers.lemonade.simulator.residency import ResidencyMixin, State
 from providers.lemonade.simulator.routes_config import ConfigRoutes
 from providers.lemonade.simulator.routes_inference import InferenceRoutes
 from providers.lemonade.simulator.routes_lifecycle import LifecycleRoutes
 from providers.lemonade.simulator.routes_status import StatusRoutes
+from providers.lemonade.simulator.routes_v11 import V11Routes
 from providers.lemonade.simulator.wire import (
     ApiError,
     Request,
@@ -39,8 +43,9 @@ from providers.lemonade.simulator.wire import (
 )
 
 
-class Simulator(ConfigMixin, RegistryMixin, ResidencyMixin, DownloadsMixin, StatusRoutes,
-                LifecycleRoutes, ConfigRoutes, InferenceRoutes, LogsMixin, FaultControl):
+class Simulator(V11Routes, EvictionMixin, OptionsMixin, ProcessMixin, ConfigMixin,
+                RegistryMixin, ResidencyMixin, DownloadsMixin, StatusRoutes, LifecycleRoutes,
+                ConfigRoutes, InferenceRoutes, LogsMixin, FaultControl):
     """The ASGI application. One instance is one simulated lemond process."""
 
     def __init__(self, options: SimOptions | None = None, **kwargs: Any):
@@ -70,6 +75,8 @@ class Simulator(ConfigMixin, RegistryMixin, ResidencyMixin, DownloadsMixin, Stat
 
     def _reset_everything(self) -> None:
         """Startup state: nothing loaded, counters zero, faults cleared, catalogue pristine."""
+        if hasattr(self, "state"):
+            self.stop_all_backends()
         self.opts = replace(self.startup_options)
         self.generation += 1
         self.catalog = catalog.load_catalog()
@@ -77,6 +84,7 @@ class Simulator(ConfigMixin, RegistryMixin, ResidencyMixin, DownloadsMixin, Stat
         self.downloaded = {n for n in self.opts.downloaded if n in self.catalog}
         self.persisted_config: dict = {"max_loaded_models": self.opts.max_loaded_models}
         self.saved_options: dict[str, dict] = {}
+        self.aliases: dict[str, str] = {}  # /internal/aliases (v11.6+): alias -> target
         self.faults: dict[str, Any] = {}
         self.load_calls: dict[str, int] = {}
         self.load_requests: dict[str, int] = {}
@@ -91,6 +99,7 @@ class Simulator(ConfigMixin, RegistryMixin, ResidencyMixin, DownloadsMixin, Stat
 
     def _restart(self) -> None:
         """What a lemond restart forgets: loaded backends, pins, stats, runtime params."""
+        self.stop_all_backends()
         self.generation += 1
         self._drop_jobs()  # download jobs live in memory: a restart forgets them
         old = self.state
@@ -283,6 +292,7 @@ class Simulator(ConfigMixin, RegistryMixin, ResidencyMixin, DownloadsMixin, Stat
             routes["params"]["GET"] = self.h_params_get
         if not self.since(10, 1):
             routes["logs/stream"] = {"GET": self.h_logs_sse}  # SSE, removed in v10.1
+        routes.update(self.v11_api_routes())
         return routes
 
     def root_routes(self) -> dict[str, dict[str, Any]]:
@@ -299,6 +309,7 @@ class Simulator(ConfigMixin, RegistryMixin, ResidencyMixin, DownloadsMixin, Stat
             routes["/internal/pin"] = {"POST": self.h_pin}
         if self.since(10, 10):
             routes["/internal/config/defaults"] = {"GET": self.h_internal_defaults}
+        routes.update(self.v11_root_routes())
         return routes
 
     def route(self, req: Request) -> Any:
@@ -310,7 +321,8 @@ class Simulator(ConfigMixin, RegistryMixin, ResidencyMixin, DownloadsMixin, Stat
                 if req.path.startswith(prefix + "/"):
                     rest = req.path[len(prefix) + 1:]
                     break
-            if rest is not None:
+            methods = self.v11_dynamic_route(req.path, rest)
+            if methods is None and rest is not None:
                 routes = self.api_routes()
                 methods = routes.get(rest)
                 if methods is None and rest.startswith("models/") and len(rest) > 7:

@@ -16,6 +16,7 @@ from providers.lemonade.simulator.constants import (
     RECIPE_BACKENDS,
     SHAPES,
 )
+from providers.lemonade.simulator.eviction import EVICTION_CONFIG_KEYS, eviction_config_problem
 from providers.lemonade.simulator.wire import ApiError
 
 
@@ -203,6 +204,12 @@ class ConfigMixin:
         defaults = self.defaults() if defaults is None else defaults
         for key, value in changes.items():
             name = f"{path}{key}"
+            if not path and key in EVICTION_CONFIG_KEYS and self.since(10, 8):
+                # known to RuntimeConfig::validate, though absent from defaults.json
+                problem = eviction_config_problem(key, value)
+                if problem:
+                    raise ApiError(400, {"error": problem})
+                continue
             if key not in defaults:
                 raise ApiError(400, {"error": f"Unknown config key: {name}"})
             default = defaults[key]
@@ -249,12 +256,36 @@ class ConfigMixin:
                 elif key == "log_level" and value not in LOG_LEVELS:
                     raise bad
 
+    def normalize_config(self, changes: Any) -> Any:
+        """lemond 11 (issue #1824) takes a backend option in its flat CLI form
+        (`llamacpp_args`) and stores it nested (`llamacpp.args`)."""
+        if not self.since(11, 0) or not isinstance(changes, dict):
+            return changes
+        sections = {k for k, v in self.defaults().items() if isinstance(v, dict)}
+        nested: dict[str, Any] = {}
+        for key, value in changes.items():
+            section, _, field = key.partition("_")
+            if field and section in sections:
+                target = nested.setdefault(section, {})
+                if not isinstance(target, dict):
+                    raise ApiError(400, {"error": f"Ambiguous config: '{key}' conflicts with "
+                                                  f"non-object '{section}'"})
+                target[field] = value
+            elif isinstance(value, dict) and isinstance(nested.get(key), dict):
+                nested[key].update(value)
+            else:
+                nested[key] = value
+        return nested
+
     @staticmethod
     def config_value_problem(path: str, key: str, value: Any) -> str | None:
         """A config value that has the right type but that `/v1/load` would refuse."""
         name = f"{path}{key}"
         if not path and key == "ctx_size":
             return ctx_size_problem(value, name)
+        if not path and key == "default_model_source" and value not in ("huggingface",
+                                                                        "modelscope"):
+            return "'default_model_source' must be either 'huggingface', or 'modelscope'"
         section = path.rstrip(".")
         recipe = CONFIG_SECTION_RECIPES.get(section, section)
         if key == "backend" and recipe in RECIPE_BACKENDS and path.count(".") == 1:

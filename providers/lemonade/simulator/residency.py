@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from providers.lemonade import catalog
 from providers.lemonade.simulator.constants import FILE_NOT_FOUND_MARKERS, RECIPE_BINARIES
+from providers.lemonade.simulator.processes import spawn_backend, stop_backend
 from providers.lemonade.simulator.wire import model_error, now_ms
 
 if TYPE_CHECKING:
@@ -38,9 +40,16 @@ class LoadedModel:
     busy: int = 0
     streaming: int = 0
     idle: asyncio.Event | None = None
+    # For the eviction engine (v10.8+): how long the load took, and when it was last used
+    # (steady clock, like lemond's idle timers).
+    load_ms: float = 1000.0
+    last_access: float = field(default_factory=time.monotonic)
+    process: Any = None  # the real child process whose pid is reported (processes.py)
 
     def shown_options(self) -> dict:
-        shown = dict(self.options)
+        # v11.7 resolves every option to compare loads, but reports only those some layer
+        # set (ResolvedOptions.shown); older shapes report what they resolved.
+        shown = dict(getattr(self.options, "shown", self.options))
         if shown.get("ctx_size") == -1:
             # ctx_size -1 means "auto-size from memory" (v10.8+); report what a box would pick.
             shown["ctx_size"] = 32768 if self.type == "llm" else 8192
@@ -77,6 +86,7 @@ class ResidencyMixin:
         self.lru_counter += 1
         model.lru = self.lru_counter
         model.last_use = now_ms()
+        model.last_access = time.monotonic()
 
     def ready_models(self) -> list[LoadedModel]:
         return [m for m in self.state.loaded.values() if m.status != "loading"]
@@ -93,6 +103,7 @@ class ResidencyMixin:
             await model.idle.wait()
         if self.state.loaded.get(model.name) is model:
             del self.state.loaded[model.name]
+        stop_backend(model.process)
         self.evictions.append({"model": model.name, "reason": reason, "at": now_ms()})
         verb = "Unloaded" if reason == "unload" else f"Evicted ({reason})"
         self.log("Info", "Router", f"{verb} {model.name} (pid {model.pid})")
@@ -122,7 +133,8 @@ class ResidencyMixin:
             raise self.not_found(name)
         if not explicit:
             model = self.state.loaded.get(cid)
-            if model is not None and model.status != "loading":
+            if model is not None and model.status != "loading" and (
+                    self.backend_alive(model) or not self.since(10, 8)):
                 self.touch(model)  # auto-load never reloads for option changes (§3.7)
                 return model
         task = asyncio.ensure_future(self._load_serialized(cid, request, pinned, explicit))
@@ -174,6 +186,14 @@ class ResidencyMixin:
 
         options = self.resolve_options(cid, request)
         existing = state.loaded.get(cid)
+        if existing is not None and self.since(10, 8) and not self.backend_alive(existing):
+            # The watchdog: a dead backend is evicted and loaded again, keeping its pin.
+            if pinned is None:
+                pinned = existing.pinned
+            self.log("Warning", "Router", f"Existing backend for {cid} is unavailable "
+                                          "(state=crashed), evicting before reload")
+            await self.evict(existing, "crashed", wait_busy=False)
+            existing = None
         if existing is not None and existing.status != "loading":
             if not explicit or existing.options == options:
                 self.touch(existing)
@@ -200,10 +220,12 @@ class ResidencyMixin:
 
         self.port_counter += 1
         self.pid_counter += 1
+        process = spawn_backend()
         model = LoadedModel(name=cid, entry=entry, type=kind, recipe=recipe,
                             checkpoint=catalog.checkpoint(entry), options=options,
-                            device=device, backend_port=self.port_counter, pid=self.pid_counter,
-                            pinned=bool(pinned), idle=asyncio.Event())
+                            device=device, backend_port=self.port_counter,
+                            pid=process.pid if process else self.pid_counter,
+                            pinned=bool(pinned), idle=asyncio.Event(), process=process)
         model.idle.set()
         self.touch(model)
         state.loaded[cid] = model
@@ -219,11 +241,13 @@ class ResidencyMixin:
         except BaseException:
             if state.loaded.get(cid) is model:
                 del state.loaded[cid]
+            stop_backend(model.process)
             raise
         finally:
             if cid in state.in_flight_loads:
                 state.in_flight_loads.remove(cid)
         model.status = "ready"
+        model.load_ms = max(1.0, (time.monotonic() - model.last_access) * 1000.0)
         self.touch(model)
         self.load_calls[cid] = self.load_calls.get(cid, 0) + 1
         self.log("Info", "Router", f"{binary} for {cid} is ready on port {model.backend_port} "
@@ -320,7 +344,8 @@ class ResidencyMixin:
             item["pid"] = model.pid
         if self.since(10, 8):
             loading = model.status == "loading"
-            item["status"] = "loading" if loading else ("in_use" if model.busy else "ready")
+            item["status"] = ("loading" if loading else "in_use" if model.busy
+                              else model.status)  # ready, or the eviction engine's states
             item["backend_alive"] = True
             item["backend_health"] = "busy" if (model.busy or loading) else "ready"
             item["loaded"] = not loading

@@ -21,14 +21,14 @@ class ConfigRoutes:
     async def h_params_set(self, req: Request) -> Response:
         if not self.since(10, 1):
             return json_response({"status": "success"})  # a stub before v10.1
-        changes = parse_required_json(req.body)
+        changes = self.normalize_config(parse_required_json(req.body))
         self.validate_config(changes)
         self.merge_into(self.state.runtime_config, changes)
         self.log("Info", "Server", f"Applied runtime params (not persisted): {changes}")
         return json_response({"status": "success", "updated": changes})
 
     async def h_internal_set(self, req: Request) -> Response:
-        changes = parse_required_json(req.body)
+        changes = self.normalize_config(parse_required_json(req.body))
         self.validate_config(changes)
         self.merge_into(self.persisted_config, changes)
         for key in changes:  # a persisted value beats an older unpersisted one

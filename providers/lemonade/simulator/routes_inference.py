@@ -41,11 +41,14 @@ class InferenceRoutes:
         if isinstance(name, str) and name.endswith(":latest"):
             name = name[: -len(":latest")]
         if not isinstance(name, str) or not name:
-            current = self.most_recent()
-            if current is None:
+            # Router::execute_inference: a request must name its model, no fallback to
+            # the most recent one (it would silently misroute).
+            if self.most_recent() is None:
                 raise ApiError(400, {"error": "No model loaded and no model specified in "
                                               "request"})
-            name = current.name
+            raise ApiError(400, {"error": {"message": "Invalid request: No model specified "
+                                                      "in request",
+                                           "type": "invalid_request"}})
         cid = self.resolve_name(name)
         if cid is None:
             raise self.not_found(name)
@@ -55,7 +58,9 @@ class InferenceRoutes:
             raise ApiError(400, {"error": {
                 "message": f"This model does not support {what}. Only {who} models support "
                            "this endpoint.", "type": "invalid_request_error"}})
-        return await self.load(cid, {}, None, explicit=False)
+        model = await self.load(cid, self.autoload_request(body), None, explicit=False)
+        self.check_backend(model)
+        return model
 
     def record(self, prompt_tokens: int, output_tokens: int) -> None:
         tps = round(1.0 / self.opts.token_delay, 2) if self.opts.token_delay > 0 else 120.0
@@ -106,6 +111,14 @@ class InferenceRoutes:
         else:
             prompt = words_of(body.get("prompt"))
         prompt_n = len(prompt) + 4
+        overflow = self.context_overflow(model, prompt_n)
+        if overflow is not None:
+            if body.get("stream") is True:
+                async def refused():  # committed as a 200 stream: the error is an event
+                    yield sse(None, overflow)
+
+                return Response(200, content_type="text/event-stream", stream=refused())
+            raise ApiError(400, overflow)
         limit = body.get("max_completion_tokens", body.get("max_tokens",
                                                            body.get("max_output_tokens")))
         words, finish = self.reply_words(model.name, prompt, limit)

@@ -102,17 +102,26 @@ class LifecycleRoutes:
         return json_response({"status": "success", "message": f"Deleted model: {name}"})
 
     async def h_pin(self, req: Request) -> Response:
-        body = parse_required_json(req.body)
-        name = (body.get("model_name") or body.get("model")) if isinstance(body, dict) else None
-        pinned = body.get("pinned", True) if isinstance(body, dict) else True
-        if not isinstance(name, str) or not isinstance(pinned, bool):
-            raise ApiError(400, {"error": {"message": "model_name and a boolean pinned are "
-                                                      "required",
-                                           "type": "invalid_request_error"}})
+        """Server::handle_pin: every refusal is a 400 in the OpenAI error shape."""
+        def refuse(message: str) -> ApiError:
+            return ApiError(400, {"error": {"message": message,
+                                            "type": "invalid_request_error"}})
+
+        try:
+            body = json.loads(req.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise refuse(f"Invalid JSON body: {exc}") from None
+        if not isinstance(body, dict) or ("model" not in body and "model_name" not in body):
+            raise refuse("Parameter 'model' or 'model_name' is required")
+        pinned = body.get("pinned")
+        if not isinstance(pinned, bool):
+            raise refuse("Parameter 'pinned' is required and must be a boolean")
+        name = body["model"] if "model" in body else body["model_name"]
+        if not isinstance(name, str):
+            raise refuse("Parameter 'model' or 'model_name' must be a string")
         model = self.state.loaded.get(self.resolve_name(name) or name)
         if model is None or model.status == "loading":
-            raise ApiError(400, {"error": {"message": f"Model not loaded: {name}",
-                                           "type": "invalid_request_error"}})
+            raise refuse(f"Model not loaded: {name}")
         model.pinned = pinned
         self.log("Info", "Router", f"{'Pinned' if pinned else 'Unpinned'} {model.name}")
         return json_response({"status": "success", "model_name": name, "pinned": pinned})

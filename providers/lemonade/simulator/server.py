@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import sys
 from typing import Any
 
@@ -159,6 +161,19 @@ def _denying_websocket_protocol():
     return DenyingWebSocketProtocol
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether a server already listens there (a port in TIME_WAIT is free: SO_REUSEADDR,
+    as Twisted's own listener uses)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
 def run(host: str = "127.0.0.1", port: int | None = None, *, allow_remote: bool = False,
         websocket_port: int | None = None, **options: Any) -> int:
     """Serve the simulator with Daphne until SIGINT/SIGTERM or `/internal/shutdown`.
@@ -173,6 +188,13 @@ def run(host: str = "127.0.0.1", port: int | None = None, *, allow_remote: bool 
     sim_options = SimOptions.build(**options)
     if port is None:
         port = default_port(sim_options.version_shape)
+
+    if port and port_in_use(host, port):
+        # lemond probes its port first and exits non-zero when another server holds it
+        # (Daphne would log the failure and carry on with its other listeners).
+        print(f"lemond simulator: port {port} on {host} is already in use", file=sys.stderr,
+              flush=True)
+        return 1
 
     # daphne.server installs Twisted's asyncio reactor on import: import it before Twisted.
     from daphne.server import Server
@@ -217,7 +239,8 @@ def run(host: str = "127.0.0.1", port: int | None = None, *, allow_remote: bool 
     server.ready_callable = announce
     app.shutdown_hook = lambda: reactor.callLater(0, server.stop)
     server.run()
-    if not server.listening_addresses:
+    app.stop_all_backends()
+    if len(server.listening_addresses) < len(endpoints):
         print(f"lemond simulator: could not listen on {host}:{port}", file=sys.stderr,
               flush=True)
         return 1
