@@ -342,3 +342,40 @@ def test_a_second_simulator_on_a_busy_port_exits_non_zero(lemond_sim):
     assert second.returncode != 0
     assert "already in use" in (second.stdout + second.stderr).lower()
     assert httpx.get(f"{lemond_sim.url}/live", timeout=5).status_code == 200
+
+
+def test_metrics_describe_every_series_and_label_loaded_models(c):
+    load(c, QWEN)
+    text = c.get("/metrics").text
+    assert "# HELP lemonade_server_up Whether the Lemonade server is running." in text
+    assert "# TYPE lemonade_model_cache_tokens_total counter" in text
+    for series in ("lemonade_cache_tokens_total 0", "lemonade_routing_decisions_total 0",
+                   "lemonade_routing_switches_total 0", 'lemonade_max_loaded_models{type="llm"} 1'):
+        assert series in text
+    info = [line for line in text.splitlines() if line.startswith("lemonade_model_info{")]
+    assert len(info) == 1 and f'model_name="{QWEN}"' in info[0] and 'recipe="llamacpp"' in info[0]
+
+
+def test_speech_streams_raw_pcm_and_refuses_a_format_it_cannot_stream(c):
+    streamed = c.post("/v1/audio/speech", json={"model": "kokoro-v1", "input": "Lemonade can speak",
+                                                "stream_format": "audio"})
+    assert streamed.status_code == 200
+    assert streamed.headers["content-type"].startswith("audio/l16")
+    assert not streamed.content.startswith((b"RIFF", b"ID3", b"OggS"))
+    refused = c.post("/v1/audio/speech", json={"model": "kokoro-v1", "input": "hi",
+                                               "stream_format": "audio", "response_format": "mp3"})
+    assert refused.status_code == 400
+    assert c.post("/v1/audio/speech", json={"model": "kokoro-v1", "input": "hi",
+                                            "stream_format": "sse"}).status_code == 400
+    buffered = c.post("/v1/audio/speech", json={"model": "kokoro-v1", "input": "hi",
+                                                "response_format": "mp3"})
+    assert buffered.headers["content-type"] == "audio/mpeg"
+
+
+def test_transcription_refuses_an_unknown_response_format(c):
+    wav = b"RIFF" + b"\x00" * 4 + b"WAVEfmt " + b"\x00" * 100
+    response = c.post("/v1/audio/transcriptions", files={"file": ("a.wav", wav, "audio/wav")},
+                      data={"model": "Whisper-Large-v3-Turbo", "response_format": "xml"})
+    assert response.status_code == 400
+    assert response.json()["error"] == {"message": "Unsupported response_format: xml",
+                                        "type": "invalid_request_error"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from providers.lemonade.simulator.metrics import prometheus_text
 from providers.lemonade.simulator.wire import Request, Response, json_response
 
 
@@ -116,15 +117,5 @@ class StatusRoutes:
         })
 
     async def h_metrics(self, req: Request) -> Response:
-        lines = ["# TYPE lemonade_server_up gauge", "lemonade_server_up 1",
-                 f'lemonade_server_info{{version="{self.version}"}} 1',
-                 f"lemonade_loaded_models {len(self.ready_models())}",
-                 f"lemonade_max_loaded_models {self.max_loaded}",
-                 f"lemonade_requests_total {self.state.totals['request_count_total']}"]
-        for m in self.ready_models():
-            lines.append(f'lemonade_model_loaded{{model="{m.name}",type="{m.type}"}} 1')
-        for key in ("input", "output", "prompt", "cache"):
-            lines.append(f"lemonade_{key}_tokens_total {self.state.totals[key + '_tokens_total']}")
-        return Response(200, ("\n".join(lines) + "\n").encode(),
-                        "text/plain; version=0.0.4")
+        return Response(200, prometheus_text(self).encode(), "text/plain; version=0.0.4")
 

@@ -5,9 +5,12 @@ the route table that adds them (with the options and eviction routes) to the 11 
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from typing import Any
 from urllib.parse import unquote
 
+from providers.lemonade.simulator.media import parse_multipart
 from providers.lemonade.simulator.wire import (
     ApiError,
     Request,
@@ -225,6 +228,43 @@ class V11Routes:
                               "canonical_model_name": cid,
                               "model": {**self.model_json(cid), "id": public}})
 
+    # ---- audio --------------------------------------------------------------------------
+
+    async def h_speech(self, req: Request) -> Response:
+        """Server::handle_audio_speech (v11.7): `stream_format: "audio"` streams, and a
+        stream carries what the backend's streaming encoder emits: Kokoros only raw PCM,
+        so PCM is the default and any other explicit response_format is refused."""
+        body = req.json_or_none()
+        if not self.since(11, 7) or not isinstance(body, dict) or "input" not in body:
+            return await super().h_speech(req)
+        streaming = body.get("stream") is True or "stream_format" in body
+        if "stream_format" in body and body["stream_format"] != "audio":
+            raise ApiError(400, {"error": {"message": "Only 'audio' is supported for "
+                                                      "stream_format",
+                                           "type": "invalid_request_error"}})
+        if not streaming:
+            return await super().h_speech(req)
+        fmt = body.get("response_format")
+        if isinstance(fmt, str) and fmt != "pcm":
+            raise ApiError(400, {"error": {"message": f"response_format '{fmt}' is not "
+                                                      "supported by this model (supported: "
+                                                      "pcm)",
+                                           "type": "invalid_request_error"}})
+        return await super().h_speech(replace(req, body=json.dumps(
+            {**body, "response_format": "pcm"}).encode()))
+
+    async def h_transcriptions(self, req: Request) -> Response:
+        """v11.7 refuses a response_format it cannot produce before anything else."""
+        if self.since(11, 7):
+            form = parse_multipart(req.body, req.headers.get("content-type", ""))
+            if "response_format" in form:
+                fmt = form["response_format"][1].decode("utf-8", "replace")
+                if fmt not in ("json", "verbose_json", "text", "srt", "vtt"):
+                    raise ApiError(400, {"error": {"message": "Unsupported response_format: "
+                                                              f"{fmt}",
+                                                   "type": "invalid_request_error"}})
+        return await super().h_transcriptions(req)
+
     # ---- aliases ------------------------------------------------------------------------
 
     def resolve_name(self, name: Any) -> str | None:
@@ -241,7 +281,6 @@ class V11Routes:
         response = await super().h_model(req, model_id)
         aliases = getattr(self, "aliases", None)
         if aliases and model_id in aliases and response.status == 200:
-            import json
             data = json.loads(response.body)
             data["id"] = model_id  # an alias answers under its own name
             return json_response(data)
