@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -218,11 +219,27 @@ def test_pin_refusals_are_invalid_request_errors(c, raw, message):
     assert error["type"] == "invalid_request_error"
 
 
+def kill_and_wait(pid):
+    """SIGKILL a backend and wait until it has died (a zombie until the simulator reaps it:
+    the kill itself is asynchronous)."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"backend {pid} still alive")
+
+
 def test_a_killed_backend_is_reloaded_with_its_pin_by_the_next_request(c):
     load(c, QWEN, pinned=True)
     old_pid = loaded(c, QWEN)["pid"]
     os.kill(old_pid, 0)  # a real process
-    os.kill(old_pid, signal.SIGKILL)
+    kill_and_wait(old_pid)
     reply = c.post("/v1/chat/completions", json={
         "model": QWEN, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert reply.status_code == 200
@@ -236,7 +253,7 @@ def test_a_killed_backend_is_reloaded_with_its_pin_by_the_next_request(c):
 def test_a_killed_backend_before_v10_8_fails_its_requests(lemond_sim, c):
     lemond_sim.configure(version_shape="10.6")
     load(c, QWEN)
-    os.kill(loaded(c, QWEN)["pid"], signal.SIGKILL)
+    kill_and_wait(loaded(c, QWEN)["pid"])
     reply = c.post("/v1/chat/completions", json={
         "model": QWEN, "messages": [{"role": "user", "content": "hi"}]})
     assert reply.status_code == 500
