@@ -35,7 +35,7 @@ def authenticate(request):
     returns (user_or_token, None) or (None, error response)."""
     header = request.headers.get("Authorization", "")
     if header.lower().startswith("bearer "):
-        token = tokens.authenticate(header[7:].strip())
+        token = tokens.authenticate(header[7:].strip(), runtime.current().token_stamps)
         if token is None:
             return None, error_response("auth.invalid_token", "Invalid or expired API token.", 401)
         return token, None

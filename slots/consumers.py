@@ -24,7 +24,7 @@ from django.template.loader import render_to_string
 
 from providers.lemonade import logs as lemond_logs
 
-from . import live
+from . import live, runtime
 from .models import Node, Slot
 
 log = logging.getLogger("hal0.consumers")
@@ -47,17 +47,18 @@ class DashboardConsumer(AsyncWebsocketConsumer):
         if not _authenticated(self.scope):
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
-        live.bind_loop()
+        pages = runtime.current().live
+        pages.bind_loop()
         await self.channel_layer.group_add(live.GROUP, self.channel_name)
         await self.accept()
         self.counted = True
-        live.viewer_joined()
+        pages.viewer_joined()
         await self.send(text_data=await self.resync(_query(self.scope).get("slot")))
 
     async def disconnect(self, code):
         if getattr(self, "counted", False):
             self.counted = False
-            live.viewer_left()
+            runtime.current().live.viewer_left()
         await self.channel_layer.group_discard(live.GROUP, self.channel_name)
 
     async def push_html(self, event):

@@ -39,7 +39,7 @@ from django.views.decorators.csrf import csrf_exempt
 from . import metrics, runtime, states, tokens
 from .actions.errors import SlotError, disabled
 from .actions.lifecycle import do_ensure_loaded
-from .metrics import Observation
+from .metrics import RequestSample
 from .models import Capability, Slot
 
 log = logging.getLogger("hal0.gateway")
@@ -237,9 +237,6 @@ def http_client() -> httpx.AsyncClient:
 
 # --- on-demand load ----------------------------------------------------------------------------
 
-_loads: dict[int, asyncio.Future] = {}
-
-
 def _ensure_loaded_in_thread(name: str, timeout: float) -> None:
     try:
         do_ensure_loaded(name, timeout)
@@ -247,9 +244,9 @@ def _ensure_loaded_in_thread(name: str, timeout: float) -> None:
         connection.close()
 
 
-def _forget_load(pk: int, future: asyncio.Future) -> None:
-    if _loads.get(pk) is future:
-        del _loads[pk]
+def _forget_load(loads: dict[int, asyncio.Future], pk: int, future: asyncio.Future) -> None:
+    if loads.get(pk) is future:
+        del loads[pk]
     if not future.cancelled():
         future.exception()  # retrieved: the waiting requests report it
 
@@ -258,20 +255,22 @@ async def ensure_loaded(route: Route) -> None:
     """Load the slot (one load per slot per process, shared by every request waiting for
     it); wait at most HAL0_GATEWAY_LOAD_WAIT_S. Raises SlotError or TimeoutError."""
     wait = settings.HAL0_GATEWAY_LOAD_WAIT_S
-    future = _loads.get(route.pk)
+    state = runtime.current()
+    loads = state.gateway_loads_running
+    future = loads.get(route.pk)
     if future is None or future.done():
         # loads wait minutes on a thread: the runtime's own pool for them
         run = sync_to_async(_ensure_loaded_in_thread, thread_sensitive=False,
-                            executor=runtime.current().gateway_loads)
+                            executor=state.gateway_loads)
         # the load goes on after a client gave up waiting: the dashboard shows it finish
         future = asyncio.ensure_future(run(route.name, settings.HAL0_LEMONADE_LOAD_TIMEOUT))
-        _loads[route.pk] = future
-        future.add_done_callback(functools.partial(_forget_load, route.pk))
+        loads[route.pk] = future
+        future.add_done_callback(functools.partial(_forget_load, loads, route.pk))
     try:
         await asyncio.wait_for(asyncio.shield(future), wait)
     finally:
         invalidate_routes()
-    runtime.current().serving.refresh(route.pk, force=True)  # in flight: ready -> serving
+    state.serving.refresh(route.pk, force=True)  # in flight: ready -> serving
 
 
 # --- auth --------------------------------------------------------------------------------------
@@ -279,7 +278,7 @@ async def ensure_loaded(route: Route) -> None:
 async def _principal(request) -> tuple[tokens.Principal | None, JsonResponse | None]:
     header = request.headers.get("Authorization", "")
     raw = header[7:].strip() if header[:7].lower() == "bearer " else ""
-    principal, why = await tokens.averify(raw)
+    principal, why = await tokens.averify(raw, runtime.current().token_stamps)
     if principal is not None:
         return principal, None
     message = {
@@ -321,7 +320,7 @@ class Flight:
         if tps is None and tokens_out and self.stream and ttft_ms is not None \
                 and latency_ms > ttft_ms:
             tps = tokens_out * 1000.0 / (latency_ms - ttft_ms)
-        metrics.observe(Observation(
+        runtime.current().metrics.record(RequestSample(
             slot_name=self.route.name, endpoint=self.endpoint, status=status,
             started_at=self.started_at, latency_ms=round(latency_ms, 3),
             ttft_ms=round(ttft_ms, 3) if ttft_ms is not None else None,
@@ -492,7 +491,7 @@ async def _proxy(request, endpoint: str):
         return _slot_error(disabled(route.name))
 
     flight = Flight(route, endpoint, started, timezone.now())
-    metrics.ensure_flusher()
+    runtime.current().metrics.ensure_flusher()
     try:
         if not route.serves_its_model or runtime.current().serving.is_idle_unloading(route.pk):
             try:
@@ -600,6 +599,7 @@ async def prometheus(request):
                                     status=401, content_type="text/plain")
             response["WWW-Authenticate"] = 'Bearer realm="hal0"'
             return response
-    text = await sync_to_async(metrics.prometheus_text)(scope)
+    state = runtime.current()
+    text = await state.run_db(metrics.prometheus_text, state.serving, state.metrics, scope)
     return HttpResponse(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -8,6 +8,9 @@ Pushes can start on any thread (actions run on worker threads). The in-memory ch
 layer is not thread-safe, so a push from a foreign thread is handed to the event loop that
 started the thread (sync_to_async) or else the one the consumers run on (`bind_loop`), never
 run on a loop of its own; it waits at most 5 s, so a stopping server never hangs a thread.
+
+The state of this (the loop, the viewer count, pushes in flight, where the cards were last
+pushed) is a `Live` object owned by the process's `Runtime`: `runtime.current().live`.
 """
 
 from __future__ import annotations
@@ -16,89 +19,53 @@ import asyncio
 import logging
 import os
 import threading
+from typing import Any
 
 from asgiref.sync import SyncToAsync, async_to_sync
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.db import transaction
 from django.template.loader import render_to_string
 
+from .models import Node, Slot
+
 log = logging.getLogger("hal0.live")
 
 GROUP = "dashboard"
 
-_home_loop: asyncio.AbstractEventLoop | None = None
-_pending: set[asyncio.Task] = set()  # pushes scheduled from async code, kept until sent
-_viewers = 0
-_viewers_lock = threading.Lock()
+
+def render_slot_card(slot: Slot) -> str:
+    return render_to_string("slots/_slot_card.html", {"slot": slot, "oob": True})
 
 
-def bind_loop(loop: asyncio.AbstractEventLoop | None = None) -> None:
-    """Remember the event loop the websockets live on (called by consumers and the
-    reconciler from inside it)."""
-    global _home_loop
-    _home_loop = loop or asyncio.get_running_loop()
+def render_node(node: Node) -> str:
+    return render_to_string("slots/_node.html", {"node": node, "oob": True})
 
 
-# --- who is watching (the reconciler polls faster while anyone is) ----------------------
-
-def viewer_joined() -> None:
-    global _viewers
-    with _viewers_lock:
-        _viewers += 1
-
-
-def viewer_left() -> None:
-    global _viewers
-    with _viewers_lock:
-        _viewers = max(0, _viewers - 1)
+def layout_context() -> dict[str, Any]:
+    """What the dashboard shows: two queries whatever the number of slots and nodes. With
+    more than one node the slots are grouped by node first (`by_node`)."""
+    slots = list(Slot.objects.for_dashboard())
+    nodes = list(Node.objects.all())
+    by_node = len(nodes) > 1
+    sections = [(node, [s for s in slots if s.node_id == node.pk]) for node in nodes] \
+        if by_node else []
+    return {"slots": slots, "nodes": nodes, "by_node": by_node, "sections": sections}
 
 
-def viewers() -> int:
-    """Dashboards connected to this process."""
-    return _viewers
+def _fingerprint(slots: Any, nodes: Any) -> tuple:
+    return (tuple(sorted(slots)), tuple(sorted(nodes)))
 
 
-# --- pushing ---------------------------------------------------------------------------
+def layout_fingerprint() -> tuple:
+    """Where the cards sit: which slots and nodes exist, under which names, capabilities
+    and nodes (two small queries; what changes here needs `push_layout`)."""
+    return _fingerprint(Slot.objects.values_list("pk", "name", "capability", "node_id"),
+                        Node.objects.values_list("pk", "name"))
 
-def send(html: str) -> None:
-    """Push an HTML fragment to every open dashboard. Never raises: a broken channel
-    layer must not fail the action that triggered the push."""
-    layer = get_channel_layer()
-    if layer is None or not html:
-        return
-    message = {"type": "push.html", "html": html}
-    try:
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is not None:  # called from async code: schedule, don't block the loop
-            task = running.create_task(layer.group_send(GROUP, message))
-            _pending.add(task)
-            task.add_done_callback(_pending.discard)
-            return
-        # the loop that started this thread if it was sync_to_async, else the websockets'
-        loop = _caller_loop() or _home_loop
-        if loop is not None and loop.is_running() and not loop.is_closed():
-            future = asyncio.run_coroutine_threadsafe(layer.group_send(GROUP, message), loop)
-            try:
-                future.result(timeout=5)
-            finally:
-                future.cancel()  # the loop stopped meanwhile (shutdown): don't leave it queued
-        elif loop is not None:
-            # A worker thread whose server loop has stopped (shutdown). Plain async_to_sync
-            # would queue the send on that stopped loop and wait for ever, and the
-            # interpreter waits for this thread at exit. This process's dashboards are
-            # gone; other processes' are reached through a shared layer on a loop of our own.
-            if not isinstance(layer, InMemoryChannelLayer):
-                async def bounded():
-                    await asyncio.wait_for(layer.group_send(GROUP, message), 5)
 
-                async_to_sync(bounded, force_new_loop=True)()
-        else:  # a management command: no server loop in this process
-            async_to_sync(layer.group_send)(GROUP, message)
-    except Exception:  # e.g. Redis down: the dashboard catches up on its next load
-        log.exception("could not push a dashboard update")
+def local_layer() -> bool:
+    """True with the in-memory channel layer: only this process's dashboards hear it."""
+    return isinstance(get_channel_layer(), InMemoryChannelLayer)
 
 
 def _caller_loop() -> asyncio.AbstractEventLoop | None:
@@ -108,102 +75,118 @@ def _caller_loop() -> asyncio.AbstractEventLoop | None:
     return getattr(SyncToAsync.threadlocal, "main_event_loop", None)
 
 
-def render_slot_card(slot) -> str:
-    return render_to_string("slots/_slot_card.html", {"slot": slot, "oob": True})
+class Live:
+    """This process's side of the live pages (owned by its `Runtime`)."""
 
+    def __init__(self) -> None:
+        self._home_loop: asyncio.AbstractEventLoop | None = None
+        self._pending: set[asyncio.Task] = set()  # pushes scheduled from async code
+        self._viewers = 0
+        self._viewers_lock = threading.Lock()
+        # where the cards sat when this process last pushed the grid or looked
+        self._layout_seen: tuple | None = None
 
-def render_node(node) -> str:
-    return render_to_string("slots/_node.html", {"node": node, "oob": True})
+    def bind_loop(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Remember the event loop the websockets live on (called by consumers and the
+        reconciler from inside it)."""
+        self._home_loop = loop or asyncio.get_running_loop()
 
+    # --- who is watching (the reconciler polls faster while anyone is) ------------------
+    def viewer_joined(self) -> None:
+        with self._viewers_lock:
+            self._viewers += 1
 
-def broadcast_slot(slot_id: int) -> None:
-    from .models import Slot
+    def viewer_left(self) -> None:
+        with self._viewers_lock:
+            self._viewers = max(0, self._viewers - 1)
 
-    slot = Slot.objects.select_related("node").filter(pk=slot_id).first()
-    if slot is not None:
-        send(render_slot_card(slot))
+    def viewers(self) -> int:
+        """Dashboards connected to this process."""
+        return self._viewers
 
+    # --- pushing ---------------------------------------------------------------------------
+    def send(self, html: str) -> None:
+        """Push an HTML fragment to every open dashboard. Never raises: a broken channel
+        layer must not fail the action that triggered the push."""
+        layer = get_channel_layer()
+        if layer is None or not html:
+            return
+        message = {"type": "push.html", "html": html}
+        try:
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is not None:  # called from async code: schedule, don't block the loop
+                task = running.create_task(layer.group_send(GROUP, message))
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
+                return
+            # the loop that started this thread if it was sync_to_async, else the websockets'
+            loop = _caller_loop() or self._home_loop
+            if loop is not None and loop.is_running() and not loop.is_closed():
+                future = asyncio.run_coroutine_threadsafe(layer.group_send(GROUP, message),
+                                                          loop)
+                try:
+                    future.result(timeout=5)
+                finally:
+                    future.cancel()  # the loop stopped meanwhile (shutdown): don't leave it
+            elif loop is not None:
+                # A worker thread whose server loop has stopped (shutdown). Plain
+                # async_to_sync would queue the send on that stopped loop and wait for ever,
+                # and the interpreter waits for this thread at exit. This process's
+                # dashboards are gone; other processes' are reached through a shared layer
+                # on a loop of our own.
+                if not isinstance(layer, InMemoryChannelLayer):
+                    async def bounded() -> None:
+                        await asyncio.wait_for(layer.group_send(GROUP, message), 5)
 
-def broadcast_slot_on_commit(slot_id: int) -> None:
-    transaction.on_commit(lambda: broadcast_slot(slot_id))
+                    async_to_sync(bounded, force_new_loop=True)()
+            else:  # a management command: no server loop in this process
+                async_to_sync(layer.group_send)(GROUP, message)
+        except Exception:  # e.g. Redis down: the dashboard catches up on its next load
+            log.exception("could not push a dashboard update")
 
+    def broadcast_slot(self, slot_id: int) -> None:
+        slot = Slot.objects.select_related("node").filter(pk=slot_id).first()
+        if slot is not None:
+            self.send(render_slot_card(slot))
 
-def broadcast_node(node_id: int) -> None:
-    from .models import Node
+    def broadcast_slot_on_commit(self, slot_id: int) -> None:
+        transaction.on_commit(lambda: self.broadcast_slot(slot_id))
 
-    node = Node.objects.filter(pk=node_id).first()
-    if node is not None:
-        send(render_node(node))
+    def broadcast_node(self, node_id: int) -> None:
+        node = Node.objects.filter(pk=node_id).first()
+        if node is not None:
+            self.send(render_node(node))
 
+    def broadcast_node_on_commit(self, node_id: int) -> None:
+        transaction.on_commit(lambda: self.broadcast_node(node_id))
 
-def broadcast_node_on_commit(node_id: int) -> None:
-    transaction.on_commit(lambda: broadcast_node(node_id))
+    def broadcast_removed_on_commit(self, name: str) -> None:
+        transaction.on_commit(
+            lambda: self.send(f'<div id="slot-{name}" hx-swap-oob="delete"></div>'))
 
+    def push_layout(self) -> None:
+        """Re-send the dashboard's whole grid to open dashboards: a card's place changed,
+        not just its content (a slot created, renamed, moved to another node or capability;
+        a node added or removed), whichever way the change was made (page, API, CLI,
+        admin)."""
+        if local_layer() and not self.viewers():
+            return  # no dashboard in this process can hear it (a CLI command): don't render
+        context = layout_context()
+        self._layout_seen = _fingerprint(
+            ((s.pk, s.name, s.capability, s.node_id) for s in context["slots"]),
+            ((n.pk, n.name) for n in context["nodes"]))
+        html = render_to_string("slots/dashboard.html#layout", context)
+        self.send(html.replace('id="layout"', 'id="layout" hx-swap-oob="true"', 1))
 
-def layout_context() -> dict:
-    """What the dashboard shows: two queries whatever the number of slots and nodes. With
-    more than one node the slots are grouped by node first (`by_node`)."""
-    from .models import Node, Slot
+    def push_layout_on_commit(self) -> None:
+        transaction.on_commit(self.push_layout)
 
-    slots = list(Slot.objects.for_dashboard())
-    nodes = list(Node.objects.all())
-    by_node = len(nodes) > 1
-    sections = [(node, [s for s in slots if s.node_id == node.pk]) for node in nodes] \
-        if by_node else []
-    return {"slots": slots, "nodes": nodes, "by_node": by_node, "sections": sections}
-
-
-def _fingerprint(slots, nodes) -> tuple:
-    return (tuple(sorted(slots)), tuple(sorted(nodes)))
-
-
-def layout_fingerprint() -> tuple:
-    """Where the cards sit: which slots and nodes exist, under which names, capabilities
-    and nodes (two small queries; what changes here needs `push_layout`)."""
-    from .models import Node, Slot
-
-    return _fingerprint(Slot.objects.values_list("pk", "name", "capability", "node_id"),
-                        Node.objects.values_list("pk", "name"))
-
-
-# where the cards sat when this process last pushed the grid or looked (layout_moved)
-_layout_seen: tuple | None = None
-
-
-def local_layer() -> bool:
-    """True with the in-memory channel layer: only this process's dashboards hear it."""
-    return isinstance(get_channel_layer(), InMemoryChannelLayer)
-
-
-def push_layout() -> None:
-    """Re-send the dashboard's whole grid to open dashboards: a card's place changed, not
-    just its content (a slot created, renamed, moved to another node or capability; a node
-    added or removed), whichever way the change was made (page, API, CLI, admin)."""
-    global _layout_seen
-    if local_layer() and not viewers():
-        return  # no dashboard in this process can hear it (a CLI command): don't render
-    context = layout_context()
-    _layout_seen = _fingerprint(
-        ((s.pk, s.name, s.capability, s.node_id) for s in context["slots"]),
-        ((n.pk, n.name) for n in context["nodes"]))
-    html = render_to_string("slots/dashboard.html#layout", context)
-    send(html.replace('id="layout"', 'id="layout" hx-swap-oob="true"', 1))
-
-
-def layout_moved() -> bool:
-    """True when the cards' places differ from what this process last pushed or saw: a
-    change made by another process, which with the in-memory layer could not push here
-    itself (`manage.py slots import`). The first look only takes note."""
-    global _layout_seen
-    seen, _layout_seen = _layout_seen, layout_fingerprint()
-    return seen is not None and seen != _layout_seen
-
-
-def push_layout_on_commit() -> None:
-    transaction.on_commit(push_layout)
-
-
-def broadcast_removed_on_commit(name: str) -> None:
-    transaction.on_commit(
-        lambda: send(f'<div id="slot-{name}" hx-swap-oob="delete"></div>')
-    )
+    def layout_moved(self) -> bool:
+        """True when the cards' places differ from what this process last pushed or saw: a
+        change made by another process, which with the in-memory layer could not push here
+        itself (`manage.py slots import`). The first look only takes note."""
+        seen, self._layout_seen = self._layout_seen, layout_fingerprint()
+        return seen is not None and seen != self._layout_seen

@@ -1,9 +1,10 @@
-"""Gateway request metrics: observed in memory, written in batches, pruned, summarised.
+"""Gateway request metrics: recorded in memory, written in batches, pruned, summarised.
 
-The request path only calls `observe()` (an append and a few counter bumps). A background
-task (`ensure_flusher`, started by the gateway on its event loop) writes the buffer with one
-`bulk_create` every HAL0_METRICS_FLUSH_S seconds, stamps tokens' `last_used_at`, and prunes
-rows older than HAL0_METRICS_RETENTION_H hours. `slot_stats()` summarises a slot for its
+The request path only calls `MetricsBuffer.record()` (an append and a few counter bumps,
+under a lock). A background task (`ensure_flusher`, started by the gateway on its event
+loop) writes the buffer with one `bulk_create` every HAL0_METRICS_FLUSH_S seconds, stamps
+tokens' `last_used_at`, and prunes rows older than HAL0_METRICS_RETENTION_H hours. The
+buffer belongs to the process's `Runtime` (`runtime.current().metrics`). `slot_stats()` summarises a slot for its
 page; `prometheus_text()` is what `/metrics` serves (slot state from the database, gateway
 counters of this process since it started).
 """
@@ -14,8 +15,10 @@ import asyncio
 import json
 import logging
 import math
+import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -25,9 +28,9 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
-from . import runtime, tokens
+from . import tokens
 from .models import Node, RequestMetric, Slot, State
-from .serving import lease_ttl
+from .serving import ServingTracker, lease_ttl
 
 log = logging.getLogger("hal0.metrics")
 
@@ -37,7 +40,9 @@ BUFFER_MAX = 100_000  # if the database is gone for long, drop the oldest rather
 
 
 @dataclass(slots=True)
-class Observation:
+class RequestSample:
+    """One finished gateway request, as measured on the request path."""
+
     slot_name: str
     endpoint: str
     status: int
@@ -57,10 +62,10 @@ class Observation:
             tokens_per_s=self.tokens_per_s, stream=self.stream)
 
 
-class _Counters:
+class Counters:
     """Process-lifetime counters for Prometheus (reset on restart, as counters may)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
         self.latency_buckets: dict[str, list[int]] = defaultdict(
             lambda: [0] * (len(LATENCY_BUCKETS) + 1))
@@ -72,7 +77,18 @@ class _Counters:
         self.written = 0
         self.dropped = 0
 
-    def add(self, obs: Observation) -> None:
+    def copy(self) -> Counters:
+        other = Counters()
+        for name, value in vars(self).items():
+            if isinstance(value, defaultdict):
+                fresh = getattr(other, name)
+                for key, item in value.items():
+                    fresh[key] = list(item) if isinstance(item, list) else item
+            else:
+                setattr(other, name, value)
+        return other
+
+    def add(self, obs: RequestSample) -> None:
         slot = obs.slot_name
         self.requests[(slot, obs.endpoint, obs.status)] += 1
         seconds = obs.latency_ms / 1000.0
@@ -91,67 +107,118 @@ class _Counters:
         self.tokens_out[slot] += obs.tokens_out or 0
 
 
-_buffer: list[Observation] = []
-counters = _Counters()
-_flusher: asyncio.Task | None = None
-_last_prune = 0.0
+class MetricsBuffer:
+    """Request samples not written yet, the process's counters and the writer's clocks
+    (owned by the `Runtime`).
 
+    `record` runs on the event loop and the writer (`flush`) on a worker thread: one lock
+    covers the samples and the counters, so a failed write puts its batch back in front
+    of whatever was recorded meanwhile, and nothing is lost.
+    """
 
-def observe(obs: Observation) -> None:
-    """Record one finished request. Never touches the database."""
-    counters.add(obs)
-    _buffer.append(obs)
-    if len(_buffer) > BUFFER_MAX:
-        counters.dropped += len(_buffer) - BUFFER_MAX
-        del _buffer[: len(_buffer) - BUFFER_MAX]
+    def __init__(self, *, serving: ServingTracker, stamps: tokens.TokenStamps,
+                 clock: Callable[[], float] = time.monotonic):
+        self.counters = Counters()
+        self._serving = serving
+        self._stamps = stamps
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._samples: list[RequestSample] = []
+        self._flusher: asyncio.Task | None = None
+        # None: never done in this process (not "at monotonic 0", which may be just now)
+        self._last_prune: float | None = None
+        self._last_renewal: float | None = None
 
+    # --- the request path ------------------------------------------------------------------
+    def record(self, sample: RequestSample) -> None:
+        """Record one finished request. Never touches the database."""
+        with self._lock:
+            self.counters.add(sample)
+            self._samples.append(sample)
+            self._trim()
 
-def pending() -> list[Observation]:
-    return list(_buffer)
+    def _trim(self) -> None:
+        excess = len(self._samples) - BUFFER_MAX
+        if excess > 0:
+            self.counters.dropped += excess
+            del self._samples[:excess]
 
+    def pending(self) -> list[RequestSample]:
+        with self._lock:
+            return list(self._samples)
 
-# --- writing -------------------------------------------------------------------------------
-
-def flush(now: datetime | None = None) -> int:
-    """Write buffered observations (one bulk insert), token stamps, and prune. Sync."""
-    global _buffer
-    # first, and on its own: a batch that cannot be written must not let claims lapse
-    try:
-        _renew_claims_if_due()
-    except Exception:
-        log.exception("could not renew serving claims (will retry)")
-    batch, _buffer = _buffer, []
-    if batch:
+    # --- writing ----------------------------------------------------------------------------
+    def flush(self, now: datetime | None = None) -> int:
+        """Write buffered samples (one bulk insert), token stamps, and prune. Sync."""
+        # first, and on its own: a batch that cannot be written must not let leases lapse
         try:
-            RequestMetric.objects.bulk_create([o.row() for o in batch], batch_size=500)
-            counters.written += len(batch)
+            self._renew_leases_if_due()
         except Exception:
-            _buffer = batch + _buffer  # keep them for the next try
-            raise
-    tokens.flush_last_used()
-    prune_if_due(now)
-    return len(batch)
+            log.exception("could not renew serving leases (will retry)")
+        with self._lock:
+            batch, self._samples = self._samples, []
+        if batch:
+            try:
+                RequestMetric.objects.bulk_create([o.row() for o in batch], batch_size=500)
+            except Exception:
+                with self._lock:  # keep them for the next try, before what came meanwhile
+                    self._samples[:0] = batch
+                    self._trim()
+                raise
+            with self._lock:
+                self.counters.written += len(batch)
+        self._stamps.flush()
+        self.prune_if_due(now)
+        return len(batch)
 
+    def _due(self, last: float | None, every: float) -> bool:
+        return last is None or self._clock() - last >= every
 
-_last_renewal = 0.0
+    def _renew_leases_if_due(self) -> None:
+        """The gateway process's serving leases outlive long streams (slots.serving)."""
+        if self._due(self._last_renewal, lease_ttl() / 3):
+            self._last_renewal = self._clock()
+            self._serving.renew_leases()
 
+    def prune_if_due(self, now: datetime | None = None) -> int:
+        """Prune at most once per PRUNE_EVERY_S. Called by the flusher and by the
+        reconciler's housekeeping, so a process that serves no gateway request prunes too."""
+        if not self._due(self._last_prune, PRUNE_EVERY_S):
+            return 0
+        self._last_prune = self._clock()
+        return prune(now)
 
-def _renew_claims_if_due() -> None:
-    """The gateway process's serving leases outlive long streams (slots.serving)."""
-    global _last_renewal
-    if time.monotonic() - _last_renewal >= lease_ttl() / 3:
-        _last_renewal = time.monotonic()
-        runtime.current().serving.renew_leases()
+    def _flush_in_thread(self) -> int:
+        try:
+            return self.flush()
+        finally:
+            connection.close()
 
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(settings.HAL0_METRICS_FLUSH_S)
+            try:
+                await sync_to_async(self._flush_in_thread, thread_sensitive=False)()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("could not write gateway metrics (will retry)")
 
-def prune_if_due(now: datetime | None = None) -> int:
-    """Prune at most once per PRUNE_EVERY_S. Called by the flusher and by the reconciler's
-    housekeeping, so a process that serves no gateway request still prunes."""
-    global _last_prune
-    if time.monotonic() - _last_prune < PRUNE_EVERY_S:
-        return 0
-    _last_prune = time.monotonic()
-    return prune(now)
+    def ensure_flusher(self) -> None:
+        """Start the background writer on the running loop (once per loop)."""
+        if self._flusher is not None and not self._flusher.done():
+            return
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+
+    def stop(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+
+    def snapshot(self) -> tuple[Counters, int]:
+        """A copy of the counters and the number of samples not written yet (for
+        `/metrics`, read on a worker thread while requests keep counting)."""
+        with self._lock:
+            return self.counters.copy(), len(self._samples)
 
 
 def prune(now: datetime | None = None) -> int:
@@ -159,33 +226,6 @@ def prune(now: datetime | None = None) -> int:
     cutoff = (now or timezone.now()) - timedelta(hours=settings.HAL0_METRICS_RETENTION_H)
     deleted, _ = RequestMetric.objects.filter(started_at__lt=cutoff).delete()
     return deleted
-
-
-def _flush_in_thread() -> int:
-    try:
-        return flush()
-    finally:
-        connection.close()
-
-
-async def _flush_forever() -> None:
-    while True:
-        await asyncio.sleep(settings.HAL0_METRICS_FLUSH_S)
-        try:
-            await sync_to_async(_flush_in_thread, thread_sensitive=False)()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("could not write gateway metrics (will retry)")
-
-
-def ensure_flusher() -> None:
-    """Start the background writer on the running loop (once per loop)."""
-    global _flusher
-    if _flusher is not None and not _flusher.done():
-        return
-    loop = asyncio.get_running_loop()
-    _flusher = loop.create_task(_flush_forever())
 
 
 # --- reading usage from a response -----------------------------------------------------------
@@ -255,11 +295,12 @@ def _percentile(sorted_values: list[float], fraction: float) -> float | None:
     return sorted_values[rank - 1]
 
 
-def slot_stats(slot_name: str, window: timedelta = timedelta(hours=1),
+def slot_stats(slot_name: str, pending: list[RequestSample],
+               window: timedelta = timedelta(hours=1),
                now: datetime | None = None) -> dict[str, Any]:
     """The slot page's numbers over the last `window`: count, errors, requests_per_min,
     p50_ms, p95_ms (latency), ttft_p50_ms, tokens_per_s (mean of what responses reported),
-    tokens_in, tokens_out. Includes observations not written yet."""
+    tokens_in, tokens_out. Includes `pending` samples (not written yet)."""
     now = now or timezone.now()
     since = now - window
     rows = list(RequestMetric.objects.filter(slot_name=slot_name, started_at__gte=since,
@@ -267,7 +308,7 @@ def slot_stats(slot_name: str, window: timedelta = timedelta(hours=1),
                 .values_list("status", "latency_ms", "ttft_ms", "tokens_per_s", "tokens_in",
                              "tokens_out"))
     rows += [(o.status, o.latency_ms, o.ttft_ms, o.tokens_per_s, o.tokens_in, o.tokens_out)
-             for o in pending() if o.slot_name == slot_name and since <= o.started_at <= now]
+             for o in pending if o.slot_name == slot_name and since <= o.started_at <= now]
     latencies = sorted(r[1] for r in rows)
     ttfts = sorted(r[2] for r in rows if r[2] is not None)
     rates = [r[3] for r in rows if r[3]]
@@ -295,11 +336,13 @@ def _label(value: Any) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def prometheus_text(scope: tuple[str, ...] = ()) -> str:
-    """Prometheus text exposition (version 0.0.4) for slots, nodes and the gateway.
-    `scope`: a scoped token's slot names; it sees only those slots, their nodes and their
-    gateway numbers (() = everything)."""
-    serving = runtime.current().serving
+def prometheus_text(serving: ServingTracker, buffer: MetricsBuffer,
+                    scope: tuple[str, ...] = ()) -> str:
+    """Prometheus text exposition (version 0.0.4) for slots, nodes and the gateway (the
+    gateway's counters and in-flight counts are this process's). `scope`: a scoped
+    token's slot names; it sees only those slots, their nodes and their gateway numbers
+    (() = everything)."""
+    counters, buffered = buffer.snapshot()
 
     def shown(slot_name: str) -> bool:
         return not scope or slot_name in scope
@@ -376,7 +419,7 @@ def prometheus_text(scope: tuple[str, ...] = ()) -> str:
         out.append(f'hal0_gateway_tokens_total{{slot="{_label(slot)}",direction="out"}} '
                    f'{counters.tokens_out[slot]}')
     family("hal0_gateway_metrics_buffered", "gauge", "Request metrics not yet written.")
-    out.append(f"hal0_gateway_metrics_buffered {len(_buffer)}")
+    out.append(f"hal0_gateway_metrics_buffered {buffered}")
     family("hal0_gateway_metrics_written_total", "counter", "Request metrics written.")
     out.append(f"hal0_gateway_metrics_written_total {counters.written}")
     return "\n".join(out) + "\n"

@@ -56,7 +56,7 @@ from providers.lemonade.errors import (
 )
 from providers.lemonade.names import find_published
 
-from . import idle, leases, live, metrics, runtime, states
+from . import idle, leases, live, runtime, states
 from .actions import lifecycle
 from .actions.audit import record_node_observation, record_observation
 from .models import LEMOND_TYPE, Capability, Node, Slot, SlotEvent, State
@@ -87,7 +87,7 @@ class NodeMemory:
     gap: bool = False  # unreachable since the last good poll
     request_total: int | None = None
     websocket_port: int | None = None
-    stats_at: float = 0.0
+    stats_at: float | None = None  # monotonic time of the last stats read; None: never
     polling: bool = False
     polls: int = 0
     started_at: float = float("-inf")
@@ -129,7 +129,7 @@ class Reconciler:
 
     # --- the loop ---------------------------------------------------------------------
     async def run_forever(self) -> None:
-        live.bind_loop()
+        runtime.current().live.bind_loop()
         log.info("reconciler %s started (every %.1f s with a dashboard open, %.1f s without%s)",
                  self.holder, settings.HAL0_POLL_ACTIVE_S, settings.HAL0_POLL_IDLE_S,
                  "; always active" if self.always_active else "")
@@ -161,9 +161,10 @@ class Reconciler:
                         (not self.use_leases or self.leased):
                     idle_at = now
                     idle_task = asyncio.ensure_future(_housekeeping())
-                active = self.always_active or live.viewers()
+                viewers = runtime.current().live.viewers()
+                active = self.always_active or viewers
                 period = settings.HAL0_POLL_ACTIVE_S if active else settings.HAL0_POLL_IDLE_S
-                if live.viewers() and live.local_layer() and now - layout_at >= period:
+                if viewers and live.local_layer() and now - layout_at >= period:
                     layout_at = now
                     await self.watch_layout()
                 for node in nodes:
@@ -189,8 +190,9 @@ class Reconciler:
         with the in-memory channel layer cannot reach this process's dashboards): push the
         grid when where the cards sit has changed. With Redis every change pushes itself."""
         try:
-            if await sync_to_async(live.layout_moved)():
-                await sync_to_async(live.push_layout)()
+            pages = runtime.current().live
+            if await sync_to_async(pages.layout_moved)():
+                await sync_to_async(pages.push_layout)()
         except Exception:  # cosmetic: never let it cost the tick its polls
             log.exception("watching the dashboard layout failed")
 
@@ -256,7 +258,8 @@ class Reconciler:
     # --- reading lemond -----------------------------------------------------------------
     async def read_node(self, node: Node, memory: NodeMemory) -> NodeReading:
         seen = NodeReading(started_at=timezone.now())
-        want_stats = time.monotonic() - memory.stats_at >= settings.HAL0_STATS_EVERY_S
+        want_stats = memory.stats_at is None or \
+            time.monotonic() - memory.stats_at >= settings.HAL0_STATS_EVERY_S
         timeout = settings.HAL0_RECONCILE_TIMEOUT_S
         try:
             async with node.client(timeout) as client:
@@ -482,7 +485,7 @@ async def _housekeeping() -> None:
     except Exception:
         log.exception("idle unload failed")
     try:
-        await sync_to_async(metrics.prune_if_due)()
+        await sync_to_async(runtime.current().metrics.prune_if_due)()
     except Exception:
         log.exception("pruning gateway metrics failed")
 

@@ -10,7 +10,10 @@
   lemond, and an exiting process records that action as interrupted instead of waiting;
 * the actions running in this process (what `stop` records as interrupted);
 * the serving tracker (`slots.serving`): in-flight counts, serving leases, the mirror;
-* the model downloads running on the event loop (`slots.actions.pulls`).
+* the metrics buffer and its writer (`slots.metrics`), and tokens' last-used stamps;
+* the live pages' side (`slots.live`): the websockets' loop, viewers, pushes in flight;
+* the model downloads running on the event loop (`slots.actions.pulls`) and the loads
+  gateway requests share (`slots.gateway`).
 
 Everything else at module level in `slots` is a constant or a cache documented as one.
 A process that never built a runtime (a management command, the admin under `runserver`)
@@ -33,6 +36,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections, connection
 
+from . import live, metrics, tokens
 from .actions.errors import SlotError
 from .serving import ServingTracker
 
@@ -132,8 +136,13 @@ class Runtime:
             else None
         self.pending: set[Future] = set()
         self.running: dict[int, RunningAction] = {}
-        self.serving = ServingTracker()
+        self.live = live.Live()
+        self.serving = ServingTracker(self.live)
+        self.token_stamps = tokens.TokenStamps()
+        self.metrics = metrics.MetricsBuffer(serving=self.serving, stamps=self.token_stamps)
         self.pulls: dict[tuple[int, str], asyncio.Task] = {}
+        # slot pk -> the load gateway requests for it wait on (one per slot per process)
+        self.gateway_loads_running: dict[int, asyncio.Future] = {}
         self.stopped = False
 
     # --- lifetime ------------------------------------------------------------------------
@@ -162,6 +171,12 @@ class Runtime:
                         entry.slot_name, entry.action)
         for task in self.pulls.values():
             task.cancel()
+        self.metrics.stop()
+        if self.metrics.pending():
+            try:  # what the last seconds measured, best effort
+                self.metrics.flush()
+            except Exception:
+                log.warning("could not write the last gateway metrics at exit")
         for executor in (self.actions, self.gateway_loads, self.db):
             if executor is not None:
                 executor.shutdown(wait=False, cancel_futures=True)

@@ -33,7 +33,8 @@ from django.db.models import Exists, QuerySet
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from . import leases, live
+from . import leases
+from .live import Live
 from .models import Lease, Slot, State
 
 log = logging.getLogger("hal0.serving")
@@ -67,7 +68,8 @@ def _ready_unless_leased(pk: int, **also: object) -> bool:
 class ServingTracker:
     """In-flight counts, serving leases and the ready/serving mirror of one process."""
 
-    def __init__(self) -> None:
+    def __init__(self, live: Live) -> None:
+        self._live = live
         self.holder = leases.new_holder_id()
         self._tag = hashlib.sha1(self.holder.encode()).hexdigest()[:16]  # fits Lease.name
         self.in_flight: dict[int, int] = {}
@@ -164,7 +166,7 @@ class ServingTracker:
             changed = _ready_unless_leased(pk, last_use_at=now)
             new_state = State.READY
         if changed:
-            live.broadcast_slot_on_commit(pk)
+            self._live.broadcast_slot_on_commit(pk)
             return new_state
         return None
 
@@ -218,7 +220,7 @@ class ServingTracker:
         for pk in busy:
             if Slot.objects.filter(pk=pk, state=State.READY).update(
                     state=State.SERVING, state_changed_at=now, last_use_at=now):
-                live.broadcast_slot_on_commit(pk)
+                self._live.broadcast_slot_on_commit(pk)
         return renewed
 
     def release_leases(self) -> int:
@@ -249,6 +251,6 @@ class ServingTracker:
             if self.in_flight.get(slot.pk):
                 continue  # ours, its lease is being written right now
             if _ready_unless_leased(slot.pk):
-                live.broadcast_slot_on_commit(slot.pk)
+                self._live.broadcast_slot_on_commit(slot.pk)
                 settled.append(slot.name)
         return settled

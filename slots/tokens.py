@@ -5,18 +5,20 @@ has 256 bits of entropy, so a slow password hash would buy nothing and cost ever
 The token itself is shown once, when created, and is never logged.
 
 Verification is on the gateway's hot path, so verified hashes are cached in memory for
-`HAL0_TOKEN_CACHE_S` seconds (default 10): a revocation or an edit of the allowed slots made
+`HAL0_TOKEN_CACHE_S` seconds (default 10; `_cache` is a documented cache): a revocation or an edit of the allowed slots made
 in another process takes effect within that time; one made in this process (admin, CLI in
 `serve`'s process) clears the cache at once. Expiry is checked on every request, cached or
-not. `last_used_at` is written in the background (see `slots.metrics`), at most once a
-minute per token.
+not. `last_used_at` is written in the background by the metrics writer, at most once a
+minute per token: the process's `TokenStamps` (owned by its `Runtime`) queue the stamps.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -62,11 +64,35 @@ class Principal:
         return f"token:{self.name}"
 
 
-# hash -> (Principal or None, monotonic deadline)
+# A cache: hash -> (Principal or None, monotonic deadline). Bounded, cleared on changes.
 _cache: dict[str, tuple[Principal | None, float]] = {}
-# token id -> monotonic time of the last `last_used_at` write we queued
-_used: dict[int, float] = {}
-_pending_used: dict[int, datetime] = {}
+
+
+class TokenStamps:
+    """Tokens' `last_used_at`, queued on the request path and written by the metrics
+    writer (`flush`), at most once a minute per token."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._used: dict[int, float] = {}  # token id -> clock time of the last stamp queued
+        self._pending: dict[int, datetime] = {}
+
+    def note(self, token_id: int) -> None:
+        now = self._clock()
+        with self._lock:
+            last = self._used.get(token_id)
+            if last is None or now - last >= LAST_USED_EVERY_S:
+                self._used[token_id] = now
+                self._pending[token_id] = timezone.now()
+
+    def flush(self) -> int:
+        """Write the queued stamps; returns how many tokens were updated."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for token_id, when in pending.items():
+            ApiToken.objects.filter(pk=token_id).update(last_used_at=when)
+        return len(pending)
 
 
 def hash_token(raw: str) -> str:
@@ -140,18 +166,9 @@ def _remember(key_hash: str, principal: Principal | None) -> None:
     _cache[key_hash] = (principal, time.monotonic() + ttl)
 
 
-def _accept(principal: Principal | None) -> Principal | None:
-    if principal is None or principal.expired:
-        return None
-    now = time.monotonic()
-    if now - _used.get(principal.id, -LAST_USED_EVERY_S) >= LAST_USED_EVERY_S:
-        _used[principal.id] = now
-        _pending_used[principal.id] = timezone.now()
-    return principal
-
-
-def verify(raw: str) -> tuple[Principal | None, str]:
-    """(principal, "") or (None, why): "missing", "invalid", "expired". Sync (may query)."""
+def verify(raw: str, stamps: TokenStamps | None = None) -> tuple[Principal | None, str]:
+    """(principal, "") or (None, why): "missing", "invalid", "expired". Sync (may query).
+    A valid token's use is noted in `stamps` (the runtime's) when given."""
     if not raw:
         return None, "missing"
     key_hash = hash_token(raw)
@@ -159,10 +176,11 @@ def verify(raw: str) -> tuple[Principal | None, str]:
     if not found:
         principal = _lookup(key_hash)
         _remember(key_hash, principal)
-    return _why(principal)
+    return _why(principal, stamps)
 
 
-async def averify(raw: str) -> tuple[Principal | None, str]:
+async def averify(raw: str, stamps: TokenStamps | None = None
+                  ) -> tuple[Principal | None, str]:
     """`verify` for async views: a cache hit never leaves the event loop."""
     if not raw:
         return None, "missing"
@@ -171,29 +189,21 @@ async def averify(raw: str) -> tuple[Principal | None, str]:
     if not found:
         principal = await sync_to_async(_lookup)(key_hash)
         _remember(key_hash, principal)
-    return _why(principal)
+    return _why(principal, stamps)
 
 
-def _why(principal: Principal | None) -> tuple[Principal | None, str]:
+def _why(principal: Principal | None, stamps: TokenStamps | None
+         ) -> tuple[Principal | None, str]:
     if principal is None:
         return None, "invalid"
     if principal.expired:
         return None, "expired"
-    return _accept(principal), ""
+    if stamps is not None:
+        stamps.note(principal.id)
+    return principal, ""
 
 
-def authenticate(raw: str) -> Principal | None:
+def authenticate(raw: str, stamps: TokenStamps | None = None) -> Principal | None:
     """The principal for a raw bearer token, or None (unknown, revoked or expired).
     Used by `slots.api` for its bearer-token path."""
-    return verify(raw)[0]
-
-
-def flush_last_used() -> int:
-    """Write queued `last_used_at` stamps (called by the metrics flusher, off the request
-    path). Returns how many tokens were updated."""
-    pending = dict(_pending_used)
-    for key in pending:
-        _pending_used.pop(key, None)
-    for token_id, when in pending.items():
-        ApiToken.objects.filter(pk=token_id).update(last_used_at=when)
-    return len(pending)
+    return verify(raw, stamps)[0]

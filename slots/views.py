@@ -78,7 +78,7 @@ def slot_detail(request, name):
         "slot": slot, "form": form, "saved": saved,
         "events": slot.events.all()[:50],
         "chart": load_chart(slot),
-        "traffic": metrics.slot_stats(slot.name),
+        "traffic": metrics.slot_stats(slot.name, runtime.current().metrics.pending()),
         "lemond_entry": json.dumps(slot.lemond_entry, indent=2, sort_keys=True)
         if slot.lemond_entry else "",
         "live_url": f"/ws/slots/?slot={quote(slot.name)}",
@@ -269,14 +269,14 @@ async def pull_start(request, name):
     if not model:
         return HttpResponse("Pick a model.", status=400)
     user = await request.auser()
-    last_push = [0.0]
+    last_push: list[float] = []  # empty: nothing pushed yet (not "at monotonic 0")
 
     async def progress(phase: str, data: dict) -> None:
         now = time.monotonic()
-        if phase == "progress" and now - last_push[0] < 0.2:
+        if phase == "progress" and last_push and now - last_push[0] < 0.2:
             return  # a few updates a second are plenty for a progress bar
-        last_push[0] = now
-        live.send(_pull_fragment(slot, model, phase, data))
+        last_push[:] = [now]
+        runtime.current().live.send(_pull_fragment(slot, model, phase, data))
 
     pulls.do_start_pull(slot, model, actor=user, progress=progress)
     return HttpResponse(_pull_fragment(slot, model, "starting", {}))

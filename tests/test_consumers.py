@@ -11,7 +11,7 @@ from channels.testing import WebsocketCommunicator
 from django.test import AsyncClient
 
 from hal0site.asgi import application
-from slots import live
+from slots import live, runtime
 from slots.actions import config, lifecycle
 from slots.models import Node, Slot, State
 from tests.stack import REDIS_URL, in_a_worker_after_the_loop_stopped, redis_available
@@ -53,7 +53,7 @@ async def test_foreign_origin_is_refused(node, session_cookie):
 
 
 async def test_connect_resyncs_the_page_and_counts_the_viewer(node, session_cookie):
-    before = live.viewers()
+    before = runtime.current().live.viewers()
     comm = communicator("/ws/slots/", ORIGIN, session_cookie)
     connected, _ = await comm.connect()
     assert connected
@@ -61,9 +61,9 @@ async def test_connect_resyncs_the_page_and_counts_the_viewer(node, session_cook
     assert 'id="live-status"' in html and "live" in html
     assert 'id="slot-chat"' in html and 'id="node-local"' in html
     assert html.count('hx-swap-oob="true"') >= 1 + 1 + 6
-    assert live.viewers() == before + 1
+    assert runtime.current().live.viewers() == before + 1
     await comm.disconnect()
-    assert live.viewers() == before
+    assert runtime.current().live.viewers() == before
 
 
 async def test_the_slot_page_resyncs_only_its_card(node, session_cookie):
@@ -226,7 +226,7 @@ async def test_a_slot_moved_to_another_node_moves_on_open_dashboards(node, sessi
 
 def test_a_push_from_a_worker_thread_after_the_loop_stopped_returns():
     """A gateway worker thread pushes a card after Daphne's loop stopped (SIGTERM)."""
-    _, took = in_a_worker_after_the_loop_stopped(live.send, '<div id="slot-x"></div>')
+    _, took = in_a_worker_after_the_loop_stopped(runtime.current().live.send, '<div id="slot-x"></div>')
     assert took < 5
 
 
@@ -245,7 +245,7 @@ def test_a_push_after_the_loop_stopped_still_reaches_other_processes(settings):
     channel = async_to_sync(layer.new_channel)()
     async_to_sync(layer.group_add)(live.GROUP, channel)
     try:
-        _, took = in_a_worker_after_the_loop_stopped(live.send, '<div id="slot-y"></div>')
+        _, took = in_a_worker_after_the_loop_stopped(runtime.current().live.send, '<div id="slot-y"></div>')
         assert took < 5
         message = async_to_sync(layer.receive)(channel)
         assert message == {"type": "push.html", "html": '<div id="slot-y"></div>'}

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import json
+import sys
+import threading
 from datetime import timedelta
 
 import pytest
+from django.db import OperationalError
 from django.utils import timezone
 
-from slots import metrics
-from slots.metrics import Observation
+from slots import metrics, runtime
+from slots.metrics import RequestSample
 from slots.models import RequestMetric
 
 
-@pytest.fixture(autouse=True)
-def _fresh_metrics(monkeypatch):
-    monkeypatch.setattr(metrics, "_buffer", [])
-    monkeypatch.setattr(metrics, "counters", metrics._Counters())
-    monkeypatch.setattr(metrics, "_last_prune", 0.0)
-
-
 def obs(slot="chat", status=200, latency=100.0, ago=timedelta(minutes=1), **extra):
-    return Observation(slot_name=slot, endpoint="chat/completions", status=status,
+    return RequestSample(slot_name=slot, endpoint="chat/completions", status=status,
                        started_at=timezone.now() - ago, latency_ms=latency, **extra)
 
 
@@ -55,19 +51,19 @@ def test_usage_of_things_without_usage():
 
 def test_observations_are_written_in_one_batch_on_flush(db):
     for latency in (10, 20, 30):
-        metrics.observe(obs(latency=latency))
+        runtime.current().metrics.record(obs(latency=latency))
     assert RequestMetric.objects.count() == 0  # observing never touches the database
-    assert metrics.flush() == 3
+    assert runtime.current().metrics.flush() == 3
     assert RequestMetric.objects.count() == 3
-    assert metrics.pending() == []
-    assert metrics.flush() == 0
+    assert runtime.current().metrics.pending() == []
+    assert runtime.current().metrics.flush() == 0
 
 
 def test_old_rows_are_pruned(db, settings):
     settings.HAL0_METRICS_RETENTION_H = 1
-    metrics.observe(obs(ago=timedelta(hours=2)))
-    metrics.observe(obs(ago=timedelta(minutes=5)))
-    metrics.flush()  # prunes on its first run
+    runtime.current().metrics.record(obs(ago=timedelta(hours=2)))
+    runtime.current().metrics.record(obs(ago=timedelta(minutes=5)))
+    runtime.current().metrics.flush()  # prunes on its first run
     assert RequestMetric.objects.count() == 1
     assert metrics.prune() == 0
 
@@ -93,27 +89,27 @@ def test_the_reconcilers_housekeeping_prunes_without_any_gateway_traffic(db, set
 
 def test_slot_stats_over_the_last_hour(db):
     for i in range(1, 101):
-        metrics.observe(obs(latency=float(i), tokens_per_s=50.0 if i <= 50 else 70.0,
+        runtime.current().metrics.record(obs(latency=float(i), tokens_per_s=50.0 if i <= 50 else 70.0,
                             tokens_in=10, tokens_out=20, ttft_ms=5.0))
-    metrics.observe(obs(status=502, latency=1000.0))
-    metrics.observe(obs(latency=9999.0, ago=timedelta(hours=2)))  # outside the window
-    metrics.observe(obs(slot="embed", latency=1.0))
-    metrics.flush()
-    metrics.observe(obs(latency=0.5))  # not written yet: still counted
-    stats = metrics.slot_stats("chat")
+    runtime.current().metrics.record(obs(status=502, latency=1000.0))
+    runtime.current().metrics.record(obs(latency=9999.0, ago=timedelta(hours=2)))  # outside the window
+    runtime.current().metrics.record(obs(slot="embed", latency=1.0))
+    runtime.current().metrics.flush()
+    runtime.current().metrics.record(obs(latency=0.5))  # not written yet: still counted
+    stats = metrics.slot_stats("chat", runtime.current().metrics.pending())
     assert stats["count"] == 102 and stats["errors"] == 1
     assert stats["requests_per_min"] == pytest.approx(102 / 60, abs=0.01)
     assert stats["p50_ms"] == 50.0 and stats["p95_ms"] == 96.0  # nearest rank of 102
     assert stats["tokens_per_s"] == 60.0 and stats["ttft_p50_ms"] == 5.0
     assert stats["tokens_in"] == 1000 and stats["tokens_out"] == 2000
-    empty = metrics.slot_stats("img")
+    empty = metrics.slot_stats("img", runtime.current().metrics.pending())
     assert empty["count"] == 0 and empty["p50_ms"] is None and empty["tokens_per_s"] is None
 
 
 def test_prometheus_text(db):
-    metrics.observe(obs(latency=30.0, tokens_in=5, tokens_out=7, ttft_ms=12.0))
-    metrics.observe(obs(status=503, latency=2.0))
-    text = metrics.prometheus_text()
+    runtime.current().metrics.record(obs(latency=30.0, tokens_in=5, tokens_out=7, ttft_ms=12.0))
+    runtime.current().metrics.record(obs(status=503, latency=2.0))
+    text = metrics.prometheus_text(runtime.current().serving, runtime.current().metrics)
     lines = text.splitlines()
     assert "# TYPE hal0_gateway_requests_total counter" in lines
     assert 'hal0_gateway_requests_total{slot="chat",endpoint="chat/completions",status="200"} 1' \
@@ -173,9 +169,88 @@ def test_a_batch_that_cannot_be_written_does_not_stop_claim_renewal(dead_node, m
 
     busy = make_slot("busy", node=dead_node)
     hal0_runtime.serving.in_flight[busy.pk] = 1
-    monkeypatch.setattr(metrics, "_last_renewal", 0.0)
-    metrics.observe(obs(tokens_in=-1))  # past usage_of's clamp: PositiveIntegerField says no
+    runtime.current().metrics.record(obs(tokens_in=-1))  # past usage_of's clamp: PositiveIntegerField says no
     with pytest.raises(IntegrityError):
-        metrics.flush()
+        runtime.current().metrics.flush()
     assert Lease.objects.filter(name__startswith=f"serving:{busy.pk}:").exists()
-    assert len(metrics.pending()) == 1  # kept for the next try
+    assert len(runtime.current().metrics.pending()) == 1  # kept for the next try
+
+
+# --- the buffer shared by the event loop and the writer's thread -------------------------------
+
+def test_a_request_recorded_at_any_moment_of_a_failed_write_is_kept(db, hal0_runtime,
+                                                                   monkeypatch):
+    """The gateway records requests on the event loop while the writer flushes on a worker
+    thread, and a write may fail (a locked database): the batch goes back for the next try.
+    Here the "event loop" (another thread) records a request between every two bytecodes
+    of the failing flush; each one must still be there afterwards, none lost to a batch
+    swapped or put back under its feet."""
+    buffer = hal0_runtime.metrics
+
+    def locked(rows, **kwargs):
+        raise OperationalError("database is locked")
+
+    monkeypatch.setattr(RequestMetric.objects, "bulk_create", locked)
+    buffer.record(obs(latency=0.0))
+    recorded = [0.0]
+    go, done, stop = threading.Event(), threading.Event(), threading.Event()
+
+    def event_loop():
+        while True:
+            go.wait()
+            go.clear()
+            if stop.is_set():
+                return
+            latency = float(len(recorded))
+            buffer.record(obs(latency=latency))
+            recorded.append(latency)
+            done.set()
+
+    flush_code = type(buffer).flush.__code__
+
+    def between_bytecodes(frame, event, arg):
+        if event == "call":
+            if frame.f_code is not flush_code:
+                return None
+            frame.f_trace_opcodes = True
+        elif event == "opcode":
+            done.clear()
+            go.set()
+            done.wait(0.05)  # under the buffer's lock it waits: that is the point
+        return between_bytecodes
+
+    loop = threading.Thread(target=event_loop)
+    loop.start()
+    sys.settrace(between_bytecodes)
+    try:
+        with pytest.raises(OperationalError):
+            buffer.flush()
+    finally:
+        sys.settrace(None)
+        stop.set()
+        go.set()
+        loop.join(5)
+    assert len(recorded) > 20  # it did record in the middle of the flush
+    assert sorted(s.latency_ms for s in buffer.pending()) == recorded
+
+
+def test_a_process_started_right_after_boot_prunes_and_renews_at_once(db, hal0_runtime,
+                                                                      settings, make_slot,
+                                                                      dead_node):
+    """The appliance starts hal0 seconds after power-on, when the monotonic clock is
+    near 0: the first flush still prunes old rows and renews serving leases (nothing is
+    "less than PRUNE_EVERY_S since 0.0")."""
+    from slots.models import Lease
+
+    settings.HAL0_METRICS_RETENTION_H = 1
+    busy = make_slot("busy", node=dead_node)
+    hal0_runtime.serving.in_flight[busy.pk] = 1
+    buffer = metrics.MetricsBuffer(serving=hal0_runtime.serving,
+                                   stamps=hal0_runtime.token_stamps, clock=lambda: 3.0)
+    buffer.record(obs(ago=timedelta(hours=2)))
+    assert buffer.flush() == 1
+    assert RequestMetric.objects.count() == 0  # written, then pruned on the first flush
+    assert Lease.objects.filter(name__startswith=f"serving:{busy.pk}:").exists()
+    buffer.record(obs(ago=timedelta(hours=2)))
+    buffer.flush()
+    assert RequestMetric.objects.count() == 1  # the next prune is PRUNE_EVERY_S away

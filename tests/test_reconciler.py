@@ -17,7 +17,7 @@ from django.template.loader import render_to_string
 from django.test.utils import CaptureQueriesContext
 
 from hal0site.asgi import application
-from slots import live, reconciler
+from slots import live, reconciler, runtime
 from slots.actions import errors, lifecycle
 from slots.models import Node, Slot, SlotEvent, State
 from slots.reconciler import Reconciler
@@ -270,7 +270,7 @@ def test_a_hanging_node_does_not_hold_up_the_others(node, sim, settings):
     listener.listen(16)
     hung = Node.objects.create(name="hung", base_url=f"http://127.0.0.1:{listener.getsockname()[1]}")
     reconciler = Reconciler()
-    live.viewer_joined()
+    runtime.current().live.viewer_joined()
     try:
         async def run_for(seconds: float) -> None:
             task = asyncio.ensure_future(reconciler.run_forever())
@@ -281,7 +281,7 @@ def test_a_hanging_node_does_not_hold_up_the_others(node, sim, settings):
         async_to_sync(run_for)(2.0)
         assert time.monotonic() - started < 4
     finally:
-        live.viewer_left()
+        runtime.current().live.viewer_left()
         listener.close()
     node.refresh_from_db()
     hung.refresh_from_db()
@@ -328,7 +328,7 @@ async def test_polls_slowly_without_a_dashboard_and_fast_while_one_is_connected(
         node, sim, settings, fast_ticks, session_cookie):
     settings.HAL0_POLL_ACTIVE_S = 0.05
     settings.HAL0_POLL_IDLE_S = 0.5
-    assert live.viewers() == 0
+    assert runtime.current().live.viewers() == 0
     async with running(Reconciler()) as rec:
         # no dashboard: one poll per 0.5 s, i.e. 4-5 in 2 s (20+ at the active rate)
         slow = await polls_during(rec, node.pk, 2.0)
@@ -341,7 +341,7 @@ async def test_polls_slowly_without_a_dashboard_and_fast_while_one_is_connected(
             session_cookie])
         assert (await comm.connect())[0]
         try:
-            assert live.viewers() == 1
+            assert runtime.current().live.viewers() == 1
             fast = await polls_during(rec, node.pk, 1.0)
         finally:
             await comm.disconnect()
@@ -349,7 +349,7 @@ async def test_polls_slowly_without_a_dashboard_and_fast_while_one_is_connected(
         assert fast >= 6, (slow, fast)
 
         # the dashboard closed: back to the idle period
-        assert live.viewers() == 0
+        assert runtime.current().live.viewers() == 0
         await asyncio.sleep(0.1)  # a poll started at the fast rate may still finish
         again = await polls_during(rec, node.pk, 1.5)
         assert again <= 5, (slow, fast, again)

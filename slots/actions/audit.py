@@ -17,7 +17,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from .. import live
+from .. import runtime
 from ..models import EventActor, Node, Slot, SlotEvent, State
 from .errors import SlotError
 
@@ -55,7 +55,7 @@ def record(slot: Slot, action: str, *, actor: Actor, from_state: str = "", ok: b
             model=model if model is not None else slot.model_name, duration_ms=duration_ms,
             ok=ok, error_code=code, message=message[:1000],
         )
-        live.broadcast_slot_on_commit(slot.pk)
+        runtime.current().live.broadcast_slot_on_commit(slot.pk)
     return event
 
 
@@ -104,7 +104,7 @@ def record_observation(slot: Slot, action: str | None = None, *, message: str = 
                 model=fields.get("loaded_model") or slot.loaded_model or slot.model_name,
                 message=message[:1000],
             )
-        live.broadcast_slot_on_commit(slot.pk)
+        runtime.current().live.broadcast_slot_on_commit(slot.pk)
     for key, value in fields.items():
         setattr(slot, key, value)
     return True
@@ -117,7 +117,7 @@ def record_node_observation(node: Node, **observed: Any) -> bool:
         return False
     with transaction.atomic():
         Node.objects.filter(pk=node.pk).update(**changed)
-        live.broadcast_node_on_commit(node.pk)
+        runtime.current().live.broadcast_node_on_commit(node.pk)
     for key, value in changed.items():
         setattr(node, key, value)
     return True

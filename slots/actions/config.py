@@ -16,7 +16,7 @@ from django.db import transaction
 import providers
 from providers.lemonade.errors import LemonadeError
 
-from .. import live, runtime, states
+from .. import runtime, states
 from ..models import Node, Slot, SlotEvent
 from .audit import Actor, actor_name, record, record_node_change
 from .errors import SlotError, get_slot, unknown_fields
@@ -57,7 +57,7 @@ def do_create_slot(data: dict[str, Any], *, actor: Actor) -> Slot:
     with transaction.atomic():
         slot.save()
         record(slot, "create", actor=actor, message=f"created {slot.capability} slot")
-        live.push_layout_on_commit()  # a new card: open dashboards place it in its group
+        runtime.current().live.push_layout_on_commit()  # a new card: open dashboards place it in its group
     return slot
 
 
@@ -83,7 +83,7 @@ def do_update_slot(slot: Slot | str, changes: dict[str, Any], *, actor: Actor) -
                message="changed " + ", ".join(
                    f"{f} {before[f]!r} → {getattr(fresh, f)!r}" for f in changed))
         if {"name", "capability", "node_id"} & set(changed):
-            live.push_layout_on_commit()  # the card's id or its place on the page changed
+            runtime.current().live.push_layout_on_commit()  # the card's id or its place on the page changed
     return fresh
 
 
@@ -103,8 +103,8 @@ def do_delete_slot(slot: Slot | str, *, actor: Actor) -> None:
                                  actor=actor_name(actor), from_state=slot.state,
                                  model=slot.model_name, message="deleted")
         slot.delete()
-        live.broadcast_removed_on_commit(name)  # its own page too
-        live.push_layout_on_commit()  # its group may be empty now
+        runtime.current().live.broadcast_removed_on_commit(name)  # its own page too
+        runtime.current().live.push_layout_on_commit()  # its group may be empty now
         if loaded:
             # Best effort, after the commit and off this thread: callers (the admin) may hold
             # a transaction, and lemond may take minutes or not answer.
@@ -132,7 +132,7 @@ def do_create_node(node: Node, *, actor: Actor) -> Node:
         node.save()
         record_node_change(node, "node-create", actor=actor,
                            message=f"created node {node.name} at {node.base_url}")
-        live.push_layout_on_commit()
+        runtime.current().live.push_layout_on_commit()
     return node
 
 
@@ -148,7 +148,7 @@ def do_update_node(node: Node, *, actor: Actor) -> Node:
     with transaction.atomic():
         node.save()
         record_node_change(node, "node-update", actor=actor, message="changed " + ", ".join(shown))
-        live.push_layout_on_commit()
+        runtime.current().live.push_layout_on_commit()
     return node
 
 
@@ -164,4 +164,4 @@ def do_delete_node(node: Node, *, actor: Actor) -> None:
     with transaction.atomic():
         record_node_change(node, "node-delete", actor=actor, message=f"deleted node {node.name}")
         node.delete()
-        live.push_layout_on_commit()
+        runtime.current().live.push_layout_on_commit()

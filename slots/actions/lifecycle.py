@@ -25,7 +25,7 @@ from django.utils import timezone
 import providers
 from providers.lemonade.errors import LemonadeError, LemonadeNotLoaded
 
-from .. import live, runtime, states
+from .. import runtime, states
 from ..models import EventActor, Slot, SlotEvent, State
 from ..serving import live_leases
 from .audit import Actor, fail, ms_since, record
@@ -73,7 +73,7 @@ def _transition(slot: Slot, action: str, to_state: str, message: str) -> str | N
         )
         if moved:
             slot.state = to_state
-            live.broadcast_slot_on_commit(slot.pk)
+            runtime.current().live.broadcast_slot_on_commit(slot.pk)
             return current
     raise SlotError("slot.illegal_transition",
                     f"Slot {slot.name!r} is changing too fast to {action}; try again.", slot.name)
@@ -217,7 +217,7 @@ def do_restart_slot(slot: Slot | str, *, actor: Actor) -> Slot:
             Slot.objects.filter(pk=slot.pk).update(state=State.LOADING,
                                                    state_message=f"loading {slot.model_name}",
                                                    state_changed_at=timezone.now())
-            live.broadcast_slot_on_commit(slot.pk)
+            runtime.current().live.broadcast_slot_on_commit(slot.pk)
             provider.load(slot)
         except LemonadeError as exc:
             raise fail(slot, "restart", from_state, lemond_error(slot, exc, "restart"),

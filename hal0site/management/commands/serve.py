@@ -8,7 +8,10 @@ import contextlib
 import datetime
 import logging
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
+
+from slots.runtime import Runtime
 
 log = logging.getLogger("hal0.serve")
 
@@ -33,6 +36,7 @@ class Command(BaseCommand):
 
         if not 0 < port < 65536:
             raise CommandError(f"--port {port} is not a TCP port")
+        runtime = Runtime().start()  # this process's executors, counters and buffers
         if not no_reconciler:
             from twisted.internet import defer
 
@@ -75,12 +79,11 @@ class Command(BaseCommand):
         server.run()
         if server.abort_start:
             raise CommandError(f"could not listen on {host}:{port} (is the port in use?)")
-        from hal0site import shutdown
-
         # Daphne has stopped (SIGTERM, Ctrl-C): requests still open were cut off, so give
-        # this process's serving claims back now rather than after their TTL, and do not
-        # wait minutes for loads lemond finishes anyway.
-        shutdown.finish()
+        # this process's serving leases back now rather than after their TTL, and do not
+        # wait minutes for loads lemond finishes anyway (recorded as interrupted).
+        if runtime.stop(settings.HAL0_SHUTDOWN_GRACE_S):
+            log.warning("exiting without waiting for lemond (see the interrupted actions above)")
 
 
 def log_cancelled(app, access):

@@ -10,7 +10,11 @@ import asyncio
 import logging
 import signal
 
+from django.conf import settings
 from django.core.management.base import BaseCommand
+
+from slots import reconciler
+from slots.runtime import Runtime
 
 log = logging.getLogger("hal0.reconciler")
 
@@ -21,22 +25,21 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         self.stdout.write("hal0 reconciler running (Ctrl-C to stop)")
         self.stdout.flush()
-        from hal0site import shutdown
-
-        # Not asyncio.run(): on the way out it waits, without a limit, for worker threads
-        # that may be waiting on lemond (an idle unload); shutdown.finish() bounds that.
+        runtime = Runtime().start()
+        # Not asyncio.run(): on the way out it waits, without a limit, for the loop's worker
+        # threads; lemond calls run on the runtime's pools, which `stop` does not wait for.
         loop = asyncio.new_event_loop()
         try:
             loop.run_until_complete(self.main())
         except KeyboardInterrupt:
             pass
+        # restores still loading: recorded as interrupted, not waited for
+        if runtime.stop(settings.HAL0_SHUTDOWN_GRACE_S):
+            log.warning("exiting without waiting for lemond (see the interrupted actions above)")
         self.stdout.write("reconciler stopped")
         self.stdout.flush()
-        shutdown.finish()  # restores still loading: recorded as interrupted, not waited for
 
     async def main(self):
-        from slots import reconciler
-
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         # SIGTERM (systemd stop) and Ctrl-C end the loop: leases are released on the way out
