@@ -17,7 +17,7 @@ from django.template.loader import render_to_string
 from django.test.utils import CaptureQueriesContext
 
 from hal0site.asgi import application
-from slots import live, reconciler, runtime
+from slots import reconciler, runtime
 from slots.actions import errors, lifecycle
 from slots.models import Node, Slot, SlotEvent, State
 from slots.reconciler import Reconciler
@@ -229,7 +229,7 @@ def test_more_keep_loaded_slots_than_the_pool_holds_is_a_warning_not_a_loop(node
 def test_unreachable_node_shows_a_banner_and_recovers(dead_node, sim, monkeypatch,
                                                       django_capture_on_commit_callbacks):
     pushed: list[str] = []
-    monkeypatch.setattr(live, "send", pushed.append)
+    monkeypatch.setattr(runtime.current().live, "send", pushed.append)
     reconciler = Reconciler()
     with django_capture_on_commit_callbacks(execute=True):
         poll(reconciler)

@@ -9,6 +9,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.test import AsyncClient
 
+from slots import runtime
 from slots.actions import lifecycle, pulls
 from slots.models import Slot, SlotEvent, State
 
@@ -211,7 +212,7 @@ def test_lemond_model_entry(admin_client, node):
 @pytest.mark.django_db(transaction=True)
 async def test_download_runs_with_progress_and_is_recorded(node, sim, admin_user, monkeypatch):
     pushed: list[str] = []
-    monkeypatch.setattr("slots.live.send", pushed.append)
+    monkeypatch.setattr(runtime.current().live, "send", pushed.append)
     client = AsyncClient()
     await sync_to_async(client.force_login)(admin_user)
     response = await client.post("/slots/chat/pull/", {"model": NOT_DOWNLOADED_LLM},
@@ -232,7 +233,7 @@ async def test_download_runs_with_progress_and_is_recorded(node, sim, admin_user
 async def test_download_can_be_cancelled(node, sim, admin_user, monkeypatch):
     import asyncio
 
-    monkeypatch.setattr("slots.live.send", lambda html: None)
+    monkeypatch.setattr(runtime.current().live, "send", lambda html: None)
     sim.configure(pull_delay=5.0)
     client = AsyncClient()
     await sync_to_async(client.force_login)(admin_user)
