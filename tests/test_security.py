@@ -288,10 +288,8 @@ def test_scoped_token_on_the_json_api(node):
 def test_a_scoped_token_sees_only_its_slots_on_metrics_and_health(dead_node, admin_user,
                                                                   django_user_model,
                                                                   monkeypatch):
-    from slots import metrics
+    from slots import metrics, runtime
 
-    monkeypatch.setattr(metrics, "counters", metrics._Counters())
-    monkeypatch.setattr(metrics, "_buffer", [])
     dead_node.last_error = "lemond answered 500"
     dead_node.save()
     far = Node.objects.create(name="far", base_url="http://10.9.9.9:13305",
@@ -299,7 +297,7 @@ def test_a_scoped_token_sees_only_its_slots_on_metrics_and_health(dead_node, adm
     Slot.objects.create(name="faraway", capability="chat", device="cpu",
                         model_name="Qwen3-0.6B-GGUF", node=far)
     for slot in ("chat", "embed"):
-        metrics.observe(metrics.Observation(
+        runtime.current().metrics.record(metrics.RequestSample(
             slot_name=slot, endpoint="chat/completions", status=200,
             started_at=timezone.now(), latency_ms=3.0, tokens_in=1, tokens_out=2, ttft_ms=1.0))
     _, raw = tokens.create_token("chat-only", slots="chat")
