@@ -36,7 +36,7 @@ from django.http.multipartparser import MultiPartParserError
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
-from . import metrics, runtime, states, tokens
+from . import aliases, gateway_catalog, metrics, runtime, states, tokens
 from .actions.errors import SlotError, disabled
 from .actions.lifecycle import do_ensure_loaded
 from .metrics import RequestSample
@@ -48,6 +48,7 @@ log = logging.getLogger("hal0.gateway")
 ENDPOINTS: dict[str, str] = {
     "chat/completions": Capability.CHAT,
     "completions": Capability.CHAT,
+    "responses": Capability.CHAT,  # OpenAI's Responses API; lemond serves it (SSE too)
     "embeddings": Capability.EMBED,
     "rerank": Capability.RERANK,
     "audio/transcriptions": Capability.STT,
@@ -118,6 +119,9 @@ class Route:
     upstream: str  # base URL + the lemond API prefix, e.g. http://127.0.0.1:13305/v1
     api_key: str = field(repr=False)
     rerank_route: str = "reranking"  # what the node's lemond version serves rerank on
+    device: str = ""
+    context_length: int | None = None
+    created: int = 0  # the slot's creation time (unix seconds): stable for clients
 
     def upstream_url(self, endpoint: str) -> str:
         """lemond's URL for a gateway endpoint: `/v1/rerank` goes to the rerank route the
@@ -157,9 +161,11 @@ class RouteTable:
             defaults.setdefault(route.capability, route)
         return cls(routes, {r.name: r for r in routes}, defaults, by_model)
 
-    def resolve(self, model: str | None, capability: str | None) -> Route | None:
+    def resolve(self, model: str | None, capability: str | None,
+                follow_aliases: bool = True) -> Route | None:
         """A capability's own name with a declared default slot, then a slot name, then a
-        capability alias (its default slot), then a model a slot serves."""
+        capability alias (its default slot), then a model a slot serves, then one of
+        OpenAI's names (HAL0_MODEL_ALIASES)."""
         if not model:
             return self.defaults.get(capability) if capability else None
         # The seeded slots are named after their capabilities and cannot be renamed, so
@@ -175,10 +181,21 @@ class RouteTable:
         if alias is not None:
             return self.defaults.get(alias)
         candidates = self.by_model.get(model) or self.by_model.get(model.removesuffix(":latest"))
-        if not candidates:
-            return None
-        return min(candidates, key=lambda r: (r.capability != capability, not r.enabled,
-                                              not r.loaded, not r.is_default, r.name))
+        if candidates:
+            return min(candidates, key=lambda r: (r.capability != capability, not r.enabled,
+                                                  not r.loaded, not r.is_default, r.name))
+        # last: OpenAI's names (gpt-4o-mini, whisper-1, ...), whose target is a slot or a
+        # capability; an alias never leads to another alias
+        target = settings.HAL0_MODEL_ALIASES.get(model.lower()) if follow_aliases else None
+        return self.resolve(target, capability, follow_aliases=False) if target else None
+
+    def aliases_of(self, route: Route) -> list[str]:
+        """The OpenAI names that lead to `route` (GET /v1/models shows them)."""
+        targets = {route.name}
+        if self.defaults.get(route.capability) is route:
+            targets |= {route.capability}
+        return [name for name in aliases.names_for(settings.HAL0_MODEL_ALIASES, targets)
+                if self.resolve(name, route.capability) is route]
 
 
 def _load_routes() -> RouteTable:
@@ -191,7 +208,9 @@ def _load_routes() -> RouteTable:
             model_name=slot.model_name, loaded_model=slot.loaded_model, state=slot.state,
             enabled=slot.enabled and node.enabled, is_default=slot.is_default,
             upstream=node.base_url.rstrip("/") + caps.api_prefix + "/v1",
-            api_key=node.api_key, rerank_route=caps.rerank_route))
+            api_key=node.api_key, rerank_route=caps.rerank_route,
+            device=slot.device, created=int(slot.created_at.timestamp()),
+            context_length=gateway_catalog.context_length(slot.ctx_size, slot.lemond_entry)))
     return RouteTable.build(routes)
 
 
@@ -460,8 +479,12 @@ async def _proxy(request, endpoint: str):
             return openai_error(400, f"/v1/{endpoint} takes multipart/form-data.")
         try:
             model = request.POST.get("model")
+            has_file = "file" in request.FILES
         except (MultiPartParserError, SuspiciousOperation, RequestDataTooBig) as exc:
             return openai_error(400, f"The multipart body cannot be read: {exc}")
+        if not has_file:  # refused here, before a slot is loaded for nothing
+            return openai_error(400, f"Missing `file`: /v1/{endpoint} takes the audio as a "
+                                     "multipart file part named `file`.", param="file")
     else:
         raw = request.read()
         data, bad = _json_body(raw)
@@ -485,7 +508,7 @@ async def _proxy(request, endpoint: str):
                             type_="permission_error", code="slot_not_allowed", param="model")
     if route.capability != capability:
         return openai_error(400, f"Slot {route.name!r} serves {route.capability}; "
-                                 f"/v1/{endpoint} needs a {capability} slot.",
+                                 f"/v1/{endpoint} needs a slot of capability {capability}.",
                             code="model_not_supported", param="model")
     if not route.enabled:
         return _slot_error(disabled(route.name))
@@ -549,14 +572,7 @@ def gateway_view(endpoint: str):
     return view
 
 
-# --- /v1/models ----------------------------------------------------------------------------------
-
-def _model_json(route: Route, created: int) -> dict:
-    return {"id": route.name, "object": "model", "created": created, "owned_by": "hal0",
-            "capability": route.capability, "model": route.model_name,
-            "loaded_model": route.loaded_model or None, "state": route.state,
-            "default": route.is_default, "enabled": route.enabled}
-
+# --- /v1/models, the TTS slot's voices and models, paths hal0 does not serve ---------------------
 
 @csrf_exempt
 async def models(request, model_id: str | None = None):
@@ -567,17 +583,61 @@ async def models(request, model_id: str | None = None):
         return denied
     table = await route_table()
     invalidate_routes()  # a listing is rare and should show fresh states
-    created = int(time.time())
     if model_id is not None:
         # ids are slot names (as listed): look the name up first, then what resolve() knows
         route = table.by_name.get(model_id) or table.resolve(model_id, None)
         if route is None or not principal.allows_slot(route.name):
             return openai_error(404, f"The model {model_id!r} does not exist.",
                                 code="model_not_found", param="model")
-        return JsonResponse(_model_json(route, created))
-    return JsonResponse({"object": "list",
-                         "data": [_model_json(r, created) for r in table.slots
-                                  if principal.allows_slot(r.name)]})
+        return JsonResponse(gateway_catalog.model_entry(route, table.aliases_of(route)))
+    return JsonResponse({"object": "list", "data": [
+        gateway_catalog.model_entry(r, table.aliases_of(r)) for r in table.slots
+        if principal.lists_slot(r.name, r.capability)]})
+
+
+@csrf_exempt
+async def audio_voices(request):
+    """The voices lemond's speech backend takes, in the shape Open WebUI reads."""
+    _, denied = await _principal(request)
+    if denied:
+        return denied
+    if request.method not in ("GET", "HEAD"):
+        return openai_error(405, "Use GET for /v1/audio/voices.", code="method_not_allowed")
+    return JsonResponse(gateway_catalog.voices())
+
+
+@csrf_exempt
+async def audio_models(request):
+    """The TTS slots this token may use and the OpenAI names that reach them (Open WebUI
+    offers these in its TTS model field)."""
+    principal, denied = await _principal(request)
+    if denied:
+        return denied
+    if request.method not in ("GET", "HEAD"):
+        return openai_error(405, "Use GET for /v1/audio/models.", code="method_not_allowed")
+    table = await route_table()
+    ids = []
+    for route in table.slots:
+        if route.capability == Capability.TTS and principal.allows_slot(route.name):
+            ids += [route.name, *table.aliases_of(route)]
+    return JsonResponse({"models": [{"id": i} for i in dict.fromkeys(ids)]})
+
+
+@csrf_exempt
+async def not_served(request, endpoint: str = ""):
+    """Any other path under /v1/ (or /models): OpenAI-shaped JSON, never Django's HTML.
+    Still behind the token, like every API answer."""
+    _, denied = await _principal(request)
+    if denied:
+        return denied
+    what = gateway_catalog.not_supported(endpoint)
+    if what is not None:
+        return openai_error(501, f"hal0 does not offer {what} (/v1/{endpoint}); "
+                                 "see docs/gateway.md for what it serves.",
+                            type_="invalid_request_error", code="not_supported")
+    hint = " (hal0's OpenAI API is under /v1/: use http://<host>:<port>/v1 as the base URL)" \
+        if request.path_info.startswith("/models") else ""
+    return openai_error(404, f"Unknown path {request.path_info!r}{hint}.", code="not_found")
 
 
 # --- /metrics ------------------------------------------------------------------------------------

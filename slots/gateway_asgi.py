@@ -33,17 +33,15 @@ from hal0site.security import gateway_headers
 
 log = logging.getLogger("hal0.gateway")
 
-# Paths are fixed here so this module imports before Django is set up (`application`).
-GATEWAY_PATHS = frozenset({
-    "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank",
-    "/v1/audio/transcriptions", "/v1/audio/speech", "/v1/images/generations",
-})
 MODELS_PREFIX = "/v1/models/"
 _views: dict | None = None
+_cors = None
 
 
 def handles(path: str) -> bool:
-    return path in GATEWAY_PATHS or path.startswith(MODELS_PREFIX)
+    """Every path under /v1/ is the gateway's (unknown ones answer OpenAI-shaped JSON), and
+    so is /models, where a client whose base URL lacks its /v1 lands."""
+    return path.startswith(("/v1/", "/models/")) or path in ("/v1", "/models")
 
 
 def views() -> dict:
@@ -53,9 +51,24 @@ def views() -> dict:
 
         built = {f"/v1/{e}": gateway.gateway_view(e) for e in gateway.ENDPOINTS}
         built["/v1/models"] = gateway.models
-        assert set(built) == GATEWAY_PATHS, "GATEWAY_PATHS is out of date"
+        built["/v1/audio/voices"] = gateway.audio_voices
+        built["/v1/audio/models"] = gateway.audio_models
         _views = built
     return _views
+
+
+def cors():
+    """django-cors-headers' middleware around the fast path's dispatch, when
+    HAL0_CORS_ORIGINS allows any origin (the same settings as Django's stack); else None."""
+    global _cors
+    if _cors is None:
+        if settings.HAL0_CORS_ORIGINS:
+            from corsheaders.middleware import CorsMiddleware
+
+            _cors = CorsMiddleware(_dispatch)
+        else:
+            _cors = False
+    return _cors or None
 
 
 class _Disconnected(Exception):
@@ -117,16 +130,26 @@ def _error(status: int, message: str, code: str) -> HttpResponse:
     return openai_error(status, message, code=code)
 
 
-async def _call_view(request):
+async def _dispatch(request):
     path = request.path_info
+    table = views()
+    if path.startswith(MODELS_PREFIX):
+        return await table["/v1/models"](request, path[len(MODELS_PREFIX):])
+    view = table.get(path)
+    if view is None:
+        from .gateway import not_served
+
+        return await not_served(request, path.removeprefix("/v1").removeprefix("/"))
+    return await view(request)
+
+
+async def _call_view(request):
     try:
         request.get_host()  # ALLOWED_HOSTS, as Django's CommonMiddleware would check
     except DisallowedHost:
         return _error(400, "Invalid Host header.", "bad_host")
-    table = views()
-    if path.startswith(MODELS_PREFIX):
-        return await table["/v1/models"](request, path[len(MODELS_PREFIX):])
-    return await table[path](request)
+    middleware = cors()
+    return await (middleware or _dispatch)(request)
 
 
 async def _respond(request, send) -> None:
@@ -145,6 +168,12 @@ async def serve(scope, receive, send) -> None:
         except (UnicodeDecodeError, RequestDataTooBig):
             await _send(_error(400, "Bad request.", "bad_request"), send)
             return
+        if "CONTENT_LENGTH" not in request.META:
+            # A chunked upload (Open WebUI's recordings) has no Content-Length, and Django's
+            # multipart parser reads a missing one as 0: an empty form. The whole body is
+            # read by now, so its length is known.
+            request.META["CONTENT_LENGTH"] = str(body.seek(0, 2))
+            body.seek(0)
         started = []
 
         async def tracked_send(message):

@@ -260,8 +260,9 @@ def test_models_lists_slots_with_models_and_states(hal0):
     assert data["chat"]["model"] == CHAT_MODEL and data["chat"]["capability"] == "chat"
     assert data["chat"]["object"] == "model" and data["chat"]["owned_by"] == "hal0"
     assert data["off"]["enabled"] is False
-    assert all(m["state"] in ("offline", "ready", "serving", "loading", "error")
+    assert all(m["slot_state"] in ("offline", "ready", "serving", "loading", "error")
                for m in data.values())
+    assert all(m["state"] in ("loaded", "not-loaded") for m in data.values())
     one = httpx.get(f"{hal0.url}/v1/models/embed", headers=hal0.headers()).json()
     assert one["id"] == "embed" and one["model"] == "nomic-embed-text-v1-GGUF"
     scoped = httpx.get(f"{hal0.url}/v1/models", headers=hal0.headers("chatonly")).json()
