@@ -126,7 +126,7 @@ class InferenceRoutes:
         created = int(time.time())
         usage = {"prompt_tokens": prompt_n, "completion_tokens": len(words),
                  "total_tokens": prompt_n + len(words)}
-        stream = body.get("stream") is True and endpoint != "responses"
+        stream = body.get("stream") is True
         if not stream:
             async with self.using(model):
                 if self.opts.ttft:
@@ -154,6 +154,9 @@ class InferenceRoutes:
                 "object": kind, "created": created, "model": model.name,
                 "system_fingerprint": "b0000-lemond-sim", "choices": [choice],
                 "usage": usage, "timings": self.timings(prompt_n, len(words))})
+        if endpoint == "responses":
+            return Response(200, content_type="text/event-stream", stream=self._stream_response(
+                model, words, created, prompt_n))
         include_usage = isinstance(body.get("stream_options"), dict) and \
             body["stream_options"].get("include_usage") is True
         return Response(200, content_type="text/event-stream", stream=self._stream_text(
@@ -190,6 +193,53 @@ class InferenceRoutes:
                                  "model": model.name, "choices": [], "usage": usage})
             self.record(prompt_n, len(words))
             yield b"data: [DONE]\n\n"
+
+    async def _stream_response(self, model, words, created, prompt_n):
+        """A streamed Responses API answer, as lemond relays llama-server's /v1/responses:
+        named SSE events from response.created to response.completed (no [DONE])."""
+        ident, item_id = self.next_id("resp"), self.next_id("msg")
+        seq = iter(range(1 << 30))
+
+        def event(kind: str, **fields: Any) -> bytes:
+            return sse(kind, {"type": kind, "sequence_number": next(seq), **fields})
+
+        def response(status: str, output: list, usage: dict | None = None) -> dict:
+            return {"id": ident, "object": "response", "created_at": created,
+                    "status": status, "model": model.name, "output": output,
+                    "usage": usage}
+
+        def message(status: str, text: str | None) -> dict:
+            content = [] if text is None else [{"type": "output_text", "text": text,
+                                                "annotations": []}]
+            return {"type": "message", "id": item_id, "status": status,
+                    "role": "assistant", "content": content}
+
+        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+        async with self.using(model, streaming=True):
+            if self.opts.ttft:
+                await asyncio.sleep(self.opts.ttft)
+            yield event("response.created", response=response("in_progress", []))
+            yield event("response.in_progress", response=response("in_progress", []))
+            yield event("response.output_item.added", output_index=0,
+                        item=message("in_progress", None))
+            yield event("response.content_part.added", **where,
+                        part={"type": "output_text", "text": "", "annotations": []})
+            for i, word in enumerate(words):
+                yield event("response.output_text.delta", **where,
+                            delta=word if i == 0 else " " + word)
+                if self.opts.token_delay:
+                    await asyncio.sleep(self.opts.token_delay)
+            text = " ".join(words)
+            yield event("response.output_text.done", **where, text=text)
+            yield event("response.content_part.done", **where,
+                        part={"type": "output_text", "text": text, "annotations": []})
+            yield event("response.output_item.done", output_index=0,
+                        item=message("completed", text))
+            yield event("response.completed", response=response(
+                "completed", [message("completed", text)],
+                {"input_tokens": prompt_n, "output_tokens": len(words),
+                 "total_tokens": prompt_n + len(words)}))
+            self.record(prompt_n, len(words))
 
     async def h_chat(self, req: Request) -> Response:
         return await self._text_completion(req, "chat")
