@@ -16,7 +16,10 @@ chat completion
 `--requests` times per target at each concurrency, interleaved in rounds so that noise
 hits every target alike. "Added" latency is a target's percentile minus the direct
 percentile. Then, with the simulator answering its first token after 50 ms, it measures
-the time to the first streamed byte direct and through hal0 (and the passthrough).
+the time to the first streamed byte direct and through hal0 (and the passthrough). Last,
+with the simulator streaming as fast as it can (no token delay), it measures the **relay
+rate**: streamed bytes per second of wall time over `--stream-requests` streams at
+concurrency 8, per target (hal0's relay against the passthrough's).
 Prints a Markdown report (the "Gateway" section of docs/benchmarks.md) and optionally JSON.
 """
 
@@ -167,6 +170,28 @@ async def first_byte(client: httpx.AsyncClient, url: str, headers: dict, model: 
     return ttfb
 
 
+async def relay(client: httpx.AsyncClient, url: str, headers: dict, model: str,
+                count: int, concurrency: int) -> float:
+    """Streamed bytes per second of wall time over `count` streams (`concurrency` at once)."""
+    body = {"model": model, "stream": True,
+            "messages": [{"role": "user", "content": "Tell me everything."}]}
+    total, remaining = 0, count
+
+    async def worker():
+        nonlocal total, remaining
+        while remaining > 0:
+            remaining -= 1
+            async with client.stream("POST", f"{url}/v1/chat/completions", json=body,
+                                     headers=headers) as response:
+                response.raise_for_status()
+                async for chunk in response.aiter_raw():
+                    total += len(chunk)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return total / (time.perf_counter() - start)
+
+
 async def bench(stack: Stack, requests: int, levels: list[int], stream_requests: int,
                 rounds: int) -> dict:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
@@ -201,6 +226,16 @@ async def bench(stack: Stack, requests: int, levels: list[int], stream_requests:
                 ttfb[name].append(await first_byte(clients[name], url, headers, model))
         results["stream"] = {name: {"n": len(v), "p50": percentile(v, 0.5),
                                     "p99": percentile(v, 0.99)} for name, v in ttfb.items()}
+        stack.sim.configure(ttft=0.0, token_delay=0.0)
+        rates: dict[str, list[float]] = {name: [] for name in TARGETS}
+        for round_no in range(rounds):
+            shift = round_no % len(TARGETS)
+            for name in TARGETS[shift:] + TARGETS[:shift]:
+                url, headers, model = stack.target(name)
+                rates[name].append(await relay(clients[name], url, headers, model,
+                                               max(8, stream_requests // rounds), 8))
+        results["relay"] = {name: {"rounds": len(v), "median_bytes_per_s": statistics.median(v)}
+                            for name, v in rates.items()}
     finally:
         for client in clients.values():
             await client.aclose()
@@ -237,6 +272,14 @@ def report(results: dict, requests: int) -> str:
     for name in TARGETS:
         lines.append(f"| {name} | {stream[name]['p50']:.2f} | {stream[name]['p99']:.2f} | "
                      f"{stream[name]['p50'] / stream['direct']['p50']:.3f} |")
+    rate = results["relay"]
+    lines += ["", f"**Streaming relay rate** (no token delay, concurrency 8, median of "
+              f"{rate['direct']['rounds']} rounds)", "",
+              "| target | KiB/s | / passthrough |", "|---|---:|---:|"]
+    for name in TARGETS:
+        value = rate[name]["median_bytes_per_s"]
+        lines.append(f"| {name} | {value / 1024:.0f} | "
+                     f"{value / rate['passthrough']['median_bytes_per_s']:.3f} |")
     return "\n".join(lines)
 
 
