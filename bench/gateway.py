@@ -17,9 +17,9 @@ chat completion
 hits every target alike. "Added" latency is a target's percentile minus the direct
 percentile. Then, with the simulator answering its first token after 50 ms, it measures
 the time to the first streamed byte direct and through hal0 (and the passthrough). Last,
-with the simulator streaming as fast as it can (no token delay), it measures the **relay
-rate**: streamed bytes per second of wall time over `--stream-requests` streams at
-concurrency 8, per target (hal0's relay against the passthrough's).
+with the simulator streaming 2000-word answers as fast as it can (no token delay), it
+measures the **relay rate**: streamed bytes per second of wall time over 8 streams at once,
+in `--rounds` rounds, per target (hal0's relay against the passthrough's).
 Prints a Markdown report (the "Gateway" section of docs/benchmarks.md) and optionally JSON.
 """
 
@@ -226,14 +226,13 @@ async def bench(stack: Stack, requests: int, levels: list[int], stream_requests:
                 ttfb[name].append(await first_byte(clients[name], url, headers, model))
         results["stream"] = {name: {"n": len(v), "p50": percentile(v, 0.5),
                                     "p99": percentile(v, 0.99)} for name, v in ttfb.items()}
-        stack.sim.configure(ttft=0.0, token_delay=0.0)
+        stack.sim.configure(ttft=0.0, token_delay=0.0, reply_length=2000)
         rates: dict[str, list[float]] = {name: [] for name in TARGETS}
         for round_no in range(rounds):
             shift = round_no % len(TARGETS)
             for name in TARGETS[shift:] + TARGETS[:shift]:
                 url, headers, model = stack.target(name)
-                rates[name].append(await relay(clients[name], url, headers, model,
-                                               max(8, stream_requests // rounds), 8))
+                rates[name].append(await relay(clients[name], url, headers, model, 8, 8))
         results["relay"] = {name: {"rounds": len(v), "median_bytes_per_s": statistics.median(v)}
                             for name, v in rates.items()}
     finally:
@@ -273,7 +272,7 @@ def report(results: dict, requests: int) -> str:
         lines.append(f"| {name} | {stream[name]['p50']:.2f} | {stream[name]['p99']:.2f} | "
                      f"{stream[name]['p50'] / stream['direct']['p50']:.3f} |")
     rate = results["relay"]
-    lines += ["", f"**Streaming relay rate** (no token delay, concurrency 8, median of "
+    lines += ["", f"**Streaming relay rate** (2000-word streams, no token delay, concurrency 8, median of "
               f"{rate['direct']['rounds']} rounds)", "",
               "| target | KiB/s | / passthrough |", "|---|---:|---:|"]
     for name in TARGETS:

@@ -110,6 +110,9 @@ class SimOptions:
     ttft: float = 0.0
     token_delay: float = 0.01
     verbose: bool = False
+    # words in a reply (the one-sentence reply, repeated); 0 = that sentence once. Long
+    # streams for benchmarks: a real model answers hundreds of tokens.
+    reply_length: int = 0
 
     def __post_init__(self):
         if self.version_shape not in SHAPES:

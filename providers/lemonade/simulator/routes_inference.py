@@ -79,11 +79,13 @@ class InferenceRoutes:
         self.request_counter += 1
         return f"{prefix}-sim{self.request_counter:06d}"
 
-    @staticmethod
-    def reply_words(model: str, prompt: list[str], max_tokens: Any) -> tuple[list[str], str]:
+    def reply_words(self, model: str, prompt: list[str], max_tokens: Any
+                    ) -> tuple[list[str], str]:
         digest = stable_hash(model, " ".join(prompt)).hex()[:8]
         words = (f"Simulated reply from {model} (lemond simulator, no inference). "
                  f"Your prompt had {len(prompt)} words; digest {digest}.").split()
+        if self.opts.reply_length > 0:
+            words = (words * (self.opts.reply_length // len(words) + 1))[:self.opts.reply_length]
         if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and \
                 0 < max_tokens < len(words):
             return words[:max_tokens], "length"
