@@ -126,3 +126,17 @@ def test_report_counts_and_records_into_the_doc(tmp_path):
     assert "old" not in written and written.endswith("after\n")
     assert "| server_llm | 1 | 1 | 1 | 1 |" in written
     assert "2b6a7d77c71e551736f6cc8473dc46f479cd156b" in written
+
+
+def test_a_saved_run_can_be_reported_and_recorded_again(tmp_path, capsys):
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps({"date": "2026-12-07 10:00 UTC", "tags": {"v10.6.0": {
+        "commit": "7af26f75c0f993a598af0a5191d992f4adf6a51a", "suites": {
+            "server_tts": {"crash": None, "tests": {
+                "T.test_a": {"outcome": "passed"},
+                "T.test_b": {"outcome": "failed", "detail": "AssertionError: x"}}}}}}}))
+    doc = tmp_path / "conformance.md"
+    doc.write_text(f"{runner.BEGIN}\n{runner.END}\n")
+    assert runner.main(["--replay", str(saved), "--record", str(doc)]) == 0
+    assert "1 of 2 in-scope tests that ran pass (50.0 %)" in capsys.readouterr().out
+    assert "Run on 2026-12-07 10:00 UTC." in doc.read_text()

@@ -442,7 +442,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None,
                         help="also write every test's outcome to this file")
     parser.add_argument("--quiet", action="store_true", help="no per-suite progress lines")
+    parser.add_argument("--replay", type=Path, default=None, metavar="JSON",
+                        help="report (and --record) a run saved with --json, run nothing")
     ns = parser.parse_args(argv)
+    if ns.replay:
+        data = json.loads(ns.replay.read_text(encoding="utf-8"))
+        results = [TagResult(tag, info["commit"], [
+            SuiteResult(name, suite["tests"], suite.get("crash"))
+            for name, suite in info["suites"].items()]) for tag, info in data["tags"].items()]
+        for result in results:
+            print()
+            print(text_report(result))
+        if ns.record:
+            record(ns.record, results, data["date"])
+        return 0
     if not ns.src:
         parser.error("give --src or LEMONADE_SRC (a lemonade-sdk/lemonade checkout/git dir)")
     src = Path(ns.src).expanduser().resolve()
