@@ -43,6 +43,26 @@ def test_an_idle_slot_is_unloaded_with_an_event(idle_embed, sim):
     assert idle.unload_idle_slots() == []  # nothing left to do
 
 
+def test_idle_unload_leaves_a_model_another_slot_serves(idle_embed, sim, make_slot):
+    """A second slot on embed's model, idle after one second: its idle unload must not
+    take `embed` offline (it used to: the card said "unloaded outside hal0")."""
+    twin = make_slot("twin", capability="embed", model_name=EMBED_MODEL, idle_timeout_s=1)
+    past = timezone.now() - timedelta(minutes=10)
+    Slot.objects.filter(pk=twin.pk).update(state=State.READY, loaded_model=EMBED_MODEL,
+                                           state_changed_at=past, last_use_at=past)
+    Slot.objects.filter(pk=idle_embed.pk).update(idle_timeout_s=0)  # embed itself never idles
+    assert [s.name for s in idle.find_idle_slots()] == ["twin"]
+    assert idle.unload_idle_slots() == []
+    assert EMBED_MODEL in sim.state()["loaded_names"]
+    assert Slot.objects.get(name="embed").state == State.READY
+    assert Slot.objects.get(name="twin").state == State.READY  # lemond serves it anyway
+    assert not SlotEvent.objects.filter(action="idle-unload").exists()
+    # once embed is disabled, nobody else serves the model: the twin's idle unload goes on
+    Slot.objects.filter(name="embed").update(enabled=False)
+    assert idle.unload_idle_slots() == ["twin"]
+    assert EMBED_MODEL not in sim.state()["loaded_names"]
+
+
 def test_not_idle_before_its_timeout(idle_embed):
     Slot.objects.filter(pk=idle_embed.pk).update(
         last_use_at=timezone.now() - timedelta(seconds=30))

@@ -31,7 +31,7 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils import timezone
 
 from slots import portability, tokens
-from slots.models import ApiToken, Node, Slot, SlotEvent
+from slots.models import ApiToken, Node, Slot, SlotEvent, State
 from tests.browser import CHROMIUM, HAVE_CHROMIUM
 from tests.stack import Stack, login
 
@@ -328,6 +328,29 @@ def test_a_scoped_token_sees_only_its_slots_on_metrics_and_health(dead_node, adm
     nodes = {n["name"]: n for n in staff.get("/api/health").json()["nodes"]}
     assert nodes["far"]["url"] == "http://10.9.9.9:13305"
     assert nodes["far"]["last_error"] == "lemond answered 500"
+
+
+@pytest.mark.django_db(transaction=True)  # the API runs actions on a worker thread
+def test_a_scoped_token_cannot_unload_another_slots_model(node, sim):
+    """`chat`-only token: swap chat to embed's model, then unload chat. lemond must keep the
+    model `embed` serves (it used to drop it, and embed's card said "unloaded outside hal0")."""
+    from slots.actions import lifecycle
+
+    embed_model = Slot.objects.get(name="embed").model_name
+    lifecycle.do_load_slot("embed", actor="cli")
+    _, raw = tokens.create_token("chat-only", slots="chat")
+    client = Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
+    swapped = client.post("/api/slots/chat/swap", {"model": embed_model},
+                          content_type="application/json")
+    assert swapped.status_code == 200, swapped.content
+    unload = client.post("/api/slots/chat/unload")
+    assert unload.status_code == 409
+    assert unload.json()["error"]["code"] == "slot.model_shared"
+    assert "'embed'" in unload.json()["error"]["message"]
+    assert embed_model in sim.state()["loaded_names"]
+    assert Slot.objects.get(name="embed").state == State.READY
+    assert Slot.objects.get(name="chat").state == State.READY  # nothing changed
+    assert not SlotEvent.objects.filter(slot_name="chat", action="unload").exists()
 
 
 @pytest.mark.django_db

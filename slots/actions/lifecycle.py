@@ -163,6 +163,28 @@ def model_wanted_elsewhere(slot: Slot, model: str) -> bool:
         .filter(Q(model_name=model) | Q(loaded_model=model)).exists()
 
 
+def model_served_elsewhere(slot: Slot, model: str) -> list[str]:
+    """The other enabled slots on the same node that have `model` loaded right now (by
+    name): unloading it for `slot` would take them offline too."""
+    return list(Slot.objects.filter(node_id=slot.node_id, enabled=True,
+                                    state__in=states.LOADED)
+                .exclude(pk=slot.pk).filter(Q(model_name=model) | Q(loaded_model=model))
+                .order_by("name").values_list("name", flat=True))
+
+
+def _refuse_shared_unload(slot: Slot, model: str) -> None:
+    """One slot may not unload a model another slot serves: with a token scoped to `chat`,
+    `swap chat <embed's model>` then `unload chat` would otherwise take `embed` down."""
+    others = model_served_elsewhere(slot, model)
+    if others:
+        names = ", ".join(repr(name) for name in others)
+        raise SlotError(
+            "slot.model_shared",
+            f"Slot {slot.name!r} cannot unload {model}: slot {names} on the same node serves "
+            f"it too and would go offline. Disable {names} first to free the model.",
+            slot.name)
+
+
 # --- the actions ------------------------------------------------------------------------------
 
 def do_load_slot(slot: Slot | str, *, actor: Actor, join_timeout: float | None = None) -> Slot:
@@ -186,9 +208,12 @@ def do_load_slot(slot: Slot | str, *, actor: Actor, join_timeout: float | None =
 
 
 def do_unload_slot(slot: Slot | str, *, actor: Actor, action: str = "unload") -> Slot:
-    """Stop serving the slot's model. Idempotent: a model lemond does not have is success."""
+    """Stop serving the slot's model. Idempotent: a model lemond does not have is success.
+    Refused (`slot.model_shared`, nothing changed) while another enabled slot on the node
+    serves the same model."""
     slot = get_slot(slot)
     model = slot.loaded_model or slot.model_name
+    _refuse_shared_unload(slot, model)
     from_state = _transition(slot, "unload", State.UNLOADING, f"unloading {model}")
     assert from_state is not None  # only loads join
     with _recorded(slot, action, from_state, actor) as started:
@@ -368,14 +393,16 @@ def do_idle_unload_slot(slot: Slot | str, *, actor: Actor = EventActor.RECONCILE
                         ) -> Slot | None:
     """Unload a slot for being idle (event `idle-unload`), unless it is serving, pinned,
     keep-loaded, never-idle (idle_timeout_s 0) or not ready. The decision of *when* is
-    `slots.idle`'s; this only re-checks what must hold at the moment of unloading.
+    `slots.idle`'s; this only re-checks what must hold at the moment of unloading. A model
+    another slot serves stays loaded (the idle slot stays ready: lemond serves it anyway).
     Returns the slot, or None when skipped."""
     slot = get_slot(slot if isinstance(slot, str) else slot.name)
     serving = runtime.current().serving
     with serving.unloading_idle(slot):
         if (serving.count(slot) or slot.state != State.READY or slot.pinned
                 or slot.keep_loaded or not slot.idle_timeout_s
-                or live_leases(slot.pk).exists()):  # another gateway process serves it
+                or live_leases(slot.pk).exists()  # another gateway process serves it
+                or model_served_elsewhere(slot, slot.loaded_model or slot.model_name)):
             return None
         return do_unload_slot(slot, actor=actor, action="idle-unload")
 
