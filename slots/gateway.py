@@ -480,8 +480,14 @@ async def _proxy(request, endpoint: str):
         try:
             model = request.POST.get("model")
             has_file = "file" in request.FILES
+            model_file = "model" in request.FILES
         except (MultiPartParserError, SuspiciousOperation, RequestDataTooBig) as exc:
             return openai_error(400, f"The multipart body cannot be read: {exc}")
+        if model_file:
+            # hal0 forwards exactly one `model`, its own: a file part of that name would
+            # travel next to it, and lemond would load whatever it names.
+            return openai_error(400, "`model` must be a form field naming a slot, not a file.",
+                                param="model")
         if not has_file:  # refused here, before a slot is loaded for nothing
             return openai_error(400, f"Missing `file`: /v1/{endpoint} takes the audio as a "
                                      "multipart file part named `file`.", param="file")

@@ -232,6 +232,22 @@ def test_transcription_multipart_passes_through_with_the_model_substituted(hal0,
     assert gw_sim.state()["loaded_names"] == ["Whisper-Large-v3-Turbo"]
 
 
+def test_a_model_file_part_is_refused_and_one_model_is_forwarded(hal0, gw_sim):
+    """A multipart *file* named `model` used to travel next to hal0's substituted field:
+    an stt-only token made lemond load a model no slot serves."""
+    response = hal0.post("audio/transcriptions", data={"model": "stt"}, files=[
+        ("file", ("hello.wav", wav_bytes(), "audio/wav")),
+        ("model", ("model.txt", b"Qwen3-0.6B-GGUF", "text/plain"))])
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "model"
+    assert gw_sim.state()["loaded_names"] == []
+    # two `model` fields: hal0 routes by one and forwards only its own model name
+    response = hal0.post("audio/transcriptions", data={"model": ["Qwen3-0.6B-GGUF", "stt"]},
+                         files={"file": ("hello.wav", wav_bytes(), "audio/wav")})
+    assert response.status_code == 200, response.text
+    assert gw_sim.state()["loaded_names"] == ["Whisper-Large-v3-Turbo"]
+
+
 def test_no_model_means_the_endpoints_default_slot(hal0):
     response = hal0.post("embeddings", json={"input": "hello"})
     assert response.status_code == 200
