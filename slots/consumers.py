@@ -25,11 +25,12 @@ from django.template.loader import render_to_string
 from providers.lemonade import logs as lemond_logs
 
 from . import live, runtime
-from .models import Node, Slot
+from .models import Node, Slot, can_manage_slots
 
 log = logging.getLogger("hal0.consumers")
 
 CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
 
 
 def _authenticated(scope) -> bool:
@@ -94,6 +95,9 @@ class LogsConsumer(AsyncWebsocketConsumer):
     async def connect(self):
         if not _authenticated(self.scope):
             await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        if not await database_sync_to_async(can_manage_slots)(self.scope["user"]):
+            await self.close(code=CLOSE_FORBIDDEN)
             return
         self.node = await self.find_node(_query(self.scope).get("node") or "")
         await self.accept()

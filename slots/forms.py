@@ -14,7 +14,7 @@ from django.db.models import Q
 from .actions import config
 from .actions.audit import Actor
 from .actions.errors import SlotError
-from .models import ApiToken, Node, Slot, unknown_slots_or_capabilities
+from .models import ApiToken, Node, Slot, can_manage_slots, unknown_slots_or_capabilities
 
 FIELDS = [*Slot.DESIRED_FIELDS, "node"]
 
@@ -28,8 +28,13 @@ class SlotForm(forms.ModelForm):
             "model_name": forms.TextInput(attrs={"spellcheck": "false"}),
         }
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, user=None, **kwargs):
         super().__init__(*args, **kwargs)
+        if user is not None and not can_manage_slots(user):
+            # a disabled field keeps its current value whatever the request carries
+            for name in ("extra_args", "node"):
+                self.fields[name].disabled = True
+                self.fields[name].help_text = "Only staff (or slots.manage_slots) change this."
         # validation writes the new values onto the instance; the action needs the old name
         self.original_name = self.instance.name
         # any enabled node (and the slot's current one, even if disabled since)

@@ -92,6 +92,15 @@ def validate_extra_args(value: str, *, recipe: str = "llamacpp", lemond_version:
         raise ValidationError(problem, code="forbidden_flag")
 
 
+def can_manage_slots(user) -> bool:
+    """Roles: every logged-in operator may load, unload, restart, swap and pin slots and
+    edit their model and limits; `extra_args` (passed to the backend's command line),
+    moving a slot to another node, deleting slots and lemond's logs need staff or the
+    permission `slots.manage_slots`."""
+    return bool(user is not None and user.is_authenticated
+                and (user.is_staff or user.has_perm("slots.manage_slots")))
+
+
 class Node(models.Model):
     """A lemond endpoint. Keys are write-only: forms and pages never render them back."""
 
@@ -228,6 +237,10 @@ class Slot(models.Model):
 
     class Meta:
         ordering = ["capability", "name"]
+        # Staff have it implicitly; give it to an operator who should set extra_args, move
+        # slots between nodes, delete slots and read lemond's logs (docs/security.md).
+        permissions = [("manage_slots", "Can set extra args, move and delete slots, "
+                                        "read lemond logs")]
         constraints = [
             models.UniqueConstraint(
                 fields=["capability"], condition=Q(is_default=True),

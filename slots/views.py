@@ -33,7 +33,7 @@ from .actions import config, lifecycle, pulls
 from .actions.errors import SlotError
 from .consumers import LEVELS
 from .forms import NodeForm, SlotForm, TokenForm
-from .models import LEMOND_TYPE, ApiToken, Capability, Node, Slot
+from .models import LEMOND_TYPE, ApiToken, Capability, Node, Slot, can_manage_slots
 
 # How long a button's request waits for a quick action (pin, an unload) to finish, so its
 # answer can carry the final card; longer actions answer before and push when done.
@@ -58,7 +58,8 @@ def slot_detail(request, name):
     slot = get_object_or_404(Slot.objects.select_related("node"), name=name)
     saved = False
     if request.method == "POST":
-        form = SlotForm(request.POST, instance=Slot.objects.select_related("node").get(pk=slot.pk))
+        form = SlotForm(request.POST, instance=Slot.objects.select_related("node").get(pk=slot.pk),
+                        user=request.user)
         if form.is_valid():
             updated = form.save_through_actions(request.user)
             if updated is not None:
@@ -68,12 +69,12 @@ def slot_detail(request, name):
                         return HttpResponse(headers={"HX-Redirect": target})
                     return redirect(target)
                 slot, saved = updated, True
-                form = SlotForm(instance=updated)
+                form = SlotForm(instance=updated, user=request.user)
         if request.htmx:
             return render(request, "slots/detail.html#slot-form",
                           {"slot": slot, "form": form, "saved": saved})
     else:
-        form = SlotForm(instance=slot)
+        form = SlotForm(instance=slot, user=request.user)
     return render(request, "slots/detail.html", {
         "slot": slot, "form": form, "saved": saved,
         "events": slot.events.all()[:50],
@@ -110,7 +111,7 @@ def load_chart(slot: Slot) -> dict:
 @require_http_methods(["GET", "POST"])
 def slot_create(request):
     # bound on any POST, an empty one too, so missing fields are reported
-    form = SlotForm(request.POST if request.method == "POST" else None)
+    form = SlotForm(request.POST if request.method == "POST" else None, user=request.user)
     if request.method == "POST" and form.is_valid():
         slot = form.save_through_actions(request.user)
         if slot is not None:  # open dashboards get the new card from the action
@@ -126,6 +127,8 @@ def slot_create(request):
 @login_required
 @require_http_methods(["GET", "POST"])
 def slot_delete(request, name):
+    if not can_manage_slots(request.user):
+        return HttpResponse("Only staff (or slots.manage_slots) can delete slots.", status=403)
     slot = get_object_or_404(Slot.objects.select_related("node"), name=name)
     error = ""
     if request.method == "POST":
@@ -312,6 +315,9 @@ async def lemond_model(request, name):
 
 @login_required
 def logs(request):
+    if not can_manage_slots(request.user):
+        return HttpResponse("Only staff (or slots.manage_slots) can read lemond's logs.",
+                            status=403)
     nodes = list(Node.objects.filter(enabled=True))
     current = request.GET.get("node") or (nodes[0].name if nodes else "")
     return render(request, "slots/logs.html", {

@@ -508,6 +508,62 @@ def test_a_real_serve_refuses_websockets_from_other_origins(tmp_path, lemond_sim
         stack.stop()
 
 
+# --- roles --------------------------------------------------------------------------------------
+
+@pytest.mark.django_db
+def test_operators_use_slots_while_staff_manage_them(dead_node, django_user_model):
+    """Every operator loads, unloads, swaps, pins and edits models; extra_args, node moves,
+    deleting slots and lemond's logs need staff or the permission slots.manage_slots."""
+    from django.contrib.auth.models import Permission
+
+    far = Node.objects.create(name="far", base_url="http://127.0.0.1:9")
+    Slot.objects.create(name="spare", capability="chat", device="cpu",
+                        model_name="Qwen3-0.6B-GGUF", node=dead_node)
+    user = django_user_model.objects.create_user("op", "", "op-password-1")
+    operator = Client()
+    operator.force_login(user)
+    edit = {"name": "spare", "capability": "chat", "device": "cpu",
+            "model_name": "Qwen3-1.7B-GGUF", "idle_timeout_s": "300", "enabled": "on",
+            "extra_args": "--override-kv evil", "node": str(far.pk)}
+    assert operator.post("/slots/spare/", edit).status_code == 200
+    spare = Slot.objects.get(name="spare")
+    assert spare.model_name == "Qwen3-1.7B-GGUF"  # an operator's edit
+    assert (spare.extra_args, spare.node_id) == ("", dead_node.pk)  # not theirs to change
+    created = operator.post("/new-slot/", {**edit, "name": "mine"})
+    assert created.status_code == 302
+    mine = Slot.objects.get(name="mine")
+    assert (mine.extra_args, mine.node_id) == ("", dead_node.pk)
+    assert operator.post("/slots/spare/delete/").status_code == 403
+    assert Slot.objects.filter(name="spare").exists()
+    assert operator.get("/logs/").status_code == 403
+    assert operator.post("/slots/spare/do/pin/").status_code in (200, 302)  # not 403
+    # the permission lifts all of it
+    user.user_permissions.add(Permission.objects.get(codename="manage_slots"))
+    manager = Client()
+    manager.force_login(django_user_model.objects.get(pk=user.pk))
+    assert manager.post("/slots/spare/", edit).status_code in (200, 302)
+    spare = Slot.objects.get(name="spare")
+    assert (spare.extra_args, spare.node_id) == ("--override-kv evil", far.pk)
+    assert manager.get("/logs/").status_code == 200
+    assert manager.post("/slots/mine/delete/").status_code == 302
+    assert not Slot.objects.filter(name="mine").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_lemond_log_socket_is_for_managers_only(dead_node, django_user_model):
+    from asgiref.sync import sync_to_async
+
+    def session() -> bytes:
+        client = Client()
+        client.force_login(django_user_model.objects.create_user("op", "", "op-password-1"))
+        return f"sessionid={client.cookies['sessionid'].value}".encode()
+
+    cookie = (b"cookie", await sync_to_async(session)())
+    connected, comm = await ws_connect("/ws/logs/", (b"origin", ORIGIN.encode()), cookie)
+    assert not connected
+    await comm.disconnect()
+
+
 # --- node URLs and what a failing node shows -----------------------------------------------------
 
 @pytest.mark.django_db
