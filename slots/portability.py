@@ -86,6 +86,10 @@ def plan_import(text: str) -> ImportPlan:
     entries = _entries(text)
     existing = {s.name: s for s in Slot.objects.select_related("node")}
     nodes = {n.name: n for n in Node.objects.all()}
+    new = {e["name"] for e in entries} - set(existing)  # counted before any slow check
+    if (error := config.too_many_slots(len(existing) + len(new))) is not None:
+        raise ImportProblem(f"the file would make {len(existing) + len(new)} slots: "
+                            f"{error.message}")
     plan = ImportPlan()
     final: dict[str, Slot] = dict(existing)
     seen: set[str] = set()

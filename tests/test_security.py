@@ -564,6 +564,30 @@ async def test_the_lemond_log_socket_is_for_managers_only(dead_node, django_user
     await comm.disconnect()
 
 
+# --- caps -----------------------------------------------------------------------------------------
+
+@pytest.mark.django_db
+def test_the_number_of_slots_is_capped(dead_node, admin_client, settings):
+    import json as json_
+
+    from slots.portability import ImportProblem, import_json
+
+    assert settings.HAL0_MAX_SLOTS == 200  # the documented default
+    settings.HAL0_MAX_SLOTS = Slot.objects.count() + 1
+    form = {"capability": "chat", "device": "cpu", "model_name": "Qwen3-0.6B-GGUF",
+            "idle_timeout_s": "300", "enabled": "on"}
+    assert admin_client.post("/new-slot/", {**form, "name": "one"}).status_code == 302
+    refused = admin_client.post("/new-slot/", {**form, "name": "two"})
+    assert refused.status_code == 200 and "HAL0_MAX_SLOTS" in refused.content.decode()
+    assert not Slot.objects.filter(name="two").exists()
+    before = Slot.objects.count()
+    many = {"slots": [{"name": f"imp{i}", "capability": "chat", "device": "cpu",
+                       "model_name": "Qwen3-0.6B-GGUF"} for i in range(20_000)]}
+    with pytest.raises(ImportProblem, match="HAL0_MAX_SLOTS"):
+        import_json(json_.dumps(many))
+    assert Slot.objects.count() == before
+
+
 # --- node URLs and what a failing node shows -----------------------------------------------------
 
 @pytest.mark.django_db

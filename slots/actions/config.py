@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
@@ -50,8 +51,19 @@ def _coerce_node(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def too_many_slots(count: int) -> SlotError | None:
+    """The error for a change that would leave `count` slots, past HAL0_MAX_SLOTS."""
+    cap = settings.HAL0_MAX_SLOTS
+    if count <= cap:
+        return None
+    return SlotError("slot.too_many", f"hal0 keeps at most {cap} slots (HAL0_MAX_SLOTS); "
+                     "delete some, or raise the limit.")
+
+
 def do_create_slot(data: dict[str, Any], *, actor: Actor) -> Slot:
     unknown_fields(data, SLOT_FIELDS, data.get("name"))
+    if (error := too_many_slots(Slot.objects.count() + 1)) is not None:
+        raise error
     slot = Slot(**_coerce_node(dict(data)))
     _validated(slot)
     with transaction.atomic():
