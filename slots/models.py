@@ -227,6 +227,9 @@ class Slot(models.Model):
     state_changed_at = models.DateTimeField(default=timezone.now)
     last_load_ms = models.PositiveIntegerField(null=True, blank=True)
     lemond_entry = models.JSONField(default=dict, blank=True)
+    # the /v1/load body of the load that made the slot ready ({} when hal0 did not load it
+    # itself): a load with the same body while the slot is loaded is a no-op
+    loaded_options = models.JSONField(default=dict, blank=True)
 
     objects = SlotQuerySet.as_manager()
 

@@ -353,6 +353,7 @@ class Reconciler:
                 plan = " — hal0 reloads it" if protected else ""
                 record_observation(slot, "evicted", message=reason + plan,
                                  state=State.OFFLINE, loaded_model="", lemond_entry={},
+                                 loaded_options={},
                                  state_message=reason[:1000])
                 if protected:
                     self.restores.setdefault(slot.pk, Backoff())
@@ -372,8 +373,8 @@ class Reconciler:
             # slot's latest activity (idle unload counts from it)
             record_observation(
                 slot, "adopted", message=f"lemond serves {slot.model_name} ({how}); adopted",
-                state=State.READY, loaded_model=slot.model_name, error_code="",
-                state_message="", lemond_entry=entry.raw)
+                state=State.READY, loaded_model=slot.model_name, loaded_options={},
+                error_code="", state_message="", lemond_entry=entry.raw)
             self.restores.pop(slot.pk, None)
             return ""
         if slot.pk in self.restores:

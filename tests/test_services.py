@@ -383,3 +383,36 @@ def test_idle_unload_skips_a_slot_another_process_serves(node, sim):
     assert Slot.objects.get(pk=slot.pk).state == State.READY
     Lease.objects.all().delete()
     assert lifecycle.do_idle_unload_slot("chat").state == State.OFFLINE
+
+
+@pytest.mark.django_db(transaction=True)
+def test_loading_a_slot_loaded_with_the_same_options_is_a_no_op(node, sim):
+    """50 concurrent loads of a ready slot made ~20 `/v1/load` calls and as many
+    "loaded in 0.0 s" rows; now none, until the options change."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connection
+
+    lifecycle.do_load_slot("chat", actor="cli")
+    calls, events = sim.state()["load_calls_total"], SlotEvent.objects.count()
+
+    def load(_):
+        try:
+            return lifecycle.do_load_slot("chat", actor="cli").state
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(load, range(50)))
+    assert set(answers) == {"ready"}
+    assert sim.state()["load_calls_total"] == calls
+    assert SlotEvent.objects.count() == events
+    # other options: a real load, with its row
+    config.do_update_slot("chat", {"ctx_size": 8192}, actor="cli")
+    lifecycle.do_load_slot("chat", actor="cli")
+    assert sim.state()["load_calls_total"] == calls + 1
+    assert SlotEvent.objects.filter(slot_name="chat", action="load").count() == 2
+    # unloaded: loading again calls lemond again
+    lifecycle.do_unload_slot("chat", actor="cli")
+    lifecycle.do_load_slot("chat", actor="cli")
+    assert sim.state()["load_calls_total"] == calls + 2
