@@ -11,12 +11,21 @@ from __future__ import annotations
 import inspect
 import json
 from functools import wraps
+from http import HTTPStatus
 
 from asgiref.sync import sync_to_async
+from django.core.exceptions import (
+    RequestDataTooBig,
+    SuspiciousOperation,
+    TooManyFieldsSent,
+    TooManyFilesSent,
+)
 from django.db import connection
-from django.http import JsonResponse
+from django.http import JsonResponse, UnreadablePostError
+from django.http.multipartparser import MultiPartParserError
 from django.middleware.csrf import CsrfViewMiddleware
 from django.utils import timezone
+from django.utils.deprecation import MiddlewareMixin
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
@@ -50,25 +59,69 @@ def authenticate(request):
     return user, None
 
 
+def _unreadable(exc: Exception) -> JsonResponse | None:
+    """The envelope for a request body Django cannot (or may not) read."""
+    if isinstance(exc, RequestDataTooBig):
+        return error_response("api.too_large", "The request body is too large.", 413)
+    if isinstance(exc, (TooManyFieldsSent, TooManyFilesSent)):
+        return error_response("api.bad_request", "The request has too many form fields.", 400)
+    if isinstance(exc, (MultiPartParserError, SuspiciousOperation, UnreadablePostError)):
+        return error_response("api.bad_request", f"The request body cannot be read: {exc}", 400)
+    return None
+
+
 def api_view(view):
-    """Auth for API views; sync or async."""
+    """Auth for API views; sync or async. A body Django cannot read is answered with the
+    envelope too (413/400), not Django's HTML page."""
     if inspect.iscoroutinefunction(view):
         @wraps(view)
         async def wrapper(request, *args, **kwargs):
-            principal, denied = await sync_to_async(authenticate)(request)
-            if denied:
-                return denied
-            request.principal = principal
-            return await view(request, *args, **kwargs)
+            try:
+                principal, denied = await sync_to_async(authenticate)(request)
+                if denied:
+                    return denied
+                request.principal = principal
+                return await view(request, *args, **kwargs)
+            except Exception as exc:
+                if (answer := _unreadable(exc)) is None:
+                    raise
+                return answer
     else:
         @wraps(view)
         def wrapper(request, *args, **kwargs):
-            principal, denied = authenticate(request)
-            if denied:
-                return denied
-            request.principal = principal
-            return view(request, *args, **kwargs)
+            try:
+                principal, denied = authenticate(request)
+                if denied:
+                    return denied
+                request.principal = principal
+                return view(request, *args, **kwargs)
+            except Exception as exc:
+                if (answer := _unreadable(exc)) is None:
+                    raise
+                return answer
     return csrf_exempt(wrapper)
+
+
+_ERROR_CODES = {400: "api.bad_request", 401: "auth.required", 403: "auth.forbidden",
+                404: "api.not_found", 405: "api.method_not_allowed", 413: "api.too_large",
+                500: "api.internal"}
+
+
+class JsonErrorsMiddleware(MiddlewareMixin):
+    """Everything under /api/ answers JSON, errors included: a 404 from the URL map, a 405,
+    a 400 from Django's own checks, a crash (500; the traceback is in the log). The
+    actions' envelope, with the HTTP reason as the message."""
+
+    def process_response(self, request, response):
+        if (request.path.startswith("/api/") and response.status_code >= 400
+                and not response.get("Content-Type", "").startswith("application/json")):
+            status = response.status_code
+            answer = error_response(_ERROR_CODES.get(status, f"http.{status}"),
+                                    HTTPStatus(status).phrase + ".", status)
+            if response.has_header("Allow"):
+                answer["Allow"] = response["Allow"]
+            return answer
+        return response
 
 
 def _allowed(request, slot_name: str) -> bool:

@@ -109,3 +109,30 @@ def test_actions_answer_with_or_without_a_trailing_slash(live_client):
     client = live_client
     assert client.post("/api/slots/chat/load/").json()["state"] == "ready"
     assert client.post("/api/slots/chat/unload").json()["state"] == "offline"
+
+
+@pytest.mark.django_db
+def test_api_errors_are_always_json(node):
+    """Oversized bodies, too many multipart fields, a missing boundary, unknown paths and
+    wrong methods answer the envelope, never Django's HTML pages."""
+    from slots import tokens
+
+    _, raw = tokens.create_token("errors")
+    client = Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
+    fields = "".join(f'--b\r\nContent-Disposition: form-data; name="f{i}"\r\n\r\nv\r\n'
+                     for i in range(1200)) + "--b--\r\n"
+    cases = [
+        (client.post("/api/slots/chat/pin", b"{" + b" " * 3_000_000 + b"}",
+                     content_type="application/json"), 413, "api.too_large"),
+        (client.post("/api/slots/chat/pin", fields.encode(),
+                     content_type="multipart/form-data; boundary=b"), 400, "api.bad_request"),
+        (client.post("/api/slots/chat/pin", b"x=1", content_type="multipart/form-data"),
+         400, "api.bad_request"),
+        (client.get("/api/slots/chat/pin"), 405, "api.method_not_allowed"),
+        (client.get("/api/no-such-thing/"), 404, "api.not_found"),
+    ]
+    for response, status, code in cases:
+        assert response.status_code == status, response.content[:200]
+        assert response["Content-Type"] == "application/json", response.content[:200]
+        assert response.json()["error"]["code"] == code
+    assert not Slot.objects.get(name="chat").pinned  # none of them did anything
