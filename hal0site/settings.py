@@ -380,6 +380,10 @@ HAL0_RESTORE_BACKOFF_MAX_S = env_float("HAL0_RESTORE_BACKOFF_MAX_S", 300.0)
 HAL0_BACKGROUND_WORKERS = int(env_float("HAL0_BACKGROUND_WORKERS", 4))
 # Reads the pages make from lemond (model picker, raw model entry) give up after this.
 HAL0_PAGE_LEMOND_TIMEOUT_S = env_float("HAL0_PAGE_LEMOND_TIMEOUT_S", 3.0)
+# Request bodies are refused (413) past these sizes before they are read (hal0site.bodylimit):
+# every request, and speech-to-text uploads (/v1/audio/transcriptions).
+HAL0_MAX_BODY_MB = env_float("HAL0_MAX_BODY_MB", 32.0)
+HAL0_MAX_UPLOAD_MB = env_float("HAL0_MAX_UPLOAD_MB", 200.0)
 # At most this many slots (creations and imports refuse more): 20,000 imported slots made a
 # 21.7 MB dashboard that took 12 s to render.
 HAL0_MAX_SLOTS = int(env_float("HAL0_MAX_SLOTS", 200))

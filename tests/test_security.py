@@ -653,6 +653,80 @@ def test_a_failing_node_shows_its_status_never_the_body(admin_client, dead_node,
         assert "INTERNAL-SECRET-42" not in text
 
 
+# --- body limits --------------------------------------------------------------------------------
+
+def _raw_post(url: str, path: str, head: dict[str, str], body_chunks) -> bytes:
+    """POST over a raw socket, sending `body_chunks` until the server answers; returns the
+    start of the answer (b"" when it only closed)."""
+    import socket as socket_
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    with socket_.create_connection((where.hostname, where.port), timeout=10) as conn:
+        lines = [f"POST {path} HTTP/1.1", f"Host: {where.netloc}",
+                 *(f"{k}: {v}" for k, v in head.items()), "", ""]
+        conn.sendall("\r\n".join(lines).encode())
+        conn.setblocking(False)
+        answer = b""
+        for chunk in body_chunks:
+            try:
+                answer += conn.recv(65536)
+            except BlockingIOError:
+                pass
+            except OSError:
+                break
+            if answer:
+                break
+            try:
+                conn.setblocking(True)
+                conn.sendall(chunk)
+                conn.setblocking(False)
+            except OSError:
+                break
+        conn.setblocking(True)
+        try:
+            while b"\r\n\r\n" not in answer:
+                more = conn.recv(65536)
+                if not more:
+                    break
+                answer += more
+        except OSError:
+            pass
+        return answer
+
+
+def test_a_real_serve_refuses_oversized_bodies_before_reading_them(tmp_path, lemond_sim):
+    stack = Stack(tmp_path, HAL0_LEMONADE_URL=lemond_sim.url, HAL0_LOG_LEVEL="WARNING",
+                  HAL0_MAX_BODY_MB="1", HAL0_MAX_UPLOAD_MB="3")
+    try:
+        stack.setup()
+        url = stack.serve()
+        # a declared 1.5 GB body, without credentials, is refused from its headers alone
+        for path in ("/v1/chat/completions", "/api/slots/chat/load", "/accounts/login/"):
+            answer = _raw_post(url, path, {"Content-Length": str(1_500_000_000),
+                                           "Content-Type": "application/json"}, [b"{"])
+            assert answer.startswith(b"HTTP/1.1 413"), (path, answer[:200])
+        # a chunked body is cut off as soon as it passes the cap
+        piece = b"40000\r\n" + b"x" * 0x40000 + b"\r\n"
+        answer = _raw_post(url, "/v1/embeddings", {"Transfer-Encoding": "chunked",
+                                                   "Content-Type": "application/json"},
+                           [piece] * 64)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        # uploads get their own cap: 2 MB reach the gateway (401: no token), 4 MB do not
+        audio = httpx.post(f"{url}/v1/audio/transcriptions", timeout=30,
+                           files={"file": ("a.wav", b"\0" * 2_000_000, "audio/wav")})
+        assert audio.status_code == 401
+        answer = _raw_post(url, "/v1/audio/transcriptions",
+                           {"Content-Length": str(4 * 1024 * 1024),
+                            "Content-Type": "multipart/form-data; boundary=b"}, [b"--b"])
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        # and serve is fine: small requests work, logins too
+        assert httpx.get(f"{url}/api/health", timeout=10).status_code == 200
+        assert login(url).get("/api/slots/").status_code == 200
+    finally:
+        stack.stop()
+
+
 # --- check --deploy ----------------------------------------------------------------------------
 
 def manage_check(tmp_path, **env) -> subprocess.CompletedProcess:

@@ -66,6 +66,11 @@ class Command(BaseCommand):
                           f"({'without' if no_reconciler else 'with'} the reconciler)")
         self.stdout.flush()
         access = AccessLogGenerator(self.stdout) if access_log else None
+        # Body caps where Daphne receives the bytes (hal0site.bodylimit): its Server builds
+        # the HTTPFactory named in its module.
+        from hal0site.bodylimit import LimitedHTTPFactory
+
+        daphne.server.HTTPFactory = LimitedHTTPFactory
         server = daphne.server.Server(
             application=log_cancelled(application, access) if access else application,
             endpoints=endpoints,
