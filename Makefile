@@ -48,6 +48,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/dashboard.py
 	$(PY) bench/gateway.py
 	$(PY) bench/faults.py
+	$(PY) bench/bodies.py
 
 clean:
 	rm -rf $(VENV) var/test-hal0.sqlite3 test-artifacts
