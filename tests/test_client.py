@@ -23,6 +23,8 @@ def sync(url, **kw):
     return SyncLemonadeClient(url, **kw)
 
 
+@pytest.mark.xfail(strict=True, reason="hal0 bug #10: the client reads lemond's last_use "
+                   "(steady-clock milliseconds since boot) as epoch time")
 @pytest.mark.parametrize("shape,version,stt_type,has_pid,has_pins", [
     ("10.0", "10.0.0-sim", "transcription", False, False),
     ("10.6", "10.6.0-sim", "transcription", True, False),
@@ -158,6 +160,9 @@ def test_a_worker_thread_call_does_not_need_the_server_loop(sim):
     assert health.status == "ok" and took < 5
 
 
+@pytest.mark.xfail(strict=True, reason="hal0 bug #10: with nothing loaded lemond v10.6.0's "
+                   "/v1/stats is a 200 carrying an error object, which stats() passes on as "
+                   "stats")
 def test_stats_system_and_params(sim):
     client = sync(sim.url)
     assert "tokens_per_second" in client.stats()

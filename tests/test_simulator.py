@@ -120,7 +120,10 @@ def test_health_shape(lemond_sim, c, shape):
     health = c.get(f"{prefix}/health").json()
     entry = health["all_models_loaded"][0]
     assert health["model_loaded"] == WHISPER
-    assert isinstance(entry["last_use"], int) and entry["last_use"] > 1_600_000_000_000
+    # steady-clock milliseconds (time since boot, the same clock as time.monotonic here),
+    # not epoch time
+    assert isinstance(entry["last_use"], int)
+    assert abs(entry["last_use"] - time.monotonic() * 1000) < 60_000
     assert entry["backend_url"].startswith("http://127.0.0.1:")
     if shape == "10.0":
         assert health["version"] == "10.0.0-sim"
@@ -563,12 +566,34 @@ def test_a_completed_download_job_snapshot_is_self_consistent(lemond_sim, c):
     assert c.post("/v1/pull", json=body).json() == ran
 
 
-def test_download_jobs_exist_only_from_v10_7(c):
-    assert c.get("/v1/downloads").status_code == 404  # the default shape is v10.6
-    body = {"model_name": NOT_DOWNLOADED, "stream": True, "subscribe": False}
-    with c.stream("POST", "/v1/pull", json=body) as r:  # `subscribe` is ignored: SSE
-        assert r.headers["content-type"].startswith("text/event-stream")
+def test_download_jobs_exist_from_v10_6_and_sse_pulls_make_none_there(lemond_sim, c):
+    """v10.6.0 has `/v1/downloads` and `subscribe:false` jobs; a plain SSE pull stays tied
+    to its response and registers no job there (it does from v10.7)."""
+    assert c.get("/v1/downloads").json() == []  # the default shape is v10.6
+    with c.stream("POST", "/v1/pull", json={"model_name": NOT_DOWNLOADED,
+                                            "stream": True}) as r:
         assert [e for e, _ in sse_events(r)][-1] == "complete"
+    assert c.get("/v1/downloads").json() == []
+    lemond_sim.configure(version_shape="10.0")
+    assert c.get("/api/v1/downloads").status_code == 404
+
+
+def test_a_refused_pull_job_ends_in_error_and_can_be_removed(c):
+    """Server::start_download_job runs the model's checks in the job: an unknown name is
+    a job in `error` (with lemond's `unknown_model` code), visible until removed."""
+    job = c.post("/v1/pull", json={"model_name": "No-Such-Model", "stream": True,
+                                   "subscribe": False}).json()
+    assert (job["id"], job["model_name"], job["status"]) == (
+        "model:No-Such-Model", "No-Such-Model", "downloading")
+    assert wait_for(lambda: c.get("/v1/downloads").json()[0]["status"] == "error")
+    failed = c.get("/v1/downloads").json()[0]
+    assert failed["running"] is False and failed["code"] == "unknown_model"
+    assert "`user` namespace" in failed["error"]
+    control = "/v1/downloads/control"
+    assert c.post(control, json={"action": "remove"}).status_code == 400
+    assert c.post(control, json={"id": job["id"], "action": "remove"}).json() == {
+        "status": "ok"}
+    assert c.get("/v1/downloads").json() == []
 
 
 # ---- inference ------------------------------------------------------------------------
@@ -593,7 +618,7 @@ def test_chat_completion(lemond_sim, c):
     assert wrong.json()["error"]["message"] == ("This model does not support chat completion. "
                                                 "Only LLM models support this endpoint.")
     stats = c.get("/v1/stats").json()
-    assert stats["request_count_total"] == 2 and stats["output_tokens"] > 0
+    assert stats["output_tokens"] > 0 and stats["prompt_tokens"] > 0
 
 
 def test_chat_streaming_ends_with_done(lemond_sim, c):
@@ -617,7 +642,7 @@ def test_other_modalities(lemond_sim, c):
     again = c.post("/v1/embeddings", json={"model": EMBED, "input": "a"}).json()
     assert len(first["data"]) == 2 and len(first["data"][0]["embedding"]) == 768
     assert first["data"][0]["embedding"] == again["data"][0]["embedding"]
-    ranked = c.post("/v1/rerank", json={"model": RERANK, "query": "red apple",
+    ranked = c.post("/v1/reranking", json={"model": RERANK, "query": "red apple",
                                         "documents": ["a red apple", "blue sky"]}).json()
     assert [r["index"] for r in ranked["results"]] == [0, 1]
     assert ranked["results"][0]["relevance_score"] > ranked["results"][1]["relevance_score"]
@@ -664,7 +689,9 @@ def test_faults(lemond_sim, c):
     assert loaded_names(c) == []
     load(c, QWEN)
     lemond_sim.fault("restart")
-    assert loaded_names(c) == [] and c.get("/v1/stats").json()["request_count_total"] == 0
+    assert loaded_names(c) == []
+    assert c.get("/v1/stats").json() == {"error": {"message": "No model loaded",
+                                                   "type": "model_not_loaded"}}
     assert c.post("/__sim__/fault", json={"kind": "nope"}).status_code == 400
 
 
@@ -744,20 +771,26 @@ def test_params_and_internal_config_show_the_same_effective_config(lemond_sim, c
 @pytest.mark.parametrize("shape", ["10.6", "11"])
 def test_internal_set_refuses_values_a_load_would_refuse(lemond_sim, c, shape):
     """§2.10 "Invalid → 400 {"error": "..."}": values /v1/load refuses (ctx_size not
-    positive or -1, a backend not in the recipe's list, managed llama-server flags) are
+    positive, or -1 = auto from v10.8; a backend not in the recipe's list; managed
+    llama-server flags from v11 — v10.x stores them and the backend fails at load) are
     refused by /internal/set and POST /v1/params with /v1/load's reasons."""
     lemond_sim.configure(version_shape=shape)
     before = c.get("/internal/config").json()
-    cases = [({"ctx_size": -5}, "ctx_size must be a positive integer or -1, got -5"),
-             ({"ctx_size": 0}, "ctx_size must be a positive integer or -1, got 0"),
-             ({"llamacpp": {"backend": "bogus"}},
-              "llamacpp.backend must be one of auto, vulkan, rocm, cpu, metal, cuda, system, "
-              "got 'bogus'"),
-             ({"whispercpp": {"backend": "bogus"}}, "whispercpp.backend must be one of"),
-             ({"sdcpp": {"backend": "gpu"}}, "sdcpp.backend must be one of"),
-             ({"vllm": {"backend": "cuda"}}, "vllm.backend must be one of auto, rocm"),
-             ({"llamacpp": {"args": "--port 9000"}},
-              "llamacpp.args may not contain '--port' (Lemonade manages it)")]
+    if shape == "10.6":  # RuntimeConfig::validate at v10.6.0
+        cases = [({"ctx_size": -5}, "'ctx_size' must be positive"),
+                 ({"ctx_size": 0}, "'ctx_size' must be positive"),
+                 ({"ctx_size": -1}, "'ctx_size' must be positive")]
+    else:
+        cases = [({"ctx_size": -5}, "ctx_size must be a positive integer or -1, got -5"),
+                 ({"ctx_size": 0}, "ctx_size must be a positive integer or -1, got 0"),
+                 ({"llamacpp": {"args": "--port 9000"}},
+                  "llamacpp.args may not contain '--port' (Lemonade manages it)")]
+    cases += [({"llamacpp": {"backend": "bogus"}},
+               "llamacpp.backend must be one of auto, vulkan, rocm, cpu, metal, cuda, system, "
+               "got 'bogus'"),
+              ({"whispercpp": {"backend": "bogus"}}, "whispercpp.backend must be one of"),
+              ({"sdcpp": {"backend": "gpu"}}, "sdcpp.backend must be one of"),
+              ({"vllm": {"backend": "cuda"}}, "vllm.backend must be one of auto, rocm")]
     for bad, reason in cases:
         for path in ("/internal/set", "/v1/params"):
             response = c.post(path, json=bad)
@@ -772,7 +805,8 @@ def test_internal_set_refuses_values_a_load_would_refuse(lemond_sim, c, shape):
 
     good = {"ctx_size": 8192, "llamacpp": {"backend": "rocm"}, "whispercpp": {"backend": "auto"}}
     assert c.post("/internal/set", json=good).json() == {"status": "success", "updated": good}
-    assert c.post("/internal/set", json={"ctx_size": -1}).status_code == 200
+    assert c.post("/internal/set", json={"ctx_size": -1}).status_code == (
+        400 if shape == "10.6" else 200)
     assert c.post("/v1/params", json={"ctx_size": 8192}).status_code == 200
     assert load(c, QWEN4B).status_code == 200
     options = c.get("/v1/health").json()["all_models_loaded"][0]["recipe_options"]
@@ -1026,3 +1060,261 @@ def test_counts_load_requests_open_at_once(lemond_sim):
                                                    timeout=10).status_code, range(3)))
     assert codes == [200, 200, 200]
     assert lemond_sim.state()["max_open_load_requests"]["Qwen3-0.6B-GGUF"] == 3
+
+
+# ---- lemond conformance (issue #10), each checked in lemond's sources at the tag -------
+
+
+TINY = "Tiny-Test-Model-GGUF"  # a built-in lemond's own endpoint tests use
+GGUF = "unsloth/SmolLM2-135M-Instruct-GGUF:SmolLM2-135M-Instruct-Q2_K.gguf"
+
+
+def model_ids(c, show_all=True):
+    return {m["id"] for m in c.get(f"/v1/models{'?show_all=true' if show_all else ''}")
+            .json()["data"]}
+
+
+def pull_user(c, name, **body):
+    return c.post("/v1/pull", json={"model_name": name, "checkpoint": GGUF,
+                                    "recipe": "llamacpp", **body})
+
+
+def test_a_user_model_is_published_under_its_bare_name(c):
+    """Naming spec (v10.5+): a unique `user.X` is published as `X` in /v1/models,
+    /v1/models/{id}, health and `model_loaded`; `X` and `user.X` both resolve to it,
+    `builtin.X` does not."""
+    assert pull_user(c, "user.Unique-Test").json() == {"status": "success",
+                                                       "model_name": "user.Unique-Test"}
+    ids = model_ids(c)
+    assert "Unique-Test" in ids and "user.Unique-Test" not in ids
+    for name in ("Unique-Test", "user.Unique-Test"):
+        assert c.get(f"/v1/models/{name}").json()["id"] == "Unique-Test"
+    assert c.get("/v1/models/builtin.Unique-Test").status_code == 404
+    info = c.get("/v1/models/Unique-Test").json()
+    assert info["labels"] == ["custom"] and info["suggested"] is True
+    assert load(c, "user.Unique-Test").status_code == 200
+    health = c.get("/v1/health").json()
+    assert health["model_loaded"] == "Unique-Test"
+    assert [m["model_name"] for m in health["all_models_loaded"]] == ["Unique-Test"]
+    assert c.post("/v1/unload", json={"model_name": "Unique-Test"}).status_code == 200
+
+
+def test_a_user_model_shadows_a_builtin_which_becomes_builtin_x(c):
+    bare = c.get(f"/v1/models/{TINY}").json()
+    assert c.get(f"/v1/models/builtin.{TINY}").json()["id"] == TINY  # not shadowed yet
+    assert pull_user(c, f"user.{TINY}").status_code == 200
+    ids = model_ids(c)
+    assert {TINY, f"builtin.{TINY}"} <= ids and f"user.{TINY}" not in ids
+    assert c.get(f"/v1/models/{TINY}").json()["checkpoint"] == GGUF  # the user model
+    builtin = c.get(f"/v1/models/builtin.{TINY}").json()
+    assert builtin["id"] == f"builtin.{TINY}"
+    assert builtin["checkpoint"] == bare["checkpoint"] != GGUF
+    assert c.post("/v1/delete", json={"model_name": f"user.{TINY}"}).status_code == 200
+    assert c.get(f"/v1/models/{TINY}").json()["checkpoint"] == bare["checkpoint"]
+
+
+def test_pull_refuses_reserved_names_and_unknown_models(c):
+    for name in ("extra.X", "builtin.X", "user.builtin.X", "user.extra.X"):
+        refused = pull_user(c, name)
+        assert refused.status_code == 400 and "reserved" in refused.json()["error"]
+    no_prefix = c.post("/v1/pull", json={"model_name": "Bare", "checkpoint": GGUF,
+                                         "recipe": "llamacpp"})
+    assert no_prefix.status_code == 400 and "`user.` prefix" in no_prefix.json()["error"]
+    unknown = c.post("/v1/pull", json={"model_name": "No-Such-Model"})
+    assert (unknown.status_code, unknown.json()["code"]) == (400, "unknown_model")
+    no_variant = pull_user(c, "user.NoVariant", checkpoint="someone/Thing-GGUF")
+    assert no_variant.status_code == 500 and "variant" in no_variant.json()["error"]
+    no_recipe = c.post("/v1/pull", json={"model_name": "user.NoRecipe"})
+    assert no_recipe.status_code == 500 and "not registered" in no_recipe.json()["error"]
+    assert not {"X", "NoVariant", "NoRecipe"} & model_ids(c)
+
+
+def test_pull_keeps_user_model_metadata(c):
+    """register_user_model + download_model: the checkpoints, `custom` plus the implied
+    labels, and the pull's recipe_options merged over the image defaults."""
+    checkpoints = {"main": GGUF, "vae": "Comfy-Org/z_image:split_files/vae/ae.safetensors"}
+    body = {"model_name": "user.Img", "checkpoints": checkpoints, "recipe": "sd-cpp",
+            "image_defaults": {"steps": 33, "cfg_scale": 8.5, "width": 640, "height": 768},
+            "recipe_options": {"sd-cpp_backend": "cpu"}}
+    assert c.post("/v1/pull", json=body).status_code == 200
+    info = c.get("/v1/models/user.Img").json()
+    assert info["checkpoints"] == checkpoints and info["checkpoint"] == GGUF
+    assert info["labels"] == ["custom", "image"] and info["recipe"] == "sd-cpp"
+    assert info["recipe_options"] == {"steps": 33, "cfg_scale": 8.5, "width": 640,
+                                      "height": 768, "sd-cpp_backend": "cpu"}
+
+
+def test_extra_models_dir_is_scanned_and_shadows_builtins(c, tmp_path):
+    (tmp_path / "Loose-Model.gguf").write_bytes(b"GGUF")
+    (tmp_path / TINY).mkdir()
+    (tmp_path / TINY / "model.gguf").write_bytes(b"GGUF")
+    (tmp_path / TINY / "mmproj-f16.gguf").write_bytes(b"GGUF")
+    assert c.post("/internal/set", json={"extra_models_dir": str(tmp_path)}).status_code == 200
+    ids = model_ids(c, show_all=False)  # discovered models count as downloaded
+    assert {"Loose-Model", TINY} <= ids and "extra.Loose-Model" not in ids
+    assert f"builtin.{TINY}" in model_ids(c)
+    loose = c.get("/v1/models/extra.Loose-Model").json()
+    assert loose["id"] == "Loose-Model"
+    assert loose["checkpoint"] == str(tmp_path / "Loose-Model.gguf")
+    extra = c.get(f"/v1/models/{TINY}").json()
+    assert extra["checkpoint"] == str(tmp_path / TINY) and "vision" in extra["labels"]
+    assert c.post("/v1/delete", json={"model_name": "Loose-Model"}).status_code == 500
+    assert c.post("/internal/set", json={"extra_models_dir": ""}).status_code == 200
+    assert "Loose-Model" not in model_ids(c)
+
+
+@pytest.mark.parametrize("shape", ["10.6", "11"])
+def test_rerank_routes_by_version(lemond_sim, c, shape):
+    """v10.6.0 registers only `reranking`; `rerank` and `reranker` arrive in v11.7."""
+    lemond_sim.configure(version_shape=shape)
+    body = {"model": RERANK, "query": "q", "documents": ["q"]}
+    assert c.post("/v1/reranking", json=body).status_code == 200
+    for route in ("rerank", "reranker"):
+        assert c.post(f"/v1/{route}", json=body).status_code == (200 if shape == "11" else 404)
+
+
+def test_v10_6_stats_have_no_totals(lemond_sim, c):
+    """Router::get_stats at v10.6.0: the most recent backend's telemetry, no *_total
+    (from v10.7); with nothing loaded a 200 carrying an error object."""
+    empty = c.get("/v1/stats")
+    assert (empty.status_code, empty.json()) == (200, {"error": {
+        "message": "No model loaded", "type": "model_not_loaded"}})
+    load(c, QWEN)
+    fresh = c.get("/v1/stats").json()
+    assert set(fresh) == {"input_tokens", "output_tokens", "time_to_first_token",
+                          "tokens_per_second", "decode_token_times", "prompt_tokens"}
+    assert fresh["output_tokens"] == 0  # a new backend starts with empty telemetry
+    c.post("/v1/chat/completions", json={"model": QWEN, "messages": []})
+    assert c.get("/v1/stats").json()["output_tokens"] > 0
+    lemond_sim.configure(version_shape="11")
+    assert c.get("/v1/stats").json()["request_count_total"] == 1
+
+
+@pytest.mark.parametrize("shape", ["10.6", "11"])
+def test_a_reserved_llamacpp_arg(lemond_sim, c, shape):
+    """v10.6.0 accepts the request; llama-server's start fails on the reserved flag, and
+    Router::load_model's policy evicts every model, retries once, and answers 500
+    model_load_error. The v11 shape refuses it up front, evicting nothing."""
+    lemond_sim.configure(version_shape=shape, max_loaded_models=-1)
+    load(c, EMBED)
+    load(c, QWEN4B)
+    response = load(c, QWEN, llamacpp_args="--no-mmap -ngl 99")
+    if shape == "10.6":
+        assert response.status_code == 500
+        error = response.json()["error"]
+        assert error["code"] == "model_load_error"
+        assert "Argument '-ngl' is managed by Lemonade" in error["message"]
+        assert loaded_names(c) == []
+        assert lemond_sim.state()["load_failures"] == {QWEN: 1}
+    else:
+        assert response.status_code == 400
+        assert set(loaded_names(c)) == {EMBED, QWEN4B}
+
+
+def test_models_show_max_context_window_once_downloaded(c):
+    assert c.get(f"/v1/models/{QWEN}").json()["max_context_window"] > 0
+    assert "max_context_window" not in c.get(f"/v1/models/{NOT_DOWNLOADED}").json()
+    assert "context_length" not in c.get(f"/v1/models/{QWEN}").json()
+
+
+def test_install_and_uninstall_are_simulated(c):
+    def state():
+        return c.get("/v1/system-info").json()["recipes"]["whispercpp"]["backends"]["vulkan"]
+
+    assert state()["state"] == "installable"
+    assert state()["release_url"].startswith("https://github.com/")
+    assert c.post("/v1/install", json={"recipe": "whispercpp"}).status_code == 400
+    done = c.post("/v1/install", json={"recipe": "whispercpp", "backend": "vulkan"})
+    assert done.json() == {"status": "success", "recipe": "whispercpp", "backend": "vulkan"}
+    assert state()["state"] == "installed"
+    refused = c.post("/v1/install", json={"recipe": "llamacpp", "backend": "metal"})
+    assert refused.status_code == 400 and "Cannot install" in refused.json()["error"]
+    load(c, WHISPER, whispercpp_backend="cpu")
+    assert c.post("/v1/uninstall", json={"recipe": "whispercpp", "backend": "cpu"}).json()[
+        "status"] == "success"
+    assert loaded_names(c) == []  # its models were unloaded first
+    with c.stream("POST", "/v1/install", json={"recipe": "whispercpp", "backend": "cpu",
+                                               "stream": True}) as r:
+        assert [e for e, _ in sse_events(r)][-1] == "complete"
+
+
+def test_slots_and_tokenize_act_on_the_most_recent_llamacpp_model(c):
+    assert c.get("/v1/slots").status_code == 400  # nothing loaded
+    load(c, QWEN)
+    slots = c.get("/v1/slots").json()
+    assert isinstance(slots, list) and slots[0]["id"] == 0
+    assert c.post("/v1/slots/0?action=erase").json()["id_slot"] == 0
+    assert c.post("/v1/slots/0").status_code == 400  # no action
+    assert "error" in c.post("/v1/slots/0?action=save").json()  # no --slot-save-path
+    tokens = c.post("/v1/tokenize", json={"content": "Hello world!"}).json()["tokens"]
+    assert len(tokens) == 2 and all(isinstance(t, int) for t in tokens)
+    pieces = c.post("/v1/tokenize", json={"content": "Hello world!",
+                                          "with_pieces": True}).json()["tokens"]
+    assert [p["piece"] for p in pieces] == ["Hello", " world!"]
+    assert c.post("/v1/tokenize", json={}).status_code == 400
+    load(c, WHISPER)  # the most recent model has no slots: a 200 carrying an error
+    refused = c.get("/v1/slots")
+    assert refused.status_code == 200 and "error" in refused.json()
+
+
+def process_running(pid):
+    """Whether a process runs (a reaped or zombie child counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_loaded_models_have_real_backend_processes(lemond_sim, c):
+    lemond_sim.configure(max_loaded_models=-1)
+    load(c, QWEN)
+    load(c, EMBED)
+    pids = {m["model_name"]: m["pid"] for m in c.get("/v1/health").json()["all_models_loaded"]}
+    assert all(process_running(pid) for pid in pids.values())
+    with open(f"/proc/{pids[QWEN]}/stat") as fh:  # children of the simulator
+        assert int(fh.read().rsplit(")", 1)[1].split()[1]) == lemond_sim.process.pid
+    c.post("/v1/unload", json={"model_name": QWEN})
+    assert not process_running(pids[QWEN]) and process_running(pids[EMBED])
+    same = load(c, EMBED)  # a no-op load keeps the process
+    assert same.status_code == 200
+    assert c.get("/v1/health").json()["all_models_loaded"][0]["pid"] == pids[EMBED]
+    lemond_sim.reset()
+    assert not process_running(pids[EMBED])
+
+
+def test_a_killed_backend_in_v10_6_stays_listed_and_fails_requests(lemond_sim, c):
+    """v10.6.0 has no watchdog: WrappedServer only checks the pid it started, so health
+    keeps listing a crashed backend, requests to it fail with a network error, and a
+    /load with the same options is a no-op."""
+    load(c, QWEN)
+    pid = c.get("/v1/health").json()["all_models_loaded"][0]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: not process_running(pid))
+    assert loaded_names(c) == [QWEN]
+    failed = c.post("/v1/chat/completions", json={"model": QWEN, "messages": []})
+    assert failed.status_code == 500 and failed.json()["error"]["type"] == "network_error"
+    assert load(c, QWEN).status_code == 200
+    assert c.get("/v1/health").json()["all_models_loaded"][0]["pid"] == pid
+
+
+def test_a_killed_backend_in_v11_is_dropped_and_reloaded_on_use(lemond_sim, c):
+    """v11.7: a dead backend leaves health, and the next use reloads it (a new pid)."""
+    lemond_sim.configure(version_shape="11")
+    load(c, QWEN)
+    pid = c.get("/v1/health").json()["all_models_loaded"][0]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: loaded_names(c) == [])
+    assert c.post("/v1/chat/completions", json={"model": QWEN, "messages": []}) \
+        .status_code == 200
+    entry = c.get("/v1/health").json()["all_models_loaded"][0]
+    assert entry["model_name"] == QWEN and entry["pid"] != pid
+
+
+def test_no_backend_process_outlives_the_simulator(lemond_sim_factory):
+    sim = lemond_sim_factory()
+    httpx.post(f"{sim.url}/v1/load", json={"model_name": QWEN}, timeout=10)
+    pid = httpx.get(f"{sim.url}/v1/health").json()["all_models_loaded"][0]["pid"]
+    sim.process.send_signal(signal.SIGTERM)
+    assert sim.process.wait(timeout=10) == 0
+    assert wait_for(lambda: not process_running(pid))

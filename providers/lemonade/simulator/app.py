@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import copy
 import os
+import re
 from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -28,6 +29,7 @@ from providers.lemonade.simulator.options import OptionsMixin
 from providers.lemonade.simulator.processes import ProcessMixin
 from providers.lemonade.simulator.registry import RegistryMixin
 from providers.lemonade.simulator.residency import ResidencyMixin, State
+from providers.lemonade.simulator.routes_backends import BackendsMixin
 from providers.lemonade.simulator.routes_config import ConfigRoutes
 from providers.lemonade.simulator.routes_inference import InferenceRoutes
 from providers.lemonade.simulator.routes_lifecycle import LifecycleRoutes
@@ -43,9 +45,9 @@ from providers.lemonade.simulator.wire import (
 )
 
 
-class Simulator(V11Routes, EvictionMixin, OptionsMixin, ProcessMixin, ConfigMixin,
-                RegistryMixin, ResidencyMixin, DownloadsMixin, StatusRoutes, LifecycleRoutes,
-                ConfigRoutes, InferenceRoutes, LogsMixin, FaultControl):
+class Simulator(V11Routes, EvictionMixin, OptionsMixin, ProcessMixin, BackendsMixin,
+                ConfigMixin, RegistryMixin, ResidencyMixin, DownloadsMixin, StatusRoutes,
+                LifecycleRoutes, ConfigRoutes, InferenceRoutes, LogsMixin, FaultControl):
     """The ASGI application. One instance is one simulated lemond process."""
 
     def __init__(self, options: SimOptions | None = None, **kwargs: Any):
@@ -53,7 +55,6 @@ class Simulator(V11Routes, EvictionMixin, OptionsMixin, ProcessMixin, ConfigMixi
         self.opts = replace(self.startup_options)
         self.logs = LogBuffer(echo=self.opts.verbose)
         self.generation = 0
-        self.pid_counter = 41000
         self.port_counter = 8000
         self.lru_counter = 0
         self.request_counter = 0
@@ -96,6 +97,8 @@ class Simulator(V11Routes, EvictionMixin, OptionsMixin, ProcessMixin, ConfigMixi
         self.cancelled_pulls: list[str] = []
         self._drop_jobs()
         self.state = State(self)
+        self.rescan_extra_models()  # also forgets the name maps of the old catalogue
+        self.reset_backends()
 
     def _restart(self) -> None:
         """What a lemond restart forgets: loaded backends, pins, stats, runtime params."""
@@ -278,16 +281,21 @@ class Simulator(V11Routes, EvictionMixin, OptionsMixin, ProcessMixin, ConfigMixi
             "completions": {"POST": self.h_completions},
             "responses": {"POST": self.h_responses},
             "embeddings": {"POST": self.h_embeddings},
-            "rerank": {"POST": self.h_rerank},
             "reranking": {"POST": self.h_rerank},
-            "reranker": {"POST": self.h_rerank},
             "audio/transcriptions": {"POST": self.h_transcriptions},
             "audio/speech": {"POST": self.h_speech},
             "images/generations": {"POST": self.h_images},
+            "install": {"POST": self.h_install},
+            "uninstall": {"POST": self.h_uninstall},
         }
-        if self.since(10, 7):
+        if self.since(10, 6):
             routes["downloads"] = {"GET": self.h_downloads}
             routes["downloads/control"] = {"POST": self.h_downloads_control}
+            routes["slots"] = {"GET": self.h_slots}
+            routes["tokenize"] = {"POST": self.h_tokenize}
+        if self.since(11, 7):  # before v11.7 lemond serves only `reranking`
+            routes["rerank"] = {"POST": self.h_rerank}
+            routes["reranker"] = {"POST": self.h_rerank}
         if self.since(10, 10):
             routes["params"]["GET"] = self.h_params_get
         if not self.since(10, 1):
@@ -298,6 +306,7 @@ class Simulator(V11Routes, EvictionMixin, OptionsMixin, ProcessMixin, ConfigMixi
     def root_routes(self) -> dict[str, dict[str, Any]]:
         routes: dict[str, dict[str, Any]] = {
             "/live": {"GET": self.h_live},
+            "/": {"GET": self.h_web_app},
             "/internal/shutdown": {"POST": self.h_shutdown},
         }
         if self.since(10, 1):
@@ -328,6 +337,9 @@ class Simulator(V11Routes, EvictionMixin, OptionsMixin, ProcessMixin, ConfigMixi
                 if methods is None and rest.startswith("models/") and len(rest) > 7:
                     model_id = unquote(rest[len("models/"):])
                     methods = {"GET": lambda r, m=model_id: self.h_model(r, m)}
+                slot = re.fullmatch(r"slots/(\d+)", rest)
+                if methods is None and slot and "slots" in routes:
+                    methods = {"POST": lambda r, i=int(slot[1]): self.h_slot_action(r, i)}
         if methods is None:
             raise endpoint_not_found(req.path)
         method = "GET" if req.method == "HEAD" else req.method

@@ -280,11 +280,16 @@ class ConfigMixin:
                 nested[key] = value
         return nested
 
-    @staticmethod
-    def config_value_problem(path: str, key: str, value: Any) -> str | None:
+    def config_value_problem(self, path: str, key: str, value: Any) -> str | None:
         """A config value that has the right type but that `/v1/load` would refuse."""
         name = f"{path}{key}"
         if not path and key == "ctx_size":
+            if not self.since(10, 8):  # `-1` (auto) arrived in v10.8
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise ApiError(400, {"error": "'ctx_size' must be an integer"})
+                if value <= 0:
+                    raise ApiError(400, {"error": "'ctx_size' must be positive"})
+                return None
             return ctx_size_problem(value, name)
         if not path and key == "default_model_source" and value not in ("huggingface",
                                                                         "modelscope"):
@@ -293,7 +298,8 @@ class ConfigMixin:
         recipe = CONFIG_SECTION_RECIPES.get(section, section)
         if key == "backend" and recipe in RECIPE_BACKENDS and path.count(".") == 1:
             return backend_problem(recipe, value, name, allow_auto=True)
-        if section == "llamacpp" and key.endswith("args") and isinstance(value, str):
+        if section == "llamacpp" and key.endswith("args") and isinstance(value, str) \
+                and self.since(11, 0):  # v10.x stores them; the backend refuses at load
             return llamacpp_args_problem(value, name)
         return None
 

@@ -50,6 +50,14 @@ RECIPE_OPTION_KEYS = {
 }
 FORBIDDEN_LLAMACPP_ARGS = ("-m", "--port", "--ctx-size", "-ngl", "--jinja", "--mmproj",
                            "--embeddings", "--reranking")
+# What llama-server args v10.6.0's LlamaCppServer::load reserves (push_arg/push_reserved:
+# each managed flag with its aliases). It checks them when the backend starts, so a
+# reserved flag is a failed backend start, not a refused request.
+LLAMACPP_RESERVED_V10 = frozenset({
+    "-m", "--model", "--ctx-size", "-c", "--device", "-dev", "--port", "--jinja",
+    "--no-jinja", "--mmproj", "-mm", "-mmu", "--mmproj-url", "--no-mmproj", "--mmproj-auto",
+    "--no-mmproj-auto", "--mmproj-offload", "--no-mmproj-offload", "--embeddings",
+    "--embedding", "--reranking", "--rerank", "-ngl", "--gpu-layers", "--n-gpu-layers"})
 # Backends per recipe (lemond-api.md §4.1). A load's `<recipe>_backend` and a config
 # section's `backend` (where "auto" is also allowed) must name one of them.
 RECIPE_BACKENDS = {

@@ -47,8 +47,9 @@ def wav_bytes(seconds: float = 0.25, rate: int = 24000) -> bytes:
 
 
 def mp3_bytes(frames: int = 10) -> bytes:
-    # MPEG-1 Layer III, 128 kbit/s, 44.1 kHz: 417-byte frames; zero payload decodes to silence.
-    return (b"\xff\xfb\x90\x64" + b"\x00" * 413) * frames
+    # An empty ID3v2.4 tag (what Kokoro's encoder writes first), then MPEG-1 Layer III,
+    # 128 kbit/s, 44.1 kHz: 417-byte frames; zero payload decodes to silence.
+    return b"ID3\x04\x00\x00\x00\x00\x00\x00" + (b"\xff\xfb\x90\x64" + b"\x00" * 413) * frames
 
 
 def parse_multipart(body: bytes, content_type: str) -> dict[str, tuple[str | None, bytes]]:

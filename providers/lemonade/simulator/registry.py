@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import Any
 
 from providers.lemonade import catalog
@@ -10,25 +12,162 @@ from providers.lemonade.simulator.config import (
     ctx_size_problem,
     llamacpp_args_problem,
 )
-from providers.lemonade.simulator.constants import RECIPE_OPTION_KEYS
+from providers.lemonade.simulator.constants import LLAMACPP_RESERVED_V10, RECIPE_OPTION_KEYS
 from providers.lemonade.simulator.wire import ApiError, invalid_request, model_error
+
+# ModelManager's USER_DEFINED_MODEL_PROPS: what a pull may set on a user model
+USER_MODEL_PROPS = ("checkpoints", "checkpoint", "recipe", "mmproj", "size", "image_defaults",
+                    "components")
+SOURCE_RANK = {"user.": 0, "extra.": 1, "builtin.": 2}  # lemond's precedence_rank
+
+
+def split_source(key: str) -> tuple[str, str]:
+    """A catalogue key's source prefix and bare name (unprefixed keys are built-ins)."""
+    for prefix in ("user.", "extra."):
+        if key.startswith(prefix):
+            return prefix, key[len(prefix):]
+    return "builtin.", key
+
+
+def is_reserved_registration_name(name: str) -> bool:
+    """lemon::is_reserved_registration_name: `extra.*` / `builtin.*` cannot be registered,
+    nor `user.extra.*` / `user.builtin.*` (they would hijack those alias slots)."""
+    reserved = ("extra.", "builtin.")
+    return name.startswith(reserved) or (name.startswith("user.")
+                                         and name[len("user."):].startswith(reserved))
+
+
+def discover_extra_models(directory: str) -> dict[str, dict]:
+    """ModelManager::discover_extra_models: every GGUF under `extra_models_dir`. A file in
+    the root is the model `extra.<stem>` (checkpoint: its path); a subdirectory is one
+    model `extra.<dir name>` (checkpoint: the directory; an `mmproj` file in it adds the
+    `vision` label). Discovered models are llamacpp, suggested, downloaded, `custom`."""
+    root = Path(directory) if directory else None
+    if root is None or not root.is_dir():
+        return {}
+    standalone: list[Path] = []
+    by_dir: dict[Path, list[Path]] = {}
+    for path in root.rglob("*"):
+        if path.is_file() and path.name.lower().endswith(".gguf"):
+            if path.parent == root:
+                standalone.append(path)
+            else:
+                by_dir.setdefault(path.parent, []).append(path)
+    gib = 1024.0 ** 3
+    found: dict[str, dict] = {}
+    for path in standalone:
+        if "mmproj" in path.name.lower():
+            continue
+        found[f"extra.{path.stem}"] = {
+            "checkpoint": str(path), "recipe": "llamacpp", "suggested": True,
+            "labels": ["custom"], "size": path.stat().st_size / gib,
+            "source": "extra_models_dir"}
+    for folder, files in by_dir.items():
+        models = sorted(f for f in files if "mmproj" not in f.name.lower())
+        if not models:
+            continue
+        mmproj = [f for f in files if "mmproj" in f.name.lower()]
+        entry: dict[str, Any] = {
+            "checkpoints": {"main": str(folder)}, "recipe": "llamacpp", "suggested": True,
+            "labels": ["custom"], "size": sum(f.stat().st_size for f in files) / gib,
+            "source": "extra_models_dir"}
+        if mmproj:
+            entry["checkpoints"]["mmproj"] = mmproj[-1].name
+            entry["labels"].append("vision")
+        found[f"extra.{folder.name}"] = entry
+    return found
+
+
+def shlex_split(args: str) -> list[str]:
+    """lemon::utils::parse_custom_args: split on spaces, quotes group (and are dropped)."""
+    tokens, current, quote = [], "", ""
+    for char in args:
+        if not quote and char in "\"'":
+            quote = char
+        elif quote and char == quote:
+            quote = ""
+        elif not quote and char == " ":
+            if current:
+                tokens.append(current)
+            current = ""
+        else:
+            current += char
+    if current:
+        tokens.append(current)
+    return tokens
 
 
 class RegistryMixin:
+    _names: tuple[dict[str, str], dict[str, str]] | None = None
+
     # ---- the model registry -----------------------------------------------------------
 
+    def name_maps(self) -> tuple[dict[str, str], dict[str, str]]:
+        """lemond's naming spec (v10.5+, ModelManager::rebuild_public_model_aliases_locked):
+        (input alias → catalogue key, catalogue key → published id).
+
+        Keys are lemond's cache keys: built-ins bare, `user.X`, `extra.X`. Per bare name the
+        precedence winner (user > extra > builtin) is published bare and the bare name
+        resolves to it; a shadowed entry is published, and resolvable, as `user.X` /
+        `extra.X` / `builtin.X`. `builtin.X` always resolves to a built-in X."""
+        if self._names is None:
+            by_bare: dict[str, list[tuple[int, str, str]]] = {}
+            for key in self.catalog:
+                source, bare = split_source(key)
+                by_bare.setdefault(bare, []).append((SOURCE_RANK[source], key, source))
+            aliases: dict[str, str] = {}
+            public: dict[str, str] = {}
+            for bare, entries in by_bare.items():
+                entries.sort()
+                winner = entries[0][1]
+                aliases[bare] = winner
+                public[winner] = bare
+                for _, key, source in entries[1:]:
+                    published = source + bare
+                    public[key] = published
+                    if published != key:
+                        aliases[published] = key
+            for key in self.catalog:
+                if split_source(key)[0] == "builtin.":
+                    aliases.setdefault("builtin." + key, key)
+            self._names = (aliases, public)
+        return self._names
+
+    def rescan_extra_models(self) -> None:
+        """Rediscover `extra.*` models (at start and when `extra_models_dir` changes, as
+        lemond's set_extra_models_dir does)."""
+        for key in [k for k in self.catalog if k.startswith("extra.")]:
+            del self.catalog[key]
+            self.downloaded.discard(key)
+        for key, entry in discover_extra_models(self.config().get("extra_models_dir")).items():
+            self.catalog[key] = entry
+            self.downloaded.add(key)
+        self.catalog_changed()
+
+    def catalog_changed(self) -> None:
+        """Forget the name maps: a model was registered, deleted or discovered."""
+        self._names = None
+
+    def naming_spec(self) -> bool:
+        return self.since(10, 5)  # canonical ids and published bare names arrived in v10.5
+
     def resolve_name(self, name: Any) -> str | None:
-        """Canonical id for a model name: `user.X` beats a built-in `X` (lemond precedence)."""
+        """The catalogue key a model name resolves to (ModelManager::resolve_model_name),
+        or None for a name lemond does not know."""
         if not isinstance(name, str) or not name:
             return None
-        if name.startswith("builtin."):
-            bare = name[len("builtin."):]
-            return bare if bare in self.catalog and not bare.startswith("user.") else None
-        if name in self.catalog:
-            return name
-        if f"user.{name}" in self.catalog:
-            return f"user.{name}"
-        return None
+        if not self.naming_spec():  # before v10.5: `user.X` beats a built-in `X`
+            if name in self.catalog:
+                return name
+            return f"user.{name}" if f"user.{name}" in self.catalog else None
+        key = self.name_maps()[0].get(name, name)
+        return key if key in self.catalog else None
+
+    def public_name(self, cid: str) -> str:
+        """The id lemond publishes for a catalogue key (in /v1/models, health, …)."""
+        if not self.naming_spec():
+            return cid
+        return self.name_maps()[1].get(cid, cid)
 
     def supported(self, cid: str) -> bool:
         """lemond's model filtering: a Linux box hides models it cannot run."""
@@ -43,7 +182,7 @@ class RegistryMixin:
                               f"(recipe {recipe} is not available on Linux).", requested)
 
     def not_found(self, name: str) -> ApiError:
-        names = [cid for cid in sorted(self.catalog) if self.supported(cid)]
+        names = sorted(self.public_name(cid) for cid in self.catalog if self.supported(cid))
         shown = ", ".join(f"'{n}'" for n in names[:3])
         more = f", and {len(names) - 3} more" if len(names) > 3 else ""
         return model_error(
@@ -59,15 +198,14 @@ class RegistryMixin:
         entry = self.catalog[cid]
         ckpt = catalog.checkpoint(entry)
         info: dict[str, Any] = {
-            "id": cid, "object": "model", "created": 1234567890, "owned_by": "lemonade",
+            "id": self.public_name(cid), "object": "model", "created": 1234567890, "owned_by": "lemonade",
             "checkpoint": ckpt,
             "checkpoints": entry.get("checkpoints") or ({"main": ckpt} if ckpt else {}),
             "recipe": entry.get("recipe", ""),
             "downloaded": cid in self.downloaded,
             "suggested": bool(entry.get("suggested", False)),
             "labels": list(entry.get("labels") or []),
-            "recipe_options": {**(entry.get("recipe_options") or {}),
-                               **self.saved_options.get(cid, {})},
+            "recipe_options": self.recipe_options_of(cid),
         }
         if self.since(11, 0):
             info["update_available"] = False
@@ -77,19 +215,31 @@ class RegistryMixin:
         if entry.get("mmproj"):
             info["mmproj"] = entry["mmproj"]
         if entry.get("components"):
-            info["components"] = list(entry["components"])
-        elif self.since(11, 5):
+            info["components"] = [self.public_name(c) for c in entry["components"]]
+        elif self.since(10, 6):
             info["components"] = []
         size = self.size_gb(cid)
         if size:
             info["size"] = size
         if entry.get("image_defaults"):
             info["image_defaults"] = entry["image_defaults"]
-        if "ctx_size" in RECIPE_OPTION_KEYS.get(entry.get("recipe", ""), ()):
-            loaded = self.state.loaded.get(cid)
-            info["context_length"] = (loaded.shown_options()["ctx_size"] if loaded
-                                      else self.config()["ctx_size"])
+        window = self.max_context_window(cid)
+        if window:
+            info["max_context_window"] = window
         return info
+
+    def max_context_window(self, cid: str) -> int:
+        """The static context length lemond reads from a downloaded llamacpp model's GGUF
+        (or an FLM LLM's config) — populate_static_max_context_window; 0 when unknown."""
+        entry = self.catalog[cid]
+        recipe = entry.get("recipe")
+        if cid not in self.downloaded or entry.get("source") == "extra_models_dir":
+            return 0  # the simulator has no real GGUF to read for a discovered file
+        if recipe == "llamacpp":
+            return 40960 if self.kind_of(cid) == "llm" else 8192
+        if recipe == "flm" and self.kind_of(cid) == "llm":
+            return 32768
+        return 0
 
     def size_gb(self, cid: str) -> float:
         entry = self.catalog.get(cid) or {}
@@ -138,7 +288,7 @@ class RegistryMixin:
             backend = backend_of("llamacpp_backend", "llamacpp", "vulkan")
             args = pick("llamacpp_args", cfg["llamacpp"]["args"]) or ""
             problem = llamacpp_args_problem(args)
-            if problem:
+            if problem and self.since(11, 0):  # v10.x: the backend refuses them at start
                 raise invalid_request(problem)
             opts["llamacpp_backend"] = backend
             opts["llamacpp_args"] = str(args)
@@ -164,6 +314,19 @@ class RegistryMixin:
                     opts[key] = value
         return opts
 
+    def backend_start_problem(self, recipe: str, options: dict) -> str | None:
+        """Why a v10.x backend refuses to start with these options (its custom-args check,
+        validate_custom_args), or None."""
+        if recipe != "llamacpp" or self.since(11, 0):
+            return None
+        for token in shlex_split(options.get("llamacpp_args") or ""):
+            flag = token.split("=", 1)[0]
+            if flag.startswith("-") and flag in LLAMACPP_RESERVED_V10:
+                return ("Invalid custom llama-server arguments:\n"
+                        f"Argument '{flag}' is managed by Lemonade and cannot be overridden.\n"
+                        f"Reserved arguments: {', '.join(sorted(LLAMACPP_RESERVED_V10))}")
+        return None
+
     @staticmethod
     def device_for(cid: str, recipe: str, opts: dict) -> str:
         if recipe == "llamacpp":
@@ -184,28 +347,38 @@ class RegistryMixin:
         return "cpu"
 
     def register_user_model(self, name: str, body: dict) -> str:
-        recipe = body.get("recipe")
-        if not name.startswith("user."):
-            raise ApiError(400, {"error": f"New model names must start with 'user.' "
-                                          f"(got '{name}')", "code": "invalid_model_name"})
-        if recipe not in RECIPE_OPTION_KEYS:
-            raise ApiError(400, {"error": f"Unknown or missing recipe for {name}: {recipe!r}",
-                                 "code": "invalid_recipe"})
-        entry: dict[str, Any] = {"recipe": recipe, "suggested": False, "source":
-                                 body.get("source") or "huggingface"}
-        if isinstance(body.get("checkpoints"), dict):
-            entry["checkpoints"] = body["checkpoints"]
-        else:
-            entry["checkpoint"] = body["checkpoint"]
-        labels = list(body.get("labels") or [])
-        for legacy in ("reasoning", "vision", "embedding", "reranking"):
+        """ModelManager::register_user_model (called by a pull that names a new, or
+        re-registers an existing, `user.*` model): the known properties, `custom` plus the
+        given and implied labels, always suggested; the pull's `recipe_options` are merged
+        over the model's and saved, as download_model does."""
+        key = name
+        entry: dict[str, Any] = {prop: copy.deepcopy(body[prop]) for prop in USER_MODEL_PROPS
+                                 if prop in body}
+        labels = {"custom", *(x for x in body.get("labels") or [] if isinstance(x, str))}
+        for legacy, label in (("reasoning", "reasoning"), ("vision", "vision"),
+                              ("embedding", "embeddings"), ("reranking", "reranking")):
             if body.get(legacy) is True:
-                labels.append("embeddings" if legacy == "embedding" else legacy)
-        entry["labels"] = labels
-        if body.get("mmproj"):
-            entry["mmproj"] = body["mmproj"]
-        entry["size"] = float(body.get("size") or 1.0)
-        self.catalog[name] = entry
-        self.log("Info", "ModelManager", f"Registered user model {name} ({recipe})")
-        return name
+                labels.add(label)
+        if body.get("recipe") == "sd-cpp":
+            labels.add("image")
+        if body.get("recipe") == "whispercpp":
+            labels.update(("transcription", "realtime-transcription"))
+        entry["labels"] = sorted(labels)  # a std::set in lemond
+        entry["suggested"] = True
+        entry.setdefault("size", 1.0)
+        self.catalog[key] = entry
+        self.catalog_changed()
+        if isinstance(body.get("recipe_options"), dict):
+            saved = self.saved_options.setdefault(key, {})
+            saved.update({**self.recipe_options_of(key), **body["recipe_options"]})
+        self.log("Info", "ModelManager", f"Registered user model {key} ({entry.get('recipe')})")
+        return key
 
+    def recipe_options_of(self, cid: str) -> dict:
+        """A model's recipe options as /v1/models shows them (build_recipe_options):
+        image_defaults ← the catalogue's recipe_options ← the saved ones."""
+        entry = self.catalog[cid]
+        merged = dict(entry.get("image_defaults") or {}) if self.since(10, 6) else {}
+        merged.update(entry.get("recipe_options") or {})
+        merged.update(self.saved_options.get(cid, {}))
+        return merged

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from providers.lemonade import catalog
 from providers.lemonade.simulator.constants import FILE_NOT_FOUND_MARKERS, RECIPE_BINARIES
 from providers.lemonade.simulator.processes import spawn_backend, stop_backend
-from providers.lemonade.simulator.wire import model_error, now_ms
+from providers.lemonade.simulator.wire import model_error, now_ms, steady_ms
 
 if TYPE_CHECKING:
     from providers.lemonade.simulator.app import Simulator
@@ -35,7 +35,7 @@ class LoadedModel:
     pid: int
     pinned: bool = False
     status: str = "loading"
-    last_use: int = field(default_factory=now_ms)
+    last_use: int = field(default_factory=steady_ms)
     lru: int = 0  # monotonic order; ms timestamps tie in fast tests
     busy: int = 0
     streaming: int = 0
@@ -45,6 +45,7 @@ class LoadedModel:
     load_ms: float = 1000.0
     last_access: float = field(default_factory=time.monotonic)
     process: Any = None  # the real child process whose pid is reported (processes.py)
+    telemetry: dict = field(default_factory=dict)  # its last request's (v10.6 /v1/stats)
 
     def shown_options(self) -> dict:
         # v11.7 resolves every option to compare loads, but reports only those some layer
@@ -85,11 +86,15 @@ class ResidencyMixin:
     def touch(self, model: LoadedModel) -> None:
         self.lru_counter += 1
         model.lru = self.lru_counter
-        model.last_use = now_ms()
+        model.last_use = steady_ms()
         model.last_access = time.monotonic()
 
     def ready_models(self) -> list[LoadedModel]:
-        return [m for m in self.state.loaded.values() if m.status != "loading"]
+        """Loaded models lemond reports. With its watchdog (v10.8+) lemond leaves out a
+        backend whose process died; v10.6 keeps listing it: it only checks the pid it
+        started."""
+        return [m for m in self.state.loaded.values() if m.status != "loading"
+                and (not self.since(10, 8) or self.backend_alive(m))]
 
     def most_recent(self) -> LoadedModel | None:
         ready = self.ready_models()
@@ -234,6 +239,9 @@ class ResidencyMixin:
         self.log("Info", "Router", f"Loading {cid} ({recipe}, {device}) with {options}")
         try:
             fault = self.should_fail(cid)
+            refusal = self.backend_start_problem(recipe, options)
+            if refusal is not None:
+                fault = {"message": refusal}  # persistent: the retry fails the same way
             if fault is not None:
                 await self._fail_load(cid, binary, fault, generation)
             await asyncio.sleep(self.opts.load_delay)
@@ -333,7 +341,8 @@ class ResidencyMixin:
 
     def loaded_json(self, model: LoadedModel, port: int) -> dict:
         kind = self.type_name(model.type)
-        item: dict[str, Any] = {"model_name": model.name, "checkpoint": model.checkpoint,
+        item: dict[str, Any] = {"model_name": self.public_name(model.name),
+                                "checkpoint": model.checkpoint,
                                 "type": kind}
         if self.since(11, 5):
             item["residency_class"] = "standard"
@@ -363,14 +372,15 @@ class ResidencyMixin:
 
     def health(self, port: int) -> dict:
         # Before v10.8 a model shows up in health only once its backend is up.
-        shown = (list(self.state.loaded.values()) if self.since(10, 8)
-                 else self.ready_models())
+        shown = ([m for m in self.state.loaded.values()
+                  if m.status == "loading" or m in self.ready_models()]
+                 if self.since(10, 8) else self.ready_models())
         recent = self.most_recent()
         limit = self.max_loaded
         body: dict[str, Any] = {"status": "ok", "version": self.version}
         if self.since(10, 9):
             body["telemetry"] = {"enabled": False}
-        body["model_loaded"] = recent.name if recent else None
+        body["model_loaded"] = self.public_name(recent.name) if recent else None
         body["all_models_loaded"] = [self.loaded_json(m, port) for m in shown]
         body["max_models"] = dict.fromkeys(self.type_keys(), limit)
         if self.since(10, 8):

@@ -24,6 +24,7 @@ class ConfigRoutes:
         changes = self.normalize_config(parse_required_json(req.body))
         self.validate_config(changes)
         self.merge_into(self.state.runtime_config, changes)
+        self.apply_config_side_effects(changes)
         self.log("Info", "Server", f"Applied runtime params (not persisted): {changes}")
         return json_response({"status": "success", "updated": changes})
 
@@ -33,8 +34,14 @@ class ConfigRoutes:
         self.merge_into(self.persisted_config, changes)
         for key in changes:  # a persisted value beats an older unpersisted one
             self.state.runtime_config.pop(key, None)
+        self.apply_config_side_effects(changes)
         self.log("Info", "Server", f"Config updated: {changes}")
         return json_response({"status": "success", "updated": changes})
+
+    def apply_config_side_effects(self, changes: dict) -> None:
+        """Server::apply_config_side_effects, for what the simulator models."""
+        if "extra_models_dir" in changes:
+            self.rescan_extra_models()
 
     async def h_internal_config(self, req: Request) -> Response:
         return json_response(self.config())

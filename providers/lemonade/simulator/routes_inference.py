@@ -62,10 +62,11 @@ class InferenceRoutes:
         self.check_backend(model)
         return model
 
-    def record(self, prompt_tokens: int, output_tokens: int) -> None:
+    def record(self, model: LoadedModel, prompt_tokens: int, output_tokens: int) -> None:
         tps = round(1.0 / self.opts.token_delay, 2) if self.opts.token_delay > 0 else 120.0
         ttft = round(self.opts.ttft + 0.01 * math.log1p(prompt_tokens), 4)
-        self.state.stats = {"time_to_first_token": ttft, "tokens_per_second": tps,
+        # lemond keeps the last request's telemetry on the backend that served it
+        model.telemetry = self.state.stats = {"time_to_first_token": ttft, "tokens_per_second": tps,
                             "input_tokens": prompt_tokens, "output_tokens": output_tokens,
                             "prompt_tokens": prompt_tokens, "cache_tokens": 0,
                             "decode_token_times": [round(1 / tps, 4)] * min(output_tokens, 32)}
@@ -133,7 +134,7 @@ class InferenceRoutes:
             async with self.using(model):
                 if self.opts.ttft:
                     await asyncio.sleep(self.opts.ttft)
-            self.record(prompt_n, len(words))
+            self.record(model, prompt_n, len(words))
             if endpoint == "responses":
                 return json_response({
                     "id": self.next_id("resp"), "object": "response", "created_at": created,
@@ -193,7 +194,7 @@ class InferenceRoutes:
             if include_usage:
                 yield sse(None, {"id": ident, "object": kind, "created": created,
                                  "model": model.name, "choices": [], "usage": usage})
-            self.record(prompt_n, len(words))
+            self.record(model, prompt_n, len(words))
             yield b"data: [DONE]\n\n"
 
     async def _stream_response(self, model, words, created, prompt_n):
@@ -241,7 +242,7 @@ class InferenceRoutes:
                 "completed", [message("completed", text)],
                 {"input_tokens": prompt_n, "output_tokens": len(words),
                  "total_tokens": prompt_n + len(words)}))
-            self.record(prompt_n, len(words))
+            self.record(model, prompt_n, len(words))
 
     async def h_chat(self, req: Request) -> Response:
         return await self._text_completion(req, "chat")
@@ -271,7 +272,7 @@ class InferenceRoutes:
                 if body.get("encoding_format") == "base64":
                     vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
                 data.append({"object": "embedding", "index": index, "embedding": vector})
-        self.record(tokens, 0)
+        self.record(model, tokens, 0)
         return json_response({"object": "list", "data": data, "model": model.name,
                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
@@ -308,16 +309,22 @@ class InferenceRoutes:
                 jitter = stable_hash(query, text)[0] / 2550.0  # < 0.1, breaks ties stably
                 score = round(-4.0 + 8.0 * overlap + jitter, 6)
                 results.append({"index": index, "relevance_score": score})
-        self.record(tokens, 0)
+        self.record(model, tokens, 0)
         return json_response({"model": model.name, "object": "list", "results": results,
                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def h_transcriptions(self, req: Request) -> Response:
+        if not req.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            raise ApiError(400, {"error": {"message": "Request must be multipart/form-data",
+                                           "type": "invalid_request_error"}})
         form = parse_multipart(req.body, req.headers.get("content-type", ""))
         if "file" not in form:
-            raise ApiError(400, {"error": {"message": "Missing 'file' in multipart form data",
+            raise ApiError(400, {"error": {"message": "Missing 'file' field in request",
                                            "type": "invalid_request_error"}})
         fields_ = {k: v[1].decode("utf-8", "replace") for k, v in form.items() if k != "file"}
+        if not fields_.get("model"):  # no fallback to the loaded model here
+            raise ApiError(400, {"error": {"message": "Missing 'model' field in request",
+                                           "type": "invalid_request_error"}})
         audio = form["file"][1]
         if not (audio[:4] == b"RIFF" and audio[8:12] == b"WAVE"):
             raise ApiError(400, {"error": {"message": "Unsupported audio format: only WAV "
@@ -330,7 +337,7 @@ class InferenceRoutes:
         seconds = max(0.0, (len(audio) - 44) / 32000)
         text = (f"Simulated transcription of {seconds:.1f} seconds of audio "
                 f"(digest {stable_hash(audio).hex()[:8]}).")
-        self.record(0, len(text.split()))
+        self.record(model, 0, len(text.split()))
         fmt = fields_.get("response_format", "json")
         language = fields_.get("language") or "en"
         if fmt == "text":
@@ -358,7 +365,7 @@ class InferenceRoutes:
         async with self.using(model):
             if self.opts.ttft:
                 await asyncio.sleep(self.opts.ttft)
-        self.record(len(body["input"].split()), 0)
+        self.record(model, len(body["input"].split()), 0)
         seconds = min(5.0, 0.1 + 0.05 * len(body["input"].split()))
         if fmt == "wav":
             audio, mime = wav_bytes(seconds), "audio/wav"
@@ -387,8 +394,84 @@ class InferenceRoutes:
                 await asyncio.sleep(self.opts.ttft)
             images = [png_bytes(width, height, stable_hash(body["prompt"], body.get("seed"), i))
                       for i in range(max(1, min(n, 4)))]
-        self.record(len(body["prompt"].split()), 0)
+        self.record(model, len(body["prompt"].split()), 0)
         return json_response({"created": int(time.time()),
                               "data": [{"b64_json": base64.b64encode(img).decode()}
                                        for img in images]})
 
+    # ---- llama.cpp specific: slots and tokenize (v10.6+) ---------------------------------
+    # Router::get_slots / slots_action / tokenize act on the most recently used model. A
+    # model whose backend has no such capability is answered with an error object and
+    # status 200 (the handlers set no status for it), a lemond quirk kept on purpose.
+
+    def llamacpp_target(self, operation: str, missing: str) -> tuple[Any, Response | None]:
+        model = self.most_recent()
+        if model is None:
+            raise ApiError(400, {"error": missing})
+        if model.recipe != "llamacpp":
+            return model, json_response({"error": {
+                "message": f"{operation} is not supported on device: {model.device}",
+                "type": "unsupported_operation"}})
+        self.touch(model)
+        return model, None
+
+    @staticmethod
+    def slot_list(model: Any) -> list[dict]:
+        n_ctx = model.shown_options().get("ctx_size", 4096)
+        return [{"id": 0, "id_task": -1, "n_ctx": n_ctx, "speculative": False,
+                 "is_processing": model.busy > 0, "params": {"n_predict": -1},
+                 "next_token": {"has_next_token": True, "n_remain": -1, "n_decoded": 0}}]
+
+    async def h_slots(self, req: Request) -> Response:
+        model, refused = self.llamacpp_target("Slots", "No model loaded for slots query")
+        return refused or json_response(self.slot_list(model))
+
+    async def h_slot_action(self, req: Request, slot_id: int) -> Response:
+        action = (req.query.get("action") or [""])[0]
+        if not action:
+            raise ApiError(400, {"error": "POST /api/v1/slots/{id} requires action query "
+                                          "parameter (e.g., ?action=erase)"})
+        if action not in ("erase", "save", "restore"):
+            raise ApiError(400, {"error": f"Unknown action: {action}. Supported actions: "
+                                          "erase, save, restore"})
+        model, refused = self.llamacpp_target(
+            "Slots", f"No model loaded for slots {action} operation")
+        if refused:
+            return refused
+        if req.body.strip() and req.json_or_none() is None:
+            raise ApiError(400, {"error": "Invalid JSON in request body"})
+        if slot_id >= len(self.slot_list(model)):
+            return json_response({"error": {"message": "llama-server request failed",
+                                            "type": "backend_error", "details": {
+                                                "status_code": 400, "response": {"error": {
+                                                    "code": 400, "message": "Invalid slot id",
+                                                    "type": "invalid_request_error"}}}}})
+        if action == "erase":
+            return json_response({"id_slot": slot_id, "n_erased": 0})
+        # lemond starts llama-server without --slot-save-path: the backend refuses
+        return json_response({"error": {"message": "llama-server request failed",
+                                        "type": "backend_error", "details": {
+                                            "status_code": 501, "response": {"error": {
+                                                "code": 501, "message": "This server does not "
+                                                "support slots action. Start it with "
+                                                "`--slot-save-path`",
+                                                "type": "not_supported_error"}}}}})
+
+    async def h_tokenize(self, req: Request) -> Response:
+        body: Any = {}
+        if req.body.strip():
+            body = req.json_or_none()
+            if body is None:
+                raise ApiError(400, {"error": "Invalid JSON in request body"})
+        if not isinstance(body, dict) or not isinstance(body.get("content"), str):
+            raise ApiError(400, {"error": "'content' parameter is required"})
+        model, refused = self.llamacpp_target("Tokenization",
+                                              "No model loaded for tokenization")
+        if refused:
+            return refused
+        pieces = [w if i == 0 else " " + w for i, w in enumerate(body["content"].split())]
+        ids = [int.from_bytes(stable_hash(model.name, p)[:2], "big") for p in pieces]
+        if body.get("with_pieces") is True:
+            return json_response({"tokens": [{"id": i, "piece": p}
+                                             for i, p in zip(ids, pieces, strict=True)]})
+        return json_response({"tokens": ids})

@@ -57,7 +57,7 @@ class LifecycleRoutes:
         if self.catalog[cid].get("recipe", "").startswith("collection"):
             return json_response({"status": "success", "model_name": cid,
                                   "recipe": self.catalog[cid]["recipe"]})
-        return json_response({"status": "success", "model_name": model.name,
+        return json_response({"status": "success", "model_name": name,  # as requested
                               "checkpoint": model.checkpoint, "recipe": model.recipe})
 
     async def h_unload(self, req: Request) -> Response:
@@ -87,6 +87,11 @@ class LifecycleRoutes:
             raise ApiError(422, {"error": f"Model not found: {name}"})
         if not self.supported(cid):
             raise ApiError(422, {"error": f"Model not supported on this system: {name}"})
+        if cid.startswith("extra."):
+            raise ApiError(500, {"error": "Cannot delete extra models via API. Models in "
+                                          "--extra-models-dir are user-managed. Delete the file "
+                                          "directly from: "
+                                          + self.model_json(cid)["checkpoint"]})
         if cid not in self.downloaded:
             # ModelManager::delete_model finds no files to resolve; handle_delete answers 422
             # only for "Model not found" / "not supported", so this is a 500 (§2.7).
@@ -98,6 +103,8 @@ class LifecycleRoutes:
         self.downloaded.discard(cid)
         if cid.startswith("user."):
             del self.catalog[cid]  # deleting a user model also forgets its registration
+            self.saved_options.pop(cid, None)
+            self.catalog_changed()
         self.log("Info", "ModelManager", f"Deleted model {cid}")
         return json_response({"status": "success", "message": f"Deleted model: {name}"})
 

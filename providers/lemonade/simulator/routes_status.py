@@ -11,6 +11,13 @@ from providers.lemonade.simulator.wire import Request, Response, json_response
 class StatusRoutes:
     # ---- handlers: status --------------------------------------------------------------
 
+    async def h_web_app(self, req: Request) -> Response:
+        """lemond serves its web app at `/`; the simulator a page that says what it is."""
+        return Response(200, (f"<!doctype html><html><head><title>Lemonade Server "
+                              f"(simulated {self.version})</title></head><body><h1>lemond "
+                              "simulator</h1><p>No web app: this is a test double.</p>"
+                              "</body></html>").encode(), "text/html")
+
     async def h_live(self, req: Request) -> Response:
         return json_response({"status": "ok"})
 
@@ -31,6 +38,21 @@ class StatusRoutes:
         return json_response(self.model_json(cid))
 
     async def h_stats(self, req: Request) -> Response:
+        if self.since(10, 1) and not self.since(10, 7):
+            # Router::get_stats: the most recently used backend's telemetry, no totals
+            # (they arrive in v10.7); with nothing loaded a 200 carrying an error object.
+            model = self.most_recent()
+            if model is None:
+                return json_response({"error": {"message": "No model loaded",
+                                                "type": "model_not_loaded"}})
+            s = model.telemetry
+            return json_response({
+                "input_tokens": s.get("input_tokens", 0),
+                "output_tokens": s.get("output_tokens", 0),
+                "time_to_first_token": s.get("time_to_first_token", 0.0),
+                "tokens_per_second": s.get("tokens_per_second", 0.0),
+                "decode_token_times": s.get("decode_token_times", []),
+                "prompt_tokens": s.get("prompt_tokens", 0)})
         s = self.state.stats
         body: dict[str, Any] = {
             "time_to_first_token": s.get("time_to_first_token"),
@@ -62,58 +84,6 @@ class StatusRoutes:
             "vram_gb": round(0.4 + sum(self.size_gb(m.name) * 1.1 for m in on_gpu), 2),
             "npu_percent": (round(min(99.0, 30.0 * sum(m.busy for m in on_npu)), 1)
                             if on_npu else None),
-        })
-
-    async def h_system_info(self, req: Request) -> Response:
-        used = int(sum(self.size_gb(c) for c in self.downloaded) * 1024 ** 3)
-        total = 2 * 1024 ** 4
-
-        def backend(devices, state="installed", version="sim"):
-            return {"devices": devices, "state": state, "message": "",
-                    "action": "" if state == "installed" else
-                    "lemonade backends install {recipe}:{backend}",
-                    "version": version if state == "installed" else "",
-                    "release_url": "", "download_filename": ""}
-
-        def recipe(display, modality, default, backends):
-            for name, info in backends.items():
-                info["action"] = info["action"].format(recipe=display, backend=name)
-            return {"default_backend": default, "display_name": display,
-                    "modality": modality, "experimental": False, "options": [],
-                    "backends": backends}
-
-        gpu = ["Radeon 8060S Graphics (simulated)"]
-        return json_response({
-            "OS Version": "Linux-6.14.0-sim-x86_64-with-glibc2.41",
-            "Processor": "AMD RYZEN AI MAX+ 395 w/ Radeon 8060S (simulated)",
-            "Physical Memory": "128.0 GB",
-            "model_storage": {"path": "/var/cache/huggingface/hub", "used_bytes": used,
-                              "total_bytes": total, "free_bytes": total - used},
-            "devices": {
-                "cpu": {"name": "AMD RYZEN AI MAX+ 395 (simulated)", "cores": 16,
-                        "threads": 32, "available": True, "family": "x86_64"},
-                "amd_gpu": [{"name": gpu[0], "vram_gb": 96.0, "available": True,
-                             "family": "gfx1151"}],
-                "nvidia_gpu": [],
-                "amd_npu": {"name": "AMD XDNA 2 NPU (simulated)", "power_mode": "default",
-                            "available": True, "family": "XDNA2"},
-            },
-            "recipes": {
-                "llamacpp": recipe("llamacpp", "llm", "vulkan", {
-                    "vulkan": backend(gpu), "rocm": backend(gpu), "cpu": backend(["cpu"]),
-                    "metal": backend([], "unsupported"), "cuda": backend([], "unsupported")}),
-                "whispercpp": recipe("whispercpp", "transcription", "cpu", {
-                    "cpu": backend(["cpu"]), "vulkan": backend(gpu, "installable"),
-                    "npu": backend(["npu"], "installable")}),
-                "sd-cpp": recipe("sd-cpp", "image", "vulkan", {
-                    "vulkan": backend(gpu), "rocm": backend(gpu, "installable"),
-                    "cpu": backend(["cpu"])}),
-                "kokoro": recipe("kokoro", "tts", "cpu", {"cpu": backend(["cpu"])}),
-                "flm": recipe("flm", "llm", "npu", {"npu": backend(["npu"], "installable")}),
-                "ryzenai-llm": recipe("ryzenai-llm", "llm", "npu", {
-                    "npu": backend(["npu"], "unsupported")}),
-                "vllm": recipe("vllm", "llm", "rocm", {"rocm": backend(gpu, "installable")}),
-            },
         })
 
     async def h_metrics(self, req: Request) -> Response:

@@ -42,6 +42,13 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def steady_ms() -> int:
+    """lemond's `last_use`: a std::chrono::steady_clock reading in milliseconds, i.e. time
+    since the machine booted (on Linux), not epoch time; only comparable with other
+    `last_use` values from the same machine."""
+    return int(time.monotonic() * 1000)
+
+
 def is_loopback(host: str) -> bool:
     if host in ("localhost", "localhost.localdomain"):
         return True
