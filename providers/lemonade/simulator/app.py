@@ -55,6 +55,7 @@ class Simulator(V11Routes, EvictionMixin, OptionsMixin, ProcessMixin, BackendsMi
         self.opts = replace(self.startup_options)
         self.logs = LogBuffer(echo=self.opts.verbose)
         self.generation = 0
+        self.pid_counter = 41000  # pids when no real backend process can be started
         self.port_counter = 8000
         self.lru_counter = 0
         self.request_counter = 0
