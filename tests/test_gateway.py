@@ -209,11 +209,7 @@ ENDPOINT_CASES = {
 }
 
 
-@pytest.mark.parametrize("endpoint", [
-    pytest.param(e, marks=pytest.mark.xfail(
-        strict=True, reason="hal0 bug #10: the gateway forwards rerank to /v1/rerank, which "
-                            "lemond v10.6.0 does not serve (only /v1/reranking)"))
-    if e == "rerank" else e for e in sorted(ENDPOINT_CASES)])
+@pytest.mark.parametrize("endpoint", sorted(ENDPOINT_CASES))
 @pytest.mark.parametrize("way", ["slot", "capability", "model"])
 def test_routes_by_slot_capability_and_model(hal0, gw_sim, endpoint, way):
     slot, alias, model, body, check = ENDPOINT_CASES[endpoint]

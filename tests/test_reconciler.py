@@ -114,9 +114,6 @@ def test_evict_all_after_a_failed_load(node, sim):
     assert slot("rerank").state == State.ERROR
 
 
-@pytest.mark.xfail(strict=True, reason="hal0 bug #10: restarts are detected from /v1/stats "
-                   "request totals, which lemond v10.6.0 does not have (pid changes and the "
-                   "log port would show it)")
 @pytest.mark.django_db
 def test_a_lemond_restart_is_named(node, lemond_sim_factory):
     # lemond >= 10.7: its request totals go back to zero (10.6 has none; see
