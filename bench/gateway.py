@@ -47,7 +47,7 @@ from tests.sim_fixtures import free_port, start_simulator  # noqa: E402
 
 MODEL = "Qwen3-4B-Instruct-2507-GGUF"  # the seeded chat slot's model
 # hal0 = `manage.py serve` as hal0site/asgi.py wires it; hal0-asgi = the same project served
-# by Daphne through slots.gateway_asgi (the gateway's fast path in front of Django).
+# by Daphne through slots.gateway.asgi (the gateway's fast path in front of Django).
 TARGETS = ("direct", "hal0", "hal0-asgi", "passthrough")
 
 
@@ -92,7 +92,7 @@ class Stack:
         self._start([python, "manage.py", "serve", "--port", str(self.ports["hal0"]),
                      "--no-reconciler"], env, "hal0")
         self._start([python, "-m", "daphne", "-b", "127.0.0.1", "-p",
-                     str(self.ports["hal0-asgi"]), "slots.gateway_asgi:application"],
+                     str(self.ports["hal0-asgi"]), "hal0site.asgi:application"],
                     env, "hal0-asgi")
         self._start([python, "-m", "daphne", "-b", "127.0.0.1", "-p",
                      str(self.ports["passthrough"]), "bench.passthrough:app"],

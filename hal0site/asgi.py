@@ -15,15 +15,15 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs Django set up first)
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-from hal0site.security import WebsocketOriginValidator  # noqa: E402
-from slots import gateway_asgi  # noqa: E402
+from hal0site.security import WebsocketOriginValidator, gateway_headers  # noqa: E402
+from slots.gateway import asgi as gateway_asgi  # noqa: E402
 from slots.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         # /v1/... (the OpenAI gateway) is served beside Django's handler, not through it:
         # that saves a thread hop per request (docs/benchmarks.md); the rest is Django.
-        "http": gateway_asgi.wrap(django_asgi_app),
+        "http": gateway_asgi.wrap(django_asgi_app, headers=gateway_headers),
         "websocket": WebsocketOriginValidator(
             AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
         ),

@@ -1,5 +1,5 @@
 """Security headers Django 5.2's SecurityMiddleware does not set, the basic ones for the
-gateway's fast path (`slots.gateway_asgi`), whose responses skip Django's middleware, and
+gateway's fast path (`slots.gateway.asgi`), whose responses skip Django's middleware, and
 the websocket Origin check.
 
 The policy string lives in settings (`CONTENT_SECURITY_POLICY`, with the reasoning).

@@ -17,6 +17,6 @@ accounts = [
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("accounts/", include(accounts)),
-    path("", include("slots.gateway_urls")),  # /v1/ (OpenAI gateway), /metrics
+    path("", include("slots.gateway.views")),  # /v1/ (OpenAI gateway), /metrics
     path("", include("slots.urls")),
 ]

@@ -1,4 +1,4 @@
-"""The OpenAI gateway end to end: a real hal0 under Daphne (the `slots.gateway_asgi` fast
+"""The OpenAI gateway end to end: a real hal0 under Daphne (the `slots.gateway.asgi` fast
 path in front of Django, plus once `manage.py serve`), a real lemond simulator, real HTTP.
 
 hal0 runs as a subprocess with its own SQLite file; tests read that file directly
@@ -161,7 +161,7 @@ def hal0_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hal0_server(hal0_dir, gw_sim):
     server = _start_hal0(hal0_dir, gw_sim.url, ["-m", "daphne", "-b", "127.0.0.1", "-p", "PORT",
-                                                "slots.gateway_asgi:application"])
+                                                "hal0site.asgi:application"])
     yield server
     _stop(server)
 

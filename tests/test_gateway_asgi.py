@@ -13,7 +13,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from asgiref.sync import async_to_sync
 
-from slots import gateway, gateway_asgi, tokens
+from slots import tokens
+from slots.gateway import asgi as gateway_asgi
+from slots.gateway import routes, views
 from slots.models import Node, Slot, State
 
 
@@ -76,7 +78,7 @@ def test_repeated_multipart_fields_reach_lemond_with_every_value(echo):
     node = Node.objects.create(name="echo", base_url=echo)
     Slot.objects.create(name="ears", capability="stt", device="cpu", model_name="Whisper-Tiny",
                         node=node, state=State.READY, loaded_model="Whisper-Tiny")
-    gateway.invalidate_routes()
+    routes.invalidate_routes()
     raw = tokens.create_token("t")[1]
     parts = [("model", "ears"), ("timestamp_granularities[]", "word"),
              ("timestamp_granularities[]", "segment")]
@@ -102,7 +104,7 @@ def test_a_failing_view_is_an_openai_500_not_a_hung_request(monkeypatch, caplog)
     async def broken(request, model_id=None):
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr(gateway_asgi, "_views", {"/v1/models": broken})
+    monkeypatch.setitem(views.VIEWS, "/v1/models", broken)
     monkeypatch.setattr(logging.getLogger("hal0"), "propagate", True)  # into caplog
     status, headers, content = async_to_sync(_call)("GET", "/v1/models")
     assert status == 500
@@ -131,7 +133,7 @@ def test_a_response_that_fails_to_send_still_ends(monkeypatch, failure):
 
         return StreamingHttpResponse(chunks(), content_type="text/event-stream")
 
-    monkeypatch.setattr(gateway_asgi, "_views", {"/v1/models": view})
+    monkeypatch.setitem(views.VIEWS, "/v1/models", view)
     status, _, content = async_to_sync(_call)("GET", "/v1/models")
     if failure == "before the headers":
         assert status == 500 and json.loads(content)["error"]["code"] == "internal_error"

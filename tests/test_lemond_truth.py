@@ -236,7 +236,7 @@ def test_an_evict_all_during_a_failing_load_is_attributed_to_it(node, sim):
 @pytest.mark.parametrize("version,route", [("", "reranking"), ("10.6.0-sim", "reranking"),
                                            ("11.6.0", "rerank"), ("11.7.0-sim", "rerank")])
 def test_rerank_goes_to_the_route_the_nodes_version_serves(node, version, route):
-    from slots import gateway
+    from slots.gateway import routes as gateway
 
     Node.objects.filter(pk=node.pk).update(version=version)
     gateway.invalidate_routes()
@@ -252,7 +252,8 @@ def test_a_rerank_request_is_served_by_every_version(client, node, lemond_sim_fa
     """lemond 10.6 answers 404 to /v1/rerank (it serves only `reranking`)."""
     import json
 
-    from slots import gateway, tokens
+    from slots import tokens
+    from slots.gateway import routes as gateway
 
     sim = lemond_sim_factory(version_shape=shape)
     Node.objects.filter(pk=node.pk).update(base_url=sim.url, version="")
@@ -312,7 +313,8 @@ async def test_sse_comments_pass_through_and_are_not_the_first_token(node, pingi
     from asgiref.sync import sync_to_async
     from django.test import AsyncClient
 
-    from slots import gateway, metrics, tokens
+    from slots import metrics, runtime, tokens
+    from slots.gateway import routes as gateway
 
     await Node.objects.filter(pk=node.pk).aupdate(base_url=pinging_lemond, version="11.7.0")
     await sync_to_async(_ready)("chat", CHAT_MODEL)
@@ -326,7 +328,7 @@ async def test_sse_comments_pass_through_and_are_not_the_first_token(node, pingi
     assert response.status_code == 200
     body = b"".join([chunk async for chunk in response.streaming_content])
     assert body == PINGS + FIRST + REST  # untouched
-    stats = await sync_to_async(metrics.slot_stats)("chat")
+    stats = await sync_to_async(metrics.slot_stats)("chat", runtime.current().metrics.pending())
     assert stats["ttft_p50_ms"] >= 350  # the first data, not a ping
 
 

@@ -11,7 +11,7 @@ OpenAI's (`id`, `object`, `created`, `owned_by`), LM Studio's (`state`: `loaded`
 
 from __future__ import annotations
 
-from .models import State
+from ..models import State
 
 # hal0's slot state -> llama.cpp's `status.value`; LM Studio's `state` follows from it.
 STATUS_VALUE: dict[str, str] = {

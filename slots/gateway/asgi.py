@@ -7,14 +7,15 @@ alone costs more than the whole bare Daphne + httpx passthrough (docs/benchmarks
 The gateway's views never need that thread (tokens and the routing table are cached; the
 database is read on a miss, on asgiref's shared sync thread), so this module serves them
 directly: it builds Django's own `ASGIRequest`, awaits the same async views that
-`slots.gateway_urls` routes, and sends the response, cancelling the view (and with it the
+`slots.gateway.views` routes, and sends the response, cancelling the view (and with it the
 upstream request) when the client disconnects.
 
-Wire it in `hal0site/asgi.py`:  `"http": gateway_asgi.wrap(django_asgi_app)`.
+`hal0site/asgi.py` wires it: `"http": wrap(django_asgi_app, headers=gateway_headers)`.
 Everything that is not a gateway path goes to Django unchanged; `/metrics` stays in
-Django (it accepts a session login). Responses get the security headers Django's middleware
-would have added (`hal0site.security.gateway_headers`); there is no http->https redirect
-here: a client that sent its token over plain http has already sent it.
+Django (it accepts a session login). Responses get the security headers Django's
+middleware would have added (`headers(secure)`, passed in by the site); there is no
+http->https redirect here: a client that sent its token over plain http has already sent
+it.
 """
 
 from __future__ import annotations
@@ -23,52 +24,30 @@ import asyncio
 import contextlib
 import logging
 import tempfile
+from collections.abc import Callable, Iterable
+from functools import cache
 
+from corsheaders.middleware import CorsMiddleware
 from django.conf import settings
 from django.core.exceptions import DisallowedHost, RequestDataTooBig
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpResponse
 
-from hal0site.security import gateway_headers
+from . import views
+from .endpoints import MODELS, MODELS_PREFIX, PREFIX, handles
+from .proxy import internal_error, openai_error
 
 log = logging.getLogger("hal0.gateway")
 
-MODELS_PREFIX = "/v1/models/"
-_views: dict | None = None
-_cors = None
+Headers = Callable[[bool], Iterable[tuple[str, str]]]  # secure -> (name, value) pairs
 
 
-def handles(path: str) -> bool:
-    """Every path under /v1/ is the gateway's (unknown ones answer OpenAI-shaped JSON), and
-    so is /models, where a client whose base URL lacks its /v1 lands."""
-    return path.startswith(("/v1/", "/models/")) or path in ("/v1", "/models")
-
-
-def views() -> dict:
-    global _views
-    if _views is None:
-        from . import gateway
-
-        built = {f"/v1/{e}": gateway.gateway_view(e) for e in gateway.ENDPOINTS}
-        built["/v1/models"] = gateway.models
-        built["/v1/audio/voices"] = gateway.audio_voices
-        built["/v1/audio/models"] = gateway.audio_models
-        _views = built
-    return _views
-
-
-def cors():
+@cache
+def cors() -> CorsMiddleware | None:
     """django-cors-headers' middleware around the fast path's dispatch, when
-    HAL0_CORS_ORIGINS allows any origin (the same settings as Django's stack); else None."""
-    global _cors
-    if _cors is None:
-        if settings.HAL0_CORS_ORIGINS:
-            from corsheaders.middleware import CorsMiddleware
-
-            _cors = CorsMiddleware(_dispatch)
-        else:
-            _cors = False
-    return _cors or None
+    HAL0_CORS_ORIGINS allows any origin (the same settings as Django's stack); else None.
+    Built once per process (a cache)."""
+    return CorsMiddleware(_dispatch) if settings.HAL0_CORS_ORIGINS else None
 
 
 class _Disconnected(Exception):
@@ -102,9 +81,10 @@ def _headers(response: HttpResponse) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-async def _send(response: HttpResponse, send, secure: bool = False) -> None:
+async def _send(response: HttpResponse, send, secure: bool = False,
+                headers: Headers | None = None) -> None:
     # Django's middleware never sees these responses: add the headers it would have.
-    for name, value in gateway_headers(secure):
+    for name, value in headers(secure) if headers is not None else ():
         response.headers.setdefault(name, value)
     if response.streaming:
         await send({"type": "http.response.start", "status": response.status_code,
@@ -125,21 +105,16 @@ async def _send(response: HttpResponse, send, secure: bool = False) -> None:
 
 
 def _error(status: int, message: str, code: str) -> HttpResponse:
-    from .gateway import openai_error
-
     return openai_error(status, message, code=code)
 
 
 async def _dispatch(request):
     path = request.path_info
-    table = views()
     if path.startswith(MODELS_PREFIX):
-        return await table["/v1/models"](request, path[len(MODELS_PREFIX):])
-    view = table.get(path)
+        return await views.VIEWS[PREFIX + MODELS](request, path[len(MODELS_PREFIX):])
+    view = views.VIEWS.get(path)
     if view is None:
-        from .gateway import not_served
-
-        return await not_served(request, path.removeprefix("/v1").removeprefix("/"))
+        return await views.not_served(request, path.removeprefix("/v1").removeprefix("/"))
     return await view(request)
 
 
@@ -152,11 +127,11 @@ async def _call_view(request):
     return await (middleware or _dispatch)(request)
 
 
-async def _respond(request, send) -> None:
-    await _send(await _call_view(request), send, secure=request.is_secure())
+async def _respond(request, send, headers: Headers | None) -> None:
+    await _send(await _call_view(request), send, secure=request.is_secure(), headers=headers)
 
 
-async def serve(scope, receive, send) -> None:
+async def serve(scope, receive, send, headers: Headers | None = None) -> None:
     """Serve one gateway request (an ASGI application for the gateway's paths)."""
     try:
         body = await _read_body(receive)
@@ -166,7 +141,7 @@ async def serve(scope, receive, send) -> None:
         try:
             request = ASGIRequest(scope, body)
         except (UnicodeDecodeError, RequestDataTooBig):
-            await _send(_error(400, "Bad request.", "bad_request"), send)
+            await _send(_error(400, "Bad request.", "bad_request"), send, headers=headers)
             return
         if "CONTENT_LENGTH" not in request.META:
             # A chunked upload (Open WebUI's recordings) has no Content-Length, and Django's
@@ -183,7 +158,7 @@ async def serve(scope, receive, send) -> None:
 
         # Like Django's handler: a client that goes away cancels the view or the stream,
         # and with it the upstream request to lemond.
-        work = asyncio.ensure_future(_respond(request, tracked_send))
+        work = asyncio.ensure_future(_respond(request, tracked_send, headers))
         watch = asyncio.ensure_future(_listen_for_disconnect(receive))
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -198,11 +173,9 @@ async def serve(scope, receive, send) -> None:
             # A view or its response failed. Finish the response, or the client waits for
             # its own timeout: Daphne answers only for an app that raises itself, and has
             # no request timeout here.
-            from .gateway import internal_error
-
             with contextlib.suppress(Exception):
                 if not started:
-                    await _send(internal_error(), send)
+                    await _send(internal_error(), send, headers=headers)
                 else:
                     await send({"type": "http.response.body", "body": b"",
                                 "more_body": False})
@@ -210,34 +183,14 @@ async def serve(scope, receive, send) -> None:
         body.close()
 
 
-def wrap(django_app):
-    """An ASGI app: gateway paths served here, everything else by `django_app`."""
+def wrap(django_app, *, headers: Headers | None = None):
+    """An ASGI app: gateway paths served here, everything else by `django_app`; `headers`
+    gives the security headers the site's middleware would add (secure -> pairs)."""
 
     async def app(scope, receive, send):
         if scope["type"] == "http" and handles(scope["path"]):
-            await serve(scope, receive, send)
+            await serve(scope, receive, send, headers)
         else:
             await django_app(scope, receive, send)
 
     return app
-
-
-def _application():
-    from hal0site.asgi import application as django_application
-
-    return wrap(django_application)
-
-
-class _Lazy:
-    """`daphne slots.gateway_asgi:application` (benchmarks, tests) before asgi.py wires it."""
-
-    def __init__(self):
-        self.app = None
-
-    async def __call__(self, scope, receive, send):
-        if self.app is None:
-            self.app = _application()
-        await self.app(scope, receive, send)
-
-
-application = _Lazy()

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible gateway: `/v1/...` requests routed to slots and proxied to lemond.
+"""The OpenAI-compatible gateway's proxy: `/v1/...` requests routed to slots and proxied to lemond.
 
 A request's `model` names a slot (`chat`), a capability (`embed` -> that capability's
 default slot) or a model a slot serves. The gateway loads the slot through the `load`
@@ -24,7 +24,6 @@ import json
 import logging
 import time
 import weakref
-from dataclasses import dataclass, field
 
 import httpx
 from asgiref.sync import sync_to_async
@@ -34,41 +33,17 @@ from django.db import connection
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.http.multipartparser import MultiPartParserError
 from django.utils import timezone
-from django.views.decorators.csrf import csrf_exempt
 
-from . import aliases, gateway_catalog, metrics, runtime, states, tokens
-from .actions.errors import SlotError, disabled
-from .actions.lifecycle import do_ensure_loaded
-from .metrics import RequestSample
-from .models import Capability, Slot
+from .. import metrics, runtime, tokens
+from ..actions.errors import SlotError, disabled
+from ..actions.lifecycle import do_ensure_loaded
+from ..metrics import RequestSample
+from .endpoints import ENDPOINTS, MULTIPART_ENDPOINTS
+from .routes import Route, invalidate_routes, route_table
 
 log = logging.getLogger("hal0.gateway")
 
-# endpoint (after /v1/) -> the capability that serves it
-ENDPOINTS: dict[str, str] = {
-    "chat/completions": Capability.CHAT,
-    "completions": Capability.CHAT,
-    "responses": Capability.CHAT,  # OpenAI's Responses API; lemond serves it (SSE too)
-    "embeddings": Capability.EMBED,
-    "rerank": Capability.RERANK,
-    "audio/transcriptions": Capability.STT,
-    "audio/speech": Capability.TTS,
-    "images/generations": Capability.IMG,
-}
-MULTIPART_ENDPOINTS = {"audio/transcriptions"}
-
-# what a client may write for a capability (hal0's names, lemond's type names, plurals)
-CAPABILITY_ALIASES: dict[str, str] = {
-    "chat": "chat", "llm": "chat",
-    "embed": "embed", "embedding": "embed", "embeddings": "embed",
-    "rerank": "rerank", "reranking": "rerank", "reranker": "rerank",
-    "stt": "stt", "transcription": "stt", "transcriptions": "stt", "audio": "stt",
-    "tts": "tts", "speech": "tts",
-    "img": "img", "image": "img", "images": "img",
-}
-
 TAIL_KEEP = 16_384  # bytes of a stream kept to read its final `usage`/`timings`
-
 
 
 # --- errors --------------------------------------------------------------------------------
@@ -104,154 +79,32 @@ def _slot_error(exc: SlotError) -> JsonResponse:
     return openai_error(502, exc.message, type_="server_error", code="model_load_error")
 
 
-# --- routing ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    pk: int
-    name: str
-    capability: str
-    model_name: str
-    loaded_model: str
-    state: str
-    enabled: bool
-    is_default: bool
-    upstream: str  # base URL + the lemond API prefix, e.g. http://127.0.0.1:13305/v1
-    api_key: str = field(repr=False)
-    rerank_route: str = "reranking"  # what the node's lemond version serves rerank on
-    device: str = ""
-    context_length: int | None = None
-    created: int = 0  # the slot's creation time (unix seconds): stable for clients
-
-    def upstream_url(self, endpoint: str) -> str:
-        """lemond's URL for a gateway endpoint: `/v1/rerank` goes to the rerank route the
-        node's version serves (a v10.6 lemond has only `reranking`)."""
-        return f"{self.upstream}/{self.rerank_route if endpoint == 'rerank' else endpoint}"
-
-    @property
-    def loaded(self) -> bool:
-        return states.is_loaded(self.state)
-
-    @property
-    def serves_its_model(self) -> bool:
-        """Loaded with the slot's own model. After an edit the old model may still be up:
-        forwarding then would make lemond load the new one by itself, without the slot's
-        device, context size and args, so the gateway runs the load action instead."""
-        return self.loaded and self.loaded_model in ("", self.model_name)
-
-
-@dataclass
-class RouteTable:
-    slots: list[Route]
-    by_name: dict[str, Route]
-    defaults: dict[str, Route]
-    by_model: dict[str, list[Route]]
-
-    @classmethod
-    def build(cls, routes: list[Route]) -> RouteTable:
-        by_model: dict[str, list[Route]] = {}
-        defaults: dict[str, Route] = {}
-        for route in routes:
-            by_model.setdefault(route.model_name, []).append(route)
-            if route.loaded_model and route.loaded_model != route.model_name:
-                by_model.setdefault(route.loaded_model, []).append(route)
-            if route.is_default:
-                defaults[route.capability] = route
-        for route in routes:  # a capability without a declared default: its first slot
-            defaults.setdefault(route.capability, route)
-        return cls(routes, {r.name: r for r in routes}, defaults, by_model)
-
-    def resolve(self, model: str | None, capability: str | None,
-                follow_aliases: bool = True) -> Route | None:
-        """A capability's own name with a declared default slot, then a slot name, then a
-        capability alias (its default slot), then a model a slot serves, then one of
-        OpenAI's names (HAL0_MODEL_ALIASES)."""
-        if not model:
-            return self.defaults.get(capability) if capability else None
-        # The seeded slots are named after their capabilities and cannot be renamed, so
-        # "embed" must follow is_default to another slot ("requests naming the capability
-        # go to this slot"); the seeded slot stays reachable by its model's name.
-        declared = self.defaults.get(model)
-        if declared is not None and declared.is_default:
-            return declared
-        route = self.by_name.get(model)
-        if route is not None:
-            return route
-        alias = CAPABILITY_ALIASES.get(model.lower())
-        if alias is not None:
-            return self.defaults.get(alias)
-        candidates = self.by_model.get(model) or self.by_model.get(model.removesuffix(":latest"))
-        if candidates:
-            return min(candidates, key=lambda r: (r.capability != capability, not r.enabled,
-                                                  not r.loaded, not r.is_default, r.name))
-        # last: OpenAI's names (gpt-4o-mini, whisper-1, ...), whose target is a slot or a
-        # capability; an alias never leads to another alias
-        target = settings.HAL0_MODEL_ALIASES.get(model.lower()) if follow_aliases else None
-        return self.resolve(target, capability, follow_aliases=False) if target else None
-
-    def aliases_of(self, route: Route) -> list[str]:
-        """The OpenAI names that lead to `route` (GET /v1/models shows them)."""
-        targets = {route.name}
-        if self.defaults.get(route.capability) is route:
-            targets |= {route.capability}
-        return [name for name in aliases.names_for(settings.HAL0_MODEL_ALIASES, targets)
-                if self.resolve(name, route.capability) is route]
-
-
-def _load_routes() -> RouteTable:
-    routes = []
-    for slot in Slot.objects.select_related("node").order_by("name"):
-        node = slot.node
-        caps = node.lemond  # what the version it last reported serves (providers.versions)
-        routes.append(Route(
-            pk=slot.pk, name=slot.name, capability=slot.capability,
-            model_name=slot.model_name, loaded_model=slot.loaded_model, state=slot.state,
-            enabled=slot.enabled and node.enabled, is_default=slot.is_default,
-            upstream=node.base_url.rstrip("/") + caps.api_prefix + "/v1",
-            api_key=node.api_key, rerank_route=caps.rerank_route,
-            device=slot.device, created=int(slot.created_at.timestamp()),
-            context_length=gateway_catalog.context_length(slot.ctx_size, slot.lemond_entry)))
-    return RouteTable.build(routes)
-
-
-_table: RouteTable | None = None
-_table_until = 0.0
-
-
-async def route_table() -> RouteTable:
-    global _table, _table_until
-    if _table is None or time.monotonic() >= _table_until:
-        # on the runtime's database thread: never queued behind a reconciler pass
-        _table = await runtime.current().run_db(_load_routes)
-        _table_until = time.monotonic() + settings.HAL0_GATEWAY_ROUTE_CACHE_S
-    return _table
-
-
-def invalidate_routes() -> None:
-    global _table
-    _table = None
-
-
 # --- the shared upstream client --------------------------------------------------------------
 
-_http: httpx.AsyncClient | None = None
-_http_loop: asyncio.AbstractEventLoop | None = None
+class _Upstream:
+    """The shared client and the loop it is bound to (a cache: rebuilt for a new loop)."""
+
+    http: httpx.AsyncClient | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+
+
+_upstream = _Upstream()
 
 
 def http_client() -> httpx.AsyncClient:
     """One client per process, created on (and bound to) the running event loop."""
-    global _http, _http_loop
     loop = asyncio.get_running_loop()
-    if _http is None or _http_loop is not loop or _http.is_closed:
-        _http = httpx.AsyncClient(
+    http = _upstream.http
+    if http is None or _upstream.loop is not loop or http.is_closed:
+        http = _upstream.http = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.HAL0_GATEWAY_READ_TIMEOUT_S,
                                   connect=settings.HAL0_GATEWAY_CONNECT_TIMEOUT_S,
                                   pool=settings.HAL0_GATEWAY_CONNECT_TIMEOUT_S),
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
             trust_env=False,  # lemond is on loopback/LAN: never via an environment proxy
         )
-        _http_loop = loop
-    return _http
+        _upstream.loop = loop
+    return http
 
 
 # --- on-demand load ----------------------------------------------------------------------------
@@ -270,7 +123,7 @@ def _forget_load(loads: dict[int, asyncio.Future], pk: int, future: asyncio.Futu
         future.exception()  # retrieved: the waiting requests report it
 
 
-async def ensure_loaded(route: Route) -> None:
+async def load_for_request(route: Route) -> None:
     """Load the slot (one load per slot per process, shared by every request waiting for
     it); wait at most HAL0_GATEWAY_LOAD_WAIT_S. Raises SlotError or TimeoutError."""
     wait = settings.HAL0_GATEWAY_LOAD_WAIT_S
@@ -524,7 +377,7 @@ async def _proxy(request, endpoint: str):
     try:
         if not route.serves_its_model or runtime.current().serving.is_idle_unloading(route.pk):
             try:
-                await ensure_loaded(route)
+                await load_for_request(route)
             except SlotError as exc:
                 response = _slot_error(exc)
                 flight.finish(response.status_code)
@@ -559,113 +412,4 @@ def internal_error() -> JsonResponse:
     return openai_error(500, "hal0's gateway failed on this request; see its log.",
                         type_="server_error", code="internal_error")
 
-
-def gateway_view(endpoint: str):
-    @csrf_exempt
-    async def view(request):
-        if request.method != "POST":
-            return openai_error(405, f"Use POST for /v1/{endpoint}.",
-                                code="method_not_allowed")
-        try:
-            return await _proxy(request, endpoint)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("gateway error on /v1/%s", endpoint)
-            return internal_error()
-
-    view.__name__ = f"gateway_{endpoint.replace('/', '_')}"
-    return view
-
-
-# --- /v1/models, the TTS slot's voices and models, paths hal0 does not serve ---------------------
-
-@csrf_exempt
-async def models(request, model_id: str | None = None):
-    if request.method not in ("GET", "HEAD"):
-        return openai_error(405, "Use GET for /v1/models.", code="method_not_allowed")
-    principal, denied = await _principal(request)
-    if denied:
-        return denied
-    table = await route_table()
-    invalidate_routes()  # a listing is rare and should show fresh states
-    if model_id is not None:
-        # ids are slot names (as listed): look the name up first, then what resolve() knows
-        route = table.by_name.get(model_id) or table.resolve(model_id, None)
-        if route is None or not principal.allows_slot(route.name):
-            return openai_error(404, f"The model {model_id!r} does not exist.",
-                                code="model_not_found", param="model")
-        return JsonResponse(gateway_catalog.model_entry(route, table.aliases_of(route)))
-    return JsonResponse({"object": "list", "data": [
-        gateway_catalog.model_entry(r, table.aliases_of(r)) for r in table.slots
-        if principal.lists_slot(r.name, r.capability)]})
-
-
-@csrf_exempt
-async def audio_voices(request):
-    """The voices lemond's speech backend takes, in the shape Open WebUI reads."""
-    _, denied = await _principal(request)
-    if denied:
-        return denied
-    if request.method not in ("GET", "HEAD"):
-        return openai_error(405, "Use GET for /v1/audio/voices.", code="method_not_allowed")
-    return JsonResponse(gateway_catalog.voices())
-
-
-@csrf_exempt
-async def audio_models(request):
-    """The TTS slots this token may use and the OpenAI names that reach them (Open WebUI
-    offers these in its TTS model field)."""
-    principal, denied = await _principal(request)
-    if denied:
-        return denied
-    if request.method not in ("GET", "HEAD"):
-        return openai_error(405, "Use GET for /v1/audio/models.", code="method_not_allowed")
-    table = await route_table()
-    ids = []
-    for route in table.slots:
-        if route.capability == Capability.TTS and principal.allows_slot(route.name):
-            ids += [route.name, *table.aliases_of(route)]
-    return JsonResponse({"models": [{"id": i} for i in dict.fromkeys(ids)]})
-
-
-@csrf_exempt
-async def not_served(request, endpoint: str = ""):
-    """Any other path under /v1/ (or /models): OpenAI-shaped JSON, never Django's HTML.
-    Still behind the token, like every API answer."""
-    _, denied = await _principal(request)
-    if denied:
-        return denied
-    what = gateway_catalog.not_supported(endpoint)
-    if what is not None:
-        return openai_error(501, f"hal0 does not offer {what} (/v1/{endpoint}); "
-                                 "see docs/gateway.md for what it serves.",
-                            type_="invalid_request_error", code="not_supported")
-    hint = " (hal0's OpenAI API is under /v1/: use http://<host>:<port>/v1 as the base URL)" \
-        if request.path_info.startswith("/models") else ""
-    return openai_error(404, f"Unknown path {request.path_info!r}{hint}.", code="not_found")
-
-
-# --- /metrics ------------------------------------------------------------------------------------
-
-@csrf_exempt
-async def prometheus(request):
-    """Prometheus text; needs an API token (any) or a logged-in staff session."""
-    header = request.headers.get("Authorization", "")
-    scope: tuple[str, ...] = ()
-    if header[:7].lower() == "bearer ":
-        principal, denied = await _principal(request)
-        if denied:
-            return denied
-        scope = principal.allowed
-    else:
-        user = await request.auser()
-        if not (user.is_authenticated and user.is_staff):
-            response = HttpResponse("authentication required: send an API token\n",
-                                    status=401, content_type="text/plain")
-            response["WWW-Authenticate"] = 'Bearer realm="hal0"'
-            return response
-    state = runtime.current()
-    text = await state.run_db(metrics.prometheus_text, state.serving, state.metrics, scope)
-    return HttpResponse(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
