@@ -396,3 +396,43 @@ def test_transcription_refuses_an_unknown_response_format(c):
     assert response.status_code == 400
     assert response.json()["error"] == {"message": "Unsupported response_format: xml",
                                         "type": "invalid_request_error"}
+
+
+def stub_gguf(path, tensors=0, size=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + tensors.to_bytes(8, "little")
+                     + (0).to_bytes(8, "little"))
+    if size:
+        os.truncate(path, size)
+
+
+def test_a_folder_of_quant_variants_lists_each_variant_and_keeps_the_folder_name(c, tmp_path):
+    folder = tmp_path / "Qwen3.6-35B-A3B-GGUF"
+    stub_gguf(folder / "Qwen3.6-35B-A3B-Q4_K_M.gguf")
+    stub_gguf(folder / "Qwen3.6-35B-A3B-Q8_0.gguf")
+    stub_gguf(folder / "mmproj-b.gguf")
+    stub_gguf(folder / "mmproj-a.gguf")
+    shards = tmp_path / "Big-GGUF"
+    stub_gguf(shards / "Big-00001-of-00002.gguf")
+    stub_gguf(shards / "Big-00002-of-00002.gguf", size=3 * 1024 * 1024)
+    assert c.post("/internal/set", json={"extra_models_dir": str(tmp_path)}).status_code == 200
+    listed = {m["id"]: m for m in c.get("/v1/models?show_all=true").json()["data"]}
+    q4 = listed["Qwen3.6-35B-A3B-Q4_K_M"]
+    assert q4["checkpoint"] == str(folder / "Qwen3.6-35B-A3B-Q4_K_M.gguf")
+    assert q4["checkpoints"]["mmproj"] == "mmproj-a.gguf"  # the first one alphabetically
+    assert "Qwen3.6-35B-A3B-Q8_0" in listed and folder.name not in listed
+    assert c.get(f"/v1/models/{folder.name}").json()["id"] == "Qwen3.6-35B-A3B-Q4_K_M"
+    assert listed["Big-GGUF"]["checkpoint"] == str(shards)  # one sharded model stays whole
+    assert listed["Big-GGUF"]["size"] > 3 / 1024  # every shard counts
+    files = c.get("/v1/models/Big-GGUF/files").json()["files"]
+    assert [(f["name"], f["role"]) for f in files] == [("Big-00001-of-00002.gguf", "main")]
+    assert files[0]["size_bytes"] == 24  # the file's own size, not the family's
+
+
+def test_a_stub_gguf_without_tensors_fails_to_load(c, tmp_path):
+    stub_gguf(tmp_path / "Stub-Q4_K_M.gguf")
+    c.post("/internal/set", json={"extra_models_dir": str(tmp_path)})
+    response = c.post("/v1/chat/completions", json={
+        "model": "Stub-Q4_K_M", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 500
+    assert "Failed to load model" in response.json()["error"]["message"]

@@ -23,6 +23,7 @@ from providers.lemonade.simulator.constants import (
 )
 from providers.lemonade.simulator.downloads import DownloadsMixin
 from providers.lemonade.simulator.eviction import EvictionMixin
+from providers.lemonade.simulator.extra_models import ExtraModelsMixin
 from providers.lemonade.simulator.faults import FaultControl
 from providers.lemonade.simulator.logs import LogBuffer, LogsMixin
 from providers.lemonade.simulator.options import OptionsMixin
@@ -46,7 +47,7 @@ from providers.lemonade.simulator.wire import (
 
 
 class Simulator(V11Routes, EvictionMixin, OptionsMixin, ProcessMixin, BackendsMixin,
-                ConfigMixin, RegistryMixin, ResidencyMixin, DownloadsMixin, StatusRoutes,
+                ConfigMixin, ExtraModelsMixin, RegistryMixin, ResidencyMixin, DownloadsMixin, StatusRoutes,
                 LifecycleRoutes, ConfigRoutes, InferenceRoutes, LogsMixin, FaultControl):
     """The ASGI application. One instance is one simulated lemond process."""
 

@@ -124,6 +124,10 @@ class V11Routes:
         if self.since(11, 6) and path.startswith("/internal/aliases/"):
             alias = unquote(path[len("/internal/aliases/"):])
             return {"DELETE": lambda r: self.h_aliases_remove(r, alias)}
+        if rest and self.since(10, 10) and rest.startswith("models/") \
+                and rest.endswith("/files") and len(rest) > len("models//files"):
+            model_id = unquote(rest[len("models/"):-len("/files")])
+            return {"GET": lambda r: self.h_model_files(r, model_id)}
         if rest and self.since(11, 7) and rest.startswith("models/") \
                 and rest.endswith("/options"):
             model_id = unquote(rest[len("models/"):-len("/options")])
