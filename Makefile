@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo run test fuzz lint bench clean conformance
+.PHONY: demo run test test-fast test-fresh-boot fuzz lint bench clean conformance
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,24 @@ run: $(VENV)/.installed
 	$(PY) manage.py ensure_admin
 	$(PY) manage.py serve
 
-## test: lint + the whole test suite
+# The suites mostly wait on subprocesses (serve, simulators, Chromium): more workers than
+# cores. A file's tests stay on one worker, so a module's shared server starts once.
+PYTEST_WORKERS ?= 4
+PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
+
+## test: lint + the whole test suite (in parallel; PYTEST_WORKERS=0 runs it in one process)
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_PARALLEL)
+
+## test-fast: the in-process tests only (no hal0 processes, no browser): pytest -m "not e2e"
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not e2e" $(PYTEST_PARALLEL)
+
+## test-fresh-boot: the whole suite with the monotonic clock near zero, as on an appliance
+## seconds after power-on (needs root for the time namespace; PYTEST_ARGS picks tests)
+test-fresh-boot: $(VENV)/.installed
+	tests/fresh-boot $(PY) -m pytest -q $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 ## fuzz: the property-based tests with fresh random inputs, 1500 examples each (~3 min)
 fuzz: $(VENV)/.installed

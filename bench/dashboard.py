@@ -94,7 +94,8 @@ def bench_push(pushes: int) -> dict:
     import httpx
     from websockets.asyncio.client import connect
 
-    from tests.sim_fixtures import free_port, start_simulator
+    from tests.harness import free_port
+    from tests.sim_fixtures import start_simulator
 
     sim = start_simulator(load_delay=0.1)
     port = free_port()

@@ -43,7 +43,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.sim_fixtures import free_port, start_simulator  # noqa: E402
+from tests.harness import free_port  # noqa: E402
+from tests.sim_fixtures import start_simulator  # noqa: E402
 
 MODEL = "Qwen3-4B-Instruct-2507-GGUF"  # the seeded chat slot's model
 # hal0 = `manage.py serve` as hal0site/asgi.py wires it; hal0-asgi = the same project served

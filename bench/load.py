@@ -282,7 +282,7 @@ async def fan_out(base: str, http, clients: int, changes: int, pid: int) -> dict
 
 
 def bench_ws(clients: int, changes: int) -> dict:
-    from tests.sim_fixtures import free_port
+    from tests.harness import free_port
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"

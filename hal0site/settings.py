@@ -178,7 +178,9 @@ if REDIS_URL:
             # redis-py >= 6 reads with a 5 s socket timeout by default, the same 5 s a
             # consumer blocks in BZPOPMIN waiting for a message: an idle dashboard socket
             # then died with "Timeout reading from redis" (1011). Read longer than that.
-            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}]},
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
+                       # several hal0 installs (or test runs) may share one Redis
+                       "prefix": os.environ.get("HAL0_REDIS_PREFIX", "asgi")},
         }
     }
 else:

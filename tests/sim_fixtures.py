@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,8 @@ from typing import Any
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.harness import ROOT, free_port
+
 STARTUP_TIMEOUT = 15.0
 
 # Fast enough for a test suite, slow enough that "loading" and progress stay observable.
@@ -122,12 +122,6 @@ class SimHandle:
                 self.kill()
         with contextlib.suppress(OSError):
             os.unlink(self.log_path)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _cli_args(options: dict[str, Any]) -> list[str]:

@@ -9,34 +9,25 @@ follows `prefers-color-scheme`.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.browser import CHROMIUM, HAVE_CHROMIUM, chromium
-from tests.sim_fixtures import free_port
+from tests.harness import CHROMIUM, HAVE_CHROMIUM, PASSWORD, Stack, chromium
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 CHAT_MODEL = "Qwen3-4B-Instruct-2507-GGUF"
-PASSWORD = "browser-test-password"
 
 pytestmark = [
+    pytest.mark.e2e,
     pytest.mark.browser,
     pytest.mark.skipif(not HAVE_CHROMIUM,
                        reason=f"{CHROMIUM} is missing (apt-get install -y chromium)"),
 ]
-
-
-def _manage(env: dict, *args: str) -> None:
-    subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, check=True,
-                   capture_output=True, timeout=60)
 
 
 @pytest.fixture
@@ -44,41 +35,13 @@ def live_server_url(tmp_path, lemond_sim_factory):
     """`manage.py serve` on a free port with a throwaway SQLite database, pointed at a
     private simulator whose loads take long enough to see `loading`."""
     sim = lemond_sim_factory(load_delay=1.0)
-    env = {**os.environ,
-           "HAL0_VAR_DIR": str(tmp_path / "var"),
-           "DATABASE_URL": f"sqlite:///{tmp_path / 'hal0.sqlite3'}",
-           "HAL0_LEMONADE_URL": sim.url,
-           "HAL0_DEBUG": "1", "HAL0_LOG_LEVEL": "WARNING",
-           "HAL0_STATS_EVERY_S": "1"}
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    _manage(env, "migrate", "--noinput")
-    password_file = tmp_path / "password"
-    password_file.write_text(PASSWORD)
-    _manage(env, "ensure_admin", "--username", "operator", "--password-file", str(password_file))
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w")  # closed in the finally below
-    server = subprocess.Popen([sys.executable, "manage.py", "serve", "--port", str(port)],
-                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    stack = Stack(tmp_path, HAL0_LEMONADE_URL=sim.url, HAL0_DEBUG="1",
+                  HAL0_LOG_LEVEL="WARNING", HAL0_STATS_EVERY_S="1")
+    stack.setup(username="operator")
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{url}/accounts/login/", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("hal0 did not start:\n" + (tmp_path / "serve.log").read_text())
-            time.sleep(0.1)
-        yield url, sim
+        yield stack.serve(), sim
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+        stack.stop()
 
 
 def _login(browser, url: str, width: int = 1440, color_scheme: str = "light",

@@ -18,7 +18,7 @@ from providers.lemonade.errors import (
     LemonadeUnavailable,
 )
 from providers.lemonade.names import InvalidModelName
-from tests.stack import in_a_worker_after_the_loop_stopped
+from tests.harness import free_port, in_a_worker_after_the_loop_stopped
 
 
 def sync(url, **kw):
@@ -217,8 +217,4 @@ async def test_redirects_and_shapes_via_mock_transport():
 
 @pytest.fixture
 def dead_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()

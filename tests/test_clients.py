@@ -1,7 +1,7 @@
 """Real OpenAI clients against hal0's gateway: the `openai` SDK (sync and async), LangChain,
 a chunked multipart upload like Open WebUI's, and a browser `fetch` from another origin.
 
-Everything runs on loopback: `manage.py serve` as a subprocess (tests.stack) in front of
+Everything runs on loopback: `manage.py serve` as a subprocess (tests.harness) in front of
 the lemond simulator. The clients are the real packages, configured only with a base URL
 and a hal0 token, as a user would configure them.
 """
@@ -16,9 +16,10 @@ import wave
 import httpx
 import pytest
 
-from tests.browser import HAVE_CHROMIUM, chromium
-from tests.sim_fixtures import free_port, start_simulator
-from tests.stack import Stack
+from tests.harness import HAVE_CHROMIUM, Stack, chromium, free_port, wait_for
+from tests.sim_fixtures import start_simulator
+
+pytestmark = pytest.mark.e2e
 
 CHAT_MODEL = "Qwen3-4B-Instruct-2507-GGUF"
 CORS_ORIGIN = "http://127.0.0.1:{port}"
@@ -211,8 +212,6 @@ def test_openai_errors_are_its_own_error_classes(gw):
 def test_access_log_records_a_stream_the_client_cancelled(gw):
     """`serve --access-log` logs requests when their response completes; a stream the
     client walked away from is logged too, with nginx's 499."""
-    from tests.stack import wait_for
-
     body = {"model": "chat", "stream": True, "max_tokens": 2000,
             "messages": [{"role": "user", "content": "A long story please"}]}
     with httpx.stream("POST", f"{gw.base}/chat/completions?cancel=me", json=body,

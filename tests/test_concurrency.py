@@ -3,16 +3,17 @@ real `serve` process and the simulator: no 500, never two loads of one model in 
 lemond, desired and observed state consistent at the end, every change audited."""
 
 import asyncio
+import contextlib
 import random
-import time
 
 import httpx
 import psycopg
 import pytest
 
-from tests.stack import Stack, fresh_postgres_database, login, postgres_available
+from tests.harness import Stack, fresh_postgres_database, login, postgres_available, wait_for
 
 pytestmark = [
+    pytest.mark.e2e,
     pytest.mark.scaleout,
     pytest.mark.skipif(not postgres_available(), reason="needs PostgreSQL on 127.0.0.1:5432"),
 ]
@@ -76,11 +77,12 @@ def test_fifty_concurrent_mixed_calls(pg_stack):
         assert max(state["max_open_load_requests"].values()) == 1, state["max_open_load_requests"]
 
         # desired and observed agree (within a few reconciler polls)
-        deadline = time.monotonic() + 10
-        while True:
+        problems: list[str] = []
+
+        def agree() -> bool:
             slots = {s["name"]: s for s in client.get("/api/slots/").json()["slots"]}
             loaded = set(sim.state()["loaded_names"])
-            problems = []
+            problems.clear()
             for name in SLOTS:
                 s = slots[name]
                 if s["state"] not in ("ready", "offline"):
@@ -89,9 +91,10 @@ def test_fifty_concurrent_mixed_calls(pg_stack):
                     problems.append(f"{name}: {s['state']} but lemond has {sorted(loaded)}")
                 elif s["state"] == "ready" and s["loaded_model"] != s["model_name"]:
                     problems.append(f"{name}: loaded {s['loaded_model']} wants {s['model_name']}")
-            if not problems or time.monotonic() > deadline:
-                break
-            time.sleep(0.3)
+            return not problems
+
+        with contextlib.suppress(AssertionError):  # reported with the logs below
+            wait_for(agree, timeout=10, interval=0.3)
         assert not problems, (problems, stack.logs()[-3000:])
     finally:
         client.close()

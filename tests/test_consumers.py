@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -14,7 +15,7 @@ from hal0site.asgi import application
 from slots import live, runtime
 from slots.actions import config, lifecycle
 from slots.models import Node, Slot, State
-from tests.stack import REDIS_URL, in_a_worker_after_the_loop_stopped, redis_available
+from tests.harness import REDIS_URL, in_a_worker_after_the_loop_stopped, redis_available
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -240,7 +241,7 @@ def test_a_push_after_the_loop_stopped_still_reaches_other_processes(settings):
 
     settings.CHANNEL_LAYERS = {"default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL.format(db=0)], "prefix": f"hal0-test-{id(settings)}"}}}
+        "CONFIG": {"hosts": [REDIS_URL.format(db=0)], "prefix": f"hal0-test-{uuid.uuid4().hex}"}}}
     layer = get_channel_layer()
     channel = async_to_sync(layer.new_channel)()
     async_to_sync(layer.group_add)(live.GROUP, channel)

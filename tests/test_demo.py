@@ -4,54 +4,35 @@ serves the dashboard — labelled "simulated" — and stops the simulator again 
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.sim_fixtures import free_port
+from tests.harness import Stack, answers, free_port, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _answers(url: str) -> bool:
-    try:
-        httpx.get(url, timeout=0.5)
-        return True
-    except httpx.HTTPError:
-        return False
+pytestmark = pytest.mark.e2e
 
 
 def test_demo_sets_up_and_serves_with_the_simulator(tmp_path):
     port, sim_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("DATABASE_URL", "REDIS_URL", "HAL0_SECRET_KEY")}
-    env.update({"HAL0_VAR_DIR": str(tmp_path / "var"), "PYTHONUNBUFFERED": "1",
-                "HAL0_LEMONADE_URL": f"http://127.0.0.1:{sim_port}",
-                "DJANGO_SETTINGS_MODULE": "hal0site.settings"})
-    log = tmp_path / "demo.log"
-    with open(log, "wb") as out:
-        demo = subprocess.Popen([sys.executable, "manage.py", "demo", "--port", str(port)],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    var = tmp_path / "var"
+    var.mkdir()
+    stack = Stack(var, HAL0_LEMONADE_URL=f"http://127.0.0.1:{sim_port}")
+    demo = stack.start("demo", "--port", str(port), name="demo")
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while not _answers(f"{url}/accounts/login/"):
-            assert demo.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        text = log.read_text()
+        wait_for(lambda: demo.poll() is not None or answers(f"{url}/accounts/login/"),
+                 timeout=90, interval=0.1)
+        assert demo.poll() is None, stack.logs()
+        text = stack.logs()
         assert "Database ready." in text
         assert "starting the lemond simulator" in text
         login = re.search(r"Created admin login: (\S+) / (\S+)", text)
         assert login, text
-        assert (tmp_path / "var" / "hal0.sqlite3").is_file()
-        assert (tmp_path / "var" / "secret_key").is_file()  # a demo key, kept for restarts
+        assert (var / "hal0.sqlite3").is_file()
+        assert (var / "secret_key").is_file()  # a demo key, kept for restarts
 
         with httpx.Client(base_url=url, timeout=10) as client:
             client.get("/accounts/login/")
@@ -63,16 +44,11 @@ def test_demo_sets_up_and_serves_with_the_simulator(tmp_path):
         assert "simulated" in dashboard
         for seeded in ("chat", "embed", "rerank", "stt", "tts", "img"):
             assert f'id="slot-{seeded}"' in dashboard, seeded
-        assert _answers(f"http://127.0.0.1:{sim_port}/live")
+        assert answers(f"http://127.0.0.1:{sim_port}/live")
 
         demo.send_signal(signal.SIGINT)  # Ctrl-C
         assert demo.wait(timeout=20) is not None
-        deadline = time.monotonic() + 10
-        while _answers(f"http://127.0.0.1:{sim_port}/live"):
-            assert time.monotonic() < deadline, "the simulator outlived the demo"
-            time.sleep(0.2)
-        assert "Traceback" not in log.read_text()
+        wait_for(lambda: not answers(f"http://127.0.0.1:{sim_port}/live"), timeout=10)
+        assert "Traceback" not in stack.logs()
     finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait()
+        stack.stop()

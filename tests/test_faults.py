@@ -30,8 +30,10 @@ import time
 import httpx
 import pytest
 
-from tests.sim_fixtures import TEST_DEFAULTS, free_port, start_simulator
-from tests.stack import Stack, login, wait_for
+from tests.harness import Stack, free_port, login, wait_for
+from tests.sim_fixtures import TEST_DEFAULTS, start_simulator
+
+pytestmark = pytest.mark.e2e
 
 PAGES = ("/", "/slots/chat/", "/api/slots/", "/api/health")
 PAGE_BLOCK_S = 1.0  # far below any wait on lemond (HAL0_LEMONADE_TIMEOUT 2 s, hang 30 s)

@@ -11,10 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import wave
@@ -23,9 +20,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.sim_fixtures import free_port, start_simulator
+from tests.harness import Stack, free_port, wait_for
+from tests.sim_fixtures import start_simulator
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.e2e
+
 CHAT_MODEL = "Qwen3-4B-Instruct-2507-GGUF"
 WRITER_MODEL = "Qwen3-0.6B-GGUF"
 
@@ -55,14 +54,15 @@ print("TOKENS=" + json.dumps(out))
 class Hal0:
     """A hal0 process: base URL, tokens, its database, its log."""
 
-    def __init__(self, url: str, tokens: dict, db: Path, log: Path, process, env: dict):
-        self.url, self.tokens, self.db, self.log, self.process = url, tokens, db, log, process
-        self.env = env
+    def __init__(self, stack: Stack, url: str):
+        self.stack, self.url, self.process = stack, url, stack.procs[-1]
+        self.tokens = json.loads((stack.tmp_path / "tokens.json").read_text())
+        self.db = stack.tmp_path / "hal0.sqlite3"
+        self.log = Path(self.process.log_path)
 
     def manage(self, *args: str) -> str:
         """A management command against this hal0's database, as an operator runs it."""
-        return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=self.env,
-                              check=True, capture_output=True, text=True).stdout
+        return self.stack.manage(*args).stdout
 
     def set_model(self, slot: str, model: str) -> None:
         data = json.dumps([{"name": slot, "model_name": model}])
@@ -95,16 +95,6 @@ class Hal0:
                              timeout=30)
 
 
-def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def gw_sim():
     handle = start_simulator(load_delay=0.1, token_delay=0.005)
@@ -112,56 +102,36 @@ def gw_sim():
     handle.stop()
 
 
-def _start_hal0(tmp: Path, sim_url: str, command: list[str], **extra_env: str) -> Hal0:
-    env = {**os.environ, "HAL0_VAR_DIR": str(tmp), "HAL0_LEMONADE_URL": sim_url,
-           "DJANGO_SETTINGS_MODULE": "hal0site.settings", "PYTHONUNBUFFERED": "1",
-           "HAL0_SERVING_LINGER_S": "0.2", "HAL0_METRICS_FLUSH_S": "0.2",
-           "HAL0_GATEWAY_ROUTE_CACHE_S": "0.1", "HAL0_TOKEN_CACHE_S": "0.5",
-           "HAL0_GATEWAY_LOAD_WAIT_S": "20", **extra_env}
-    python = sys.executable
-    db = tmp / "hal0.sqlite3"
-    if not db.exists():
-        subprocess.run([python, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
-        out = subprocess.run([python, "manage.py", "shell", "-c",
-                              SETUP % {"dead_port": free_port()}],
-                             cwd=ROOT, env=env, check=True, capture_output=True, text=True)
-        (tmp / "tokens.json").write_text(out.stdout.split("TOKENS=", 1)[1])
-    tokens = json.loads((tmp / "tokens.json").read_text())
-    port = free_port()
-    log = tmp / f"hal0-{port}.log"
-    with open(log, "wb") as fh:
-        process = subprocess.Popen([python, *[a.replace("PORT", str(port)) for a in command]],
-                                   cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(f"{url}/api/health", timeout=1)
-            break
-        except httpx.HTTPError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"hal0 did not start:\n{log.read_text()}") from None
-            time.sleep(0.1)
-    return Hal0(url, tokens, db, log, process, env)
+def _start_hal0(stack: Stack, *extra: str, app: str | None = None, **extra_env: str) -> Hal0:
+    """`manage.py serve --no-reconciler` (or Daphne on `app`) on the suite's database."""
+    if app is None:
+        extra = ("--no-reconciler", *extra)
+    return Hal0(stack, stack.serve(*extra, app=app, **extra_env))
 
 
 def _stop(hal0: Hal0) -> None:
-    hal0.process.terminate()
+    hal0.stack.terminate(hal0.process)
+
+
+@pytest.fixture(scope="module")
+def gw_stack(tmp_path_factory, gw_sim):
+    """The suite's database (migrated, with extra slots and tokens) and its processes."""
+    stack = Stack(tmp_path_factory.mktemp("hal0-gateway"), HAL0_LEMONADE_URL=gw_sim.url,
+                  HAL0_SERVING_LINGER_S="0.2", HAL0_METRICS_FLUSH_S="0.2",
+                  HAL0_GATEWAY_ROUTE_CACHE_S="0.1", HAL0_TOKEN_CACHE_S="0.5",
+                  HAL0_GATEWAY_LOAD_WAIT_S="20")
+    stack.manage("migrate", "-v0")
+    out = stack.manage("shell", "-c", SETUP % {"dead_port": free_port()}).stdout
+    (stack.tmp_path / "tokens.json").write_text(out.split("TOKENS=", 1)[1])
     try:
-        hal0.process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        hal0.process.kill()
+        yield stack
+    finally:
+        stack.stop()
 
 
 @pytest.fixture(scope="module")
-def hal0_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("hal0-gateway")
-
-
-@pytest.fixture(scope="module")
-def hal0_server(hal0_dir, gw_sim):
-    server = _start_hal0(hal0_dir, gw_sim.url, ["-m", "daphne", "-b", "127.0.0.1", "-p", "PORT",
-                                                "hal0site.asgi:application"])
+def hal0_server(gw_stack):
+    server = _start_hal0(gw_stack, app="hal0site.asgi:application")
     yield server
     _stop(server)
 
@@ -397,11 +367,10 @@ def test_slot_shows_serving_while_requests_are_in_flight(hal0, gw_sim):
     wait_for(lambda: hal0.state("chat") == "ready", timeout=2)
 
 
-def test_serving_is_counted_across_gateway_processes(hal0_dir, gw_sim, hal0):
+def test_serving_is_counted_across_gateway_processes(gw_stack, gw_sim, hal0):
     """Two gateway processes on one database: a short request finishing in one does not
     turn the slot ready while the other still streams from it."""
-    other = _start_hal0(hal0_dir, gw_sim.url, ["manage.py", "serve", "--port", "PORT",
-                                               "--no-reconciler"])
+    other = _start_hal0(gw_stack)
     try:
         assert hal0.post("chat/completions", json=chat_body()).status_code == 200
         wait_for(lambda: hal0.state("chat") == "ready")
@@ -423,11 +392,10 @@ def test_serving_is_counted_across_gateway_processes(hal0_dir, gw_sim, hal0):
         _stop(other)
 
 
-def test_a_stopped_gateway_process_gives_its_serving_claims_back(hal0_dir, gw_sim, hal0):
+def test_a_stopped_gateway_process_gives_its_serving_claims_back(gw_stack, gw_sim, hal0):
     """SIGTERM mid-stream (a restart): the process's claim goes with it and the slot is
     ready again, instead of held at serving for HAL0_SERVING_CLAIM_TTL_S."""
-    other = _start_hal0(hal0_dir, gw_sim.url, ["manage.py", "serve", "--port", "PORT",
-                                               "--no-reconciler"])
+    other = _start_hal0(gw_stack)
     try:
         assert other.post("chat/completions", json=chat_body()).status_code == 200
         wait_for(lambda: hal0.state("chat") == "ready")
@@ -551,11 +519,10 @@ def test_load_failure_is_a_502_with_lemonds_message(hal0, gw_sim):
     assert hal0.state("writer") == "error"
 
 
-def test_a_load_longer_than_the_wait_is_a_503_and_goes_on(hal0_dir, gw_sim, hal0):
+def test_a_load_longer_than_the_wait_is_a_503_and_goes_on(gw_stack, gw_sim, hal0):
     """A client does not wait past HAL0_GATEWAY_LOAD_WAIT_S: 503 `slot_loading` with
     Retry-After; the load itself goes on and the next request is served."""
-    server = _start_hal0(hal0_dir, gw_sim.url, ["manage.py", "serve", "--port", "PORT",
-                                                "--no-reconciler"],
+    server = _start_hal0(gw_stack,
                          HAL0_GATEWAY_LOAD_WAIT_S="0.3")
     try:
         assert server.api("slots/writer/unload").status_code == 200
@@ -571,9 +538,8 @@ def test_a_load_longer_than_the_wait_is_a_503_and_goes_on(hal0_dir, gw_sim, hal0
         _stop(server)
 
 
-def test_lemond_too_slow_for_a_loaded_slot_is_a_504(hal0_dir, gw_sim, hal0):
-    server = _start_hal0(hal0_dir, gw_sim.url, ["manage.py", "serve", "--port", "PORT",
-                                                "--no-reconciler"],
+def test_lemond_too_slow_for_a_loaded_slot_is_a_504(gw_stack, gw_sim, hal0):
+    server = _start_hal0(gw_stack,
                          HAL0_GATEWAY_READ_TIMEOUT_S="0.5")
     try:
         assert server.post("chat/completions", json=chat_body("writer")).status_code == 200
@@ -622,7 +588,7 @@ def test_requests_are_measured_and_written_in_the_background(hal0):
                           "WHERE slot_name='chat' ORDER BY id")
         return rows if len(rows) >= before + 2 else None
 
-    rows = wait_for(written, timeout=3)
+    rows, _ = wait_for(written, timeout=3)
     plain, streamed = rows[-2], rows[-1]
     assert plain[0] == 200 and plain[3] > 0 and plain[4] > 0 and plain[5] > 0 and not plain[6]
     assert streamed[0] == 200 and streamed[2] is not None and streamed[6]
@@ -643,9 +609,8 @@ def test_tokens_never_reach_the_log(hal0):
 
 # --- through Django's own handler (manage.py serve, as hal0site/asgi.py wires it today) ------------
 
-def test_served_by_manage_py_serve_too(hal0_dir, gw_sim, hal0):
-    server = _start_hal0(hal0_dir, gw_sim.url, ["manage.py", "serve", "--port", "PORT",
-                                                "--no-reconciler"])
+def test_served_by_manage_py_serve_too(gw_stack, gw_sim, hal0):
+    server = _start_hal0(gw_stack)
     try:
         assert server.post("embeddings", json={"model": "embed", "input": "x"}) \
             .status_code == 200
@@ -660,15 +625,14 @@ def test_served_by_manage_py_serve_too(hal0_dir, gw_sim, hal0):
         _stop(server)
 
 
-def test_the_openai_sdk_streams_from_an_offline_slot(hal0_dir, gw_sim, hal0):
+def test_the_openai_sdk_streams_from_an_offline_slot(gw_stack, gw_sim, hal0):
     """The issue's "done when", as a user does it: the official OpenAI SDK pointed at
     `manage.py serve`'s /v1 with a token streams a chat from model="chat" while the slot
     goes loading → serving → ready."""
     import openai
 
     gw_sim.configure(load_delay=0.5, token_delay=0.03)
-    server = _start_hal0(hal0_dir, gw_sim.url, ["manage.py", "serve", "--port", "PORT",
-                                                "--no-reconciler"])
+    server = _start_hal0(gw_stack)
     try:
         server.api("slots/chat/unload")
         assert server.state("chat") == "offline"

@@ -15,6 +15,7 @@ from slots import idle, runtime, states
 from slots.actions import lifecycle
 from slots.models import Slot, SlotEvent, State
 from slots.reconciler import Reconciler
+from tests.harness import async_wait_for
 
 EMBED_MODEL = "nomic-embed-text-v1-GGUF"
 CHAT_MODEL = "Qwen3-4B-Instruct-2507-GGUF"
@@ -146,13 +147,13 @@ def test_the_reconcilers_loop_unloads_idle_slots(node, sim, settings):
     async def run_until_unloaded(timeout: float) -> Slot:
         task = asyncio.ensure_future(Reconciler().run_forever())
         try:
-            deadline = time.monotonic() + timeout
-            while True:
+            async def settled():
                 embed = await Slot.objects.aget(name="embed")
-                settled = embed.state not in (State.READY, *states.BUSY)
-                if settled or time.monotonic() > deadline:
-                    return embed
-                await asyncio.sleep(0.05)
+                return embed if embed.state not in (State.READY, *states.BUSY) else None
+
+            with contextlib.suppress(AssertionError):  # the caller says what it shows
+                await async_wait_for(settled, timeout=timeout)
+            return await Slot.objects.aget(name="embed")
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

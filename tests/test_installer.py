@@ -14,7 +14,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import tarfile
 import threading
@@ -28,6 +27,7 @@ from installer import download, lemond_config, steps, usermodels
 from installer.context import LEMOND_SHA256, Options, Output, StepFailed
 from installer.steps import Installer
 from installer.units import env_content, parse_env, render_units
+from tests.harness import free_port
 
 GOLDEN = Path(__file__).parent / "installer_golden"
 TOP = "lemonade-embeddable-10.6.0-ubuntu-x64"
@@ -142,12 +142,6 @@ def mtimes(root: Path) -> dict[str, int]:
 def recorded(root: Path) -> list[str]:
     log = root / ".hal0-install/recorded-commands.log"
     return log.read_text().splitlines() if log.exists() else []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

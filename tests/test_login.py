@@ -10,7 +10,7 @@ from axes.models import AccessAttempt
 from django.conf import settings
 from django.test import Client, override_settings
 
-from tests.stack import PASSWORD, Stack
+from tests.harness import PASSWORD, Stack
 
 
 def _form_post(client: httpx.Client, password: str) -> httpx.Response:
@@ -21,6 +21,7 @@ def _form_post(client: httpx.Client, password: str) -> httpx.Response:
         "csrfmiddlewaretoken": client.cookies["csrftoken"]})
 
 
+@pytest.mark.e2e
 def test_a_password_guesser_is_locked_out_of_a_real_serve(tmp_path, lemond_sim):
     stack = Stack(tmp_path, HAL0_LEMONADE_URL=lemond_sim.url, HAL0_LOG_LEVEL="WARNING",
                   HAL0_LOGIN_FAILURE_LIMIT="5")

@@ -7,9 +7,9 @@ The first tests exercise the lease itself (any database, in-process)."""
 
 from __future__ import annotations
 
-import random
 import signal
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -19,8 +19,8 @@ import pytest
 from slots import leases
 from slots.models import Lease, Node
 from slots.reconciler import Reconciler
-from tests.sim_fixtures import TEST_DEFAULTS, start_simulator
-from tests.stack import (
+from tests.harness import (
+    REDIS_URL,
     Stack,
     card_state,
     fresh_postgres_database,
@@ -30,6 +30,7 @@ from tests.stack import (
     wait_for,
     websocket,
 )
+from tests.sim_fixtures import TEST_DEFAULTS, start_simulator
 
 CHAT_MODEL = "Qwen3-4B-Instruct-2507-GGUF"
 
@@ -96,7 +97,7 @@ def test_a_reconciler_polls_only_the_nodes_whose_lease_it_holds(settings):
 
 def scaleout(test):
     """Needs the real PostgreSQL and Redis on 127.0.0.1 (skipped cleanly without them)."""
-    for mark in (pytest.mark.scaleout,
+    for mark in (pytest.mark.e2e, pytest.mark.scaleout,
                  pytest.mark.skipif(not postgres_available(),
                                     reason="needs PostgreSQL on 127.0.0.1:5432"),
                  pytest.mark.skipif(not redis_available(),
@@ -114,10 +115,11 @@ def cluster(tmp_path_factory):
     sim = start_simulator(**{**TEST_DEFAULTS, "load_delay": 0.3})
     try:
         with fresh_postgres_database() as database_url:
-            # a Redis database of its own: other suites' dashboards must not see our pushes
-            redis_url = f"redis://127.0.0.1:6379/{random.randint(1, 15)}"
+            # channel names of its own: other runs' dashboards must not see our pushes
             stack = Stack(tmp_path_factory.mktemp("cluster"), DATABASE_URL=database_url,
-                          REDIS_URL=redis_url, HAL0_LEMONADE_URL=sim.url,
+                          REDIS_URL=REDIS_URL.format(db=0),
+                          HAL0_REDIS_PREFIX=f"hal0-test-{uuid.uuid4().hex}",
+                          HAL0_LEMONADE_URL=sim.url,
                           HAL0_POLL_ACTIVE_S="0.25", HAL0_POLL_IDLE_S="0.25",
                           HAL0_RECONCILE_TIMEOUT_S="1")
             stack.setup()

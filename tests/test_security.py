@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import secrets
 import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,8 +30,7 @@ from django.utils import timezone
 
 from slots import portability, tokens
 from slots.models import ApiToken, Node, Slot, SlotEvent, State
-from tests.browser import CHROMIUM, HAVE_CHROMIUM
-from tests.stack import Stack, login
+from tests.harness import CHROMIUM, HAVE_CHROMIUM, Stack, login
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1:8000"
@@ -482,6 +479,7 @@ async def test_websocket_origins_are_compared_like_csrf(dead_node, admin_user, s
         await comm.disconnect()
 
 
+@pytest.mark.e2e
 def test_a_real_serve_refuses_websockets_from_other_origins(tmp_path, lemond_sim):
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
@@ -695,6 +693,7 @@ def _raw_post(url: str, path: str, head: dict[str, str], body_chunks) -> bytes:
         return answer
 
 
+@pytest.mark.e2e
 def test_a_real_serve_refuses_oversized_bodies_before_reading_them(tmp_path, lemond_sim):
     stack = Stack(tmp_path, HAL0_LEMONADE_URL=lemond_sim.url, HAL0_LOG_LEVEL="WARNING",
                   HAL0_MAX_BODY_MB="1", HAL0_MAX_UPLOAD_MB="3")
@@ -730,15 +729,12 @@ def test_a_real_serve_refuses_oversized_bodies_before_reading_them(tmp_path, lem
 # --- check --deploy ----------------------------------------------------------------------------
 
 def manage_check(tmp_path, **env) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("HAL0_", "DATABASE_URL", "REDIS_URL"))}
-    return subprocess.run(
-        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**clean, "HAL0_VAR_DIR": str(tmp_path), "HAL0_DEBUG": "0",
-             "HAL0_SECRET_KEY": secrets.token_urlsafe(50), **env})
+    stack = Stack(tmp_path, **{"HAL0_DEBUG": "0", "HAL0_SECRET_KEY": secrets.token_urlsafe(50),
+                               **env})
+    return stack.manage("check", "--deploy", "--fail-level", "WARNING", check=False)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("env", [{"HAL0_HTTPS": "0"}, {"HAL0_HTTPS": "1"},
                                  {"HAL0_HTTPS": "1", "HAL0_SSL_REDIRECT": "0"}, {}])
 def test_check_deploy_is_clean_with_production_settings(tmp_path, env):
@@ -747,6 +743,7 @@ def test_check_deploy_is_clean_with_production_settings(tmp_path, env):
     assert "no issues" in proc.stdout
 
 
+@pytest.mark.e2e
 def test_check_deploy_silences_only_the_https_warnings(tmp_path):
     """Over plain HTTP the four HTTPS-only warnings are silenced, nothing else: a weak
     secret key still fails the check."""
@@ -830,6 +827,7 @@ def test_keys_and_tokens_never_appear_in_pages_or_logs(world, keyed_sim, all_log
         assert secret not in logs
 
 
+@pytest.mark.e2e
 def test_keys_and_tokens_never_appear_in_a_real_serve_log(tmp_path, lemond_sim_factory):
     """One real `serve` at DEBUG with the keys in its environment: pages, actions, the
     gateway and the admin; its whole output is searched."""
@@ -928,6 +926,7 @@ async def test_security_headers_on_the_gateway_fast_path(dead_node):
                 "default-src 'none'; frame-ancestors 'none'"
 
 
+@pytest.mark.e2e
 @pytest.mark.browser
 @pytest.mark.skipif(not HAVE_CHROMIUM, reason=f"{CHROMIUM} is missing")
 def test_the_csp_breaks_nothing_in_a_real_browser(tmp_path, lemond_sim_factory):
@@ -935,8 +934,7 @@ def test_the_csp_breaks_nothing_in_a_real_browser(tmp_path, lemond_sim_factory):
     button posts, the websocket pushes the new card, the swap dialog opens)."""
     from playwright.sync_api import expect
 
-    from tests.browser import chromium
-    from tests.stack import PASSWORD
+    from tests.harness import PASSWORD, chromium
 
     sim = lemond_sim_factory()
     stack = Stack(tmp_path, HAL0_LEMONADE_URL=sim.url, HAL0_LOG_LEVEL="WARNING")

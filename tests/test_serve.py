@@ -7,17 +7,15 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.sim_fixtures import free_port
-from tests.stack import Stack, login, wait_for, websocket
+from tests.harness import Stack, login, wait_for, websocket
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.e2e
 
 
 def leases(db: Path) -> list[tuple[str, str]]:
@@ -41,31 +39,20 @@ def stop_timed(proc: subprocess.Popen) -> float:
 
 
 def test_serve_polls_and_releases_its_leases_on_sigterm(tmp_path, lemond_sim):
-    env = {**os.environ, "HAL0_VAR_DIR": str(tmp_path), "HAL0_LEMONADE_URL": lemond_sim.url,
-           "HAL0_POLL_IDLE_S": "0.3", "DATABASE_URL": ""}
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env,
-                   check=True, timeout=120)
-    port = free_port()
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "manage.py", "serve", "--port", str(port)],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    stack = Stack(tmp_path, HAL0_LEMONADE_URL=lemond_sim.url, HAL0_POLL_IDLE_S="0.3")
+    stack.setup()
     try:
+        url = stack.serve()
+        proc = stack.procs[-1]
         db = tmp_path / "hal0.sqlite3"
-        deadline = time.monotonic() + 30
-        while not leases(db):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        assert httpx.get(f"http://127.0.0.1:{port}/api/health").json()["status"] == "ok"
-        [(name, holder)] = leases(db)
+        [(name, holder)], _ = wait_for(lambda: leases(db), timeout=30)
+        assert httpx.get(f"{url}/api/health").json()["status"] == "ok"
         assert name == "reconciler:local" and f":{proc.pid}:" in holder
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
+        assert stop_timed(proc) < 15
         assert leases(db) == []
-        assert "Traceback" not in log.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stack.stop()
+    assert "Traceback" not in stack.logs()
 
 
 def test_a_slot_imported_with_the_cli_appears_on_open_dashboards(tmp_path, lemond_sim):

@@ -20,12 +20,14 @@ def settings_in(env: dict, tmp_path, expr: str = "") -> subprocess.CompletedProc
                           env={**clean, "HAL0_VAR_DIR": str(tmp_path), **env})
 
 
+@pytest.mark.e2e
 def test_production_refuses_to_start_without_a_secret_key(tmp_path):
     proc = settings_in({"HAL0_DEBUG": "0"}, tmp_path)
     assert proc.returncode != 0
     assert "HAL0_SECRET_KEY is not set" in proc.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("key", ["abc", "x" * 49])
 def test_production_refuses_a_short_secret_key(tmp_path, key):
     proc = settings_in({"HAL0_DEBUG": "0", "HAL0_SECRET_KEY": key}, tmp_path)
@@ -34,17 +36,20 @@ def test_production_refuses_a_short_secret_key(tmp_path, key):
         in proc.stderr
 
 
+@pytest.mark.e2e
 def test_a_short_secret_key_is_fine_for_the_demo(tmp_path):
     proc = settings_in({"HAL0_SECRET_KEY": "abc"}, tmp_path, "s.SECRET_KEY")
     assert proc.stdout.strip() == "'abc'", proc.stderr
 
 
+@pytest.mark.e2e
 def test_production_with_a_key(tmp_path):
     proc = settings_in({"HAL0_DEBUG": "0", "HAL0_SECRET_KEY": "x" * 50}, tmp_path,
                        "s.DEBUG, s.SECRET_KEY == 'x' * 50, s.PRODUCTION")
     assert proc.stdout.strip() == "(False, True, True)", proc.stderr
 
 
+@pytest.mark.e2e
 def test_demo_defaults(tmp_path):
     proc = settings_in({}, tmp_path, "s.DATABASES['default']['ENGINE'], "
                        "s.CHANNEL_LAYERS['default']['BACKEND'], s.HAL0_LEMONADE_URL, s.DEBUG")
@@ -59,17 +64,20 @@ def test_demo_defaults(tmp_path):
     assert again.stdout.strip() == repr(key)
 
 
+@pytest.mark.e2e
 def test_database_and_redis_urls(tmp_path):
     proc = settings_in({"DATABASE_URL": "postgres://hal0@127.0.0.1:5432/test",
                         "REDIS_URL": "redis://127.0.0.1:6379/0",
-                        "HAL0_LEMONADE_URL": "http://10.0.0.5:13305/"}, tmp_path,
+                        "HAL0_LEMONADE_URL": "http://10.0.0.5:13305/",
+                        "HAL0_REDIS_PREFIX": "hal0-box2"}, tmp_path,
                        "s.DATABASES['default']['ENGINE'], s.CHANNEL_LAYERS['default']['BACKEND'],"
-                       " s.HAL0_LEMONADE_URL")
+                       " s.HAL0_LEMONADE_URL, s.CHANNEL_LAYERS['default']['CONFIG']['prefix']")
     assert proc.stdout.strip() == ("('django.db.backends.postgresql', "
                                    "'channels_redis.core.RedisChannelLayer', "
-                                   "'http://10.0.0.5:13305')"), proc.stderr
+                                   "'http://10.0.0.5:13305', 'hal0-box2')"), proc.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("value", ["maybe", "2"])
 def test_bad_boolean_is_named(tmp_path, value):
     proc = settings_in({"HAL0_DEBUG": value}, tmp_path)

@@ -15,7 +15,8 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.sim_fixtures import ROOT, free_port, lemond_sim, lemond_sim_factory, lemond_sim_session
+from tests.harness import ROOT, free_port
+from tests.sim_fixtures import lemond_sim, lemond_sim_factory, lemond_sim_session
 
 __all__ = ["lemond_sim", "lemond_sim_factory", "lemond_sim_session"]
 

@@ -144,6 +144,7 @@ def test_missing_file():
         run("import", "/nonexistent.json")
 
 
+@pytest.mark.e2e
 def test_import_exit_code_from_the_shell(tmp_path):
     """As an operator runs it: exit 1, the field named on stderr, the database unchanged."""
     import os

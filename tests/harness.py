@@ -1,12 +1,18 @@
-"""Run real hal0 processes for end-to-end tests: `serve`/`reconcile` subprocesses on free
-loopback ports against a database of the test's choosing (a fresh PostgreSQL database for
-the scale-out suites), logged in over HTTP like a browser would be."""
+"""The one test harness: free loopback ports, waiting for a condition, and real hal0
+processes (`serve`, `reconcile`, Daphne on an ASGI app) on free ports against a database of
+the test's choosing (a fresh PostgreSQL database for the scale-out suites), logged in over
+HTTP like a browser would be; plus Debian's Chromium for the browser tests.
+
+Every test that starts `serve` does it through `Stack.serve()`; every wait for a condition
+goes through `wait_for()`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,13 +21,57 @@ from pathlib import Path
 
 import httpx
 
-from tests.sim_fixtures import free_port
-
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_DSN = os.environ.get("HAL0_TEST_PG_ADMIN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
 PG_URL = os.environ.get("HAL0_TEST_PG_URL", "postgres://postgres@127.0.0.1:5432/{name}")
 REDIS_URL = os.environ.get("HAL0_TEST_REDIS_URL", "redis://127.0.0.1:6379/{db}")
 PASSWORD = "stack-test-password"
+CHROMIUM = os.environ.get("HAL0_CHROMIUM", "/usr/bin/chromium")
+HAVE_CHROMIUM = Path(CHROMIUM).exists()
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on at 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(check, timeout: float = 5.0, interval: float = 0.05):
+    """Call `check()` until it returns something truthy; returns (value, seconds taken).
+    Fails with the last value after `timeout` seconds."""
+    started = time.monotonic()
+    while True:
+        value = check()
+        if value:
+            return value, time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not true within {timeout} s: {check} (last: {value!r})")
+        time.sleep(interval)
+
+
+async def async_wait_for(check, timeout: float = 5.0, interval: float = 0.05):
+    """`wait_for` inside an event loop: awaits `check()` (a coroutine function) until it
+    returns something truthy, sleeping without blocking the loop; returns (value, seconds)."""
+    import asyncio
+
+    started = time.monotonic()
+    while True:
+        value = await check()
+        if value:
+            return value, time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not true within {timeout} s: {check} (last: {value!r})")
+        await asyncio.sleep(interval)
+
+
+def answers(url: str, timeout: float = 1.0) -> bool:
+    """True when something answers HTTP at `url` (any status)."""
+    try:
+        httpx.get(url, timeout=timeout)
+        return True
+    except httpx.HTTPError:
+        return False
 
 
 def postgres_available() -> bool:
@@ -50,14 +100,19 @@ def fresh_postgres_database():
 
 
 class Stack:
-    """hal0 processes sharing one environment (database, channel layer, lemond URL)."""
+    """hal0 processes sharing one environment (database, channel layer, lemond URL).
+
+    The environment is the test's alone: none of the caller's HAL0_*, DATABASE_URL or
+    REDIS_URL leaks in; `HAL0_VAR_DIR` is `tmp_path` (so SQLite lives there unless
+    `DATABASE_URL` is given)."""
 
     def __init__(self, tmp_path: Path, **env: str):
-        self.tmp_path = tmp_path
+        self.tmp_path = Path(tmp_path)
         clean = {k: v for k, v in os.environ.items()
                  if not k.startswith(("HAL0_", "DATABASE_URL", "REDIS_URL"))}
         self.env = {**clean, "HAL0_VAR_DIR": str(tmp_path), "HAL0_POLL_IDLE_S": "0.5",
-                    "HAL0_POLL_ACTIVE_S": "0.25", "PYTHONUNBUFFERED": "1", **env}
+                    "HAL0_POLL_ACTIVE_S": "0.25", "PYTHONUNBUFFERED": "1",
+                    "DJANGO_SETTINGS_MODULE": "hal0site.settings", **env}
         self.procs: list[subprocess.Popen] = []
 
     def manage(self, *args: str, check: bool = True, timeout: float = 120,
@@ -69,41 +124,61 @@ class Stack:
             raise AssertionError(f"manage.py {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
         return proc
 
-    def setup(self) -> None:
-        """Migrate and create the `admin` login."""
+    def setup(self, username: str = "admin") -> None:
+        """Migrate and create the `admin` login (password `PASSWORD`)."""
         self.manage("migrate", "--noinput", "-v0")
         pw = self.tmp_path / "pw"
         pw.write_text(PASSWORD)
-        self.manage("ensure_admin", "--password-file", str(pw))
+        self.manage("ensure_admin", "--username", username, "--password-file", str(pw))
 
-    def start(self, *args: str, name: str = "serve", **extra_env: str) -> subprocess.Popen:
+    def start(self, *args: str, name: str = "serve", python: tuple[str, ...] = ("manage.py",),
+              **extra_env: str) -> subprocess.Popen:
+        """Start `python manage.py *args` (or `python *python *args`) in its own process
+        group, output to a log file in tmp_path."""
         log = open(self.tmp_path / f"{name}-{len(self.procs)}.log", "w")
-        proc = subprocess.Popen([sys.executable, "manage.py", *args], cwd=ROOT,
-                                env={**self.env, **extra_env},
+        proc = subprocess.Popen([sys.executable, *python, *args], cwd=ROOT,
+                                env={**self.env, **extra_env}, stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()  # the child has its own copy
         proc.log_path = log.name  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc
 
-    def serve(self, *extra: str) -> str:
-        """Start a `serve` process; returns its base URL once it answers."""
+    def serve(self, *extra: str, app: str | None = None, timeout: float = 30,
+              **extra_env: str) -> str:
+        """Start `manage.py serve` (or, with `app`, Daphne on that ASGI application) on a
+        free port; returns its base URL once it answers. The process is `self.procs[-1]`."""
         port = free_port()
-        proc = self.start("serve", "--port", str(port), *extra)
+        if app is None:
+            proc = self.start("serve", "--port", str(port), *extra, **extra_env)
+        else:
+            proc = self.start("-b", "127.0.0.1", "-p", str(port), *extra, app, name="daphne",
+                              python=("-m", "daphne"), **extra_env)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise AssertionError(f"serve exited:\n{Path(proc.log_path).read_text()}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{url}/api/health", timeout=1).status_code == 200:
                     return url
-            time.sleep(0.1)
+            time.sleep(0.05)
         raise AssertionError(f"serve did not answer:\n{Path(proc.log_path).read_text()}")
 
     def kill(self, proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
         proc.wait(10)
+
+    def terminate(self, proc: subprocess.Popen, timeout: float = 10) -> int:
+        """SIGTERM one process (its group) and wait; SIGKILL if it does not exit in time."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(proc)
+            return proc.wait()
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -120,13 +195,13 @@ class Stack:
         return "\n".join(Path(p.log_path).read_text() for p in self.procs)
 
 
-def login(url: str, client_class=httpx.Client, **kwargs):
+def login(url: str, client_class=httpx.Client, username: str = "admin", **kwargs):
     """An httpx client logged in as the stack's admin, sending the CSRF header."""
     client = client_class(base_url=url, timeout=kwargs.pop("timeout", 60), **kwargs)
     if client_class is httpx.Client:
         client.get("/accounts/login/")
         response = client.post("/accounts/login/", data={
-            "username": "admin", "password": PASSWORD,
+            "username": username, "password": PASSWORD,
             "csrfmiddlewaretoken": client.cookies["csrftoken"]})
     else:
         raise TypeError("log in with httpx.Client, then copy its cookies")
@@ -208,18 +283,6 @@ def card_state(message: str, slot: str) -> str | None:
     return match.group(1) if match else None
 
 
-def wait_for(check, timeout: float, interval: float = 0.05):
-    """Call `check()` until it returns something truthy; returns (value, seconds taken)."""
-    started = time.monotonic()
-    while True:
-        value = check()
-        if value:
-            return value, time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not true within {timeout} s: {check}")
-        time.sleep(interval)
-
-
 def in_a_worker_after_the_loop_stopped(fn, *args, timeout: float = 15.0):
     """Call fn(*args) the way a server's worker thread does at shutdown: on a thread that
     sync_to_async started from the server's event loop, after that loop has stopped.
@@ -253,3 +316,20 @@ def in_a_worker_after_the_loop_stopped(fn, *args, timeout: float = 15.0):
         loop.close()
     assert outcome, f"{getattr(fn, '__name__', fn)} hung on the stopped server loop"
     return outcome[0]
+
+
+@contextlib.contextmanager
+def chromium():
+    """Debian's headless Chromium through Playwright (`playwright install` cannot download a
+    browser here: apt-get install -y chromium), with no traffic of its own (this machine has
+    no internet: background networking would only fail)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            yield browser
+        finally:
+            browser.close()
