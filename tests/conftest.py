@@ -16,8 +16,7 @@ def pytest_collection_modifyitems(config, items):
 
     if os.environ.get("HAL0_REQUIRE_SERVICES") != "1":
         return
-    from tests.browser import CHROMIUM, HAVE_CHROMIUM
-    from tests.stack import postgres_available, redis_available
+    from tests.harness import CHROMIUM, HAVE_CHROMIUM, postgres_available, redis_available
 
     markers = {m.name for item in items for m in item.iter_markers()}
     missing = []
@@ -53,15 +52,11 @@ def node(db, sim):
 @pytest.fixture
 def dead_node(db):
     """The `local` node pointed at a loopback port where nothing listens."""
-    import socket
-
     from slots.models import Node
+    from tests.harness import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     local = Node.local()
-    local.base_url = f"http://127.0.0.1:{port}"
+    local.base_url = f"http://127.0.0.1:{free_port()}"
     local.save()
     return local
 
@@ -137,4 +132,16 @@ def _seeded_slots(request, hal0_runtime):
     yield
     # Actions a test started in the background must not write into the next test's rows
     # (a flushed SQLite database reuses primary keys).
-    assert hal0_runtime.wait_idle(30), "a background action outlived its test"
+    if transactional:
+        assert hal0_runtime.wait_idle(30), "a background action outlived its test"
+    else:
+        # The test's transaction holds SQLite's write lock until its rollback, after this:
+        # an action on a worker (its own connection) can neither see the test's rows nor
+        # write, and would only give up after the 20 s busy timeout. Say so at once.
+        assert hal0_runtime.wait_idle(BLOCKED_ACTION_S), (
+            "a background action is stuck behind this test's uncommitted transaction: "
+            "mark the test @pytest.mark.django_db(transaction=True)")
+
+
+# Far below SQLite's 20 s busy timeout, far above an action that is not blocked.
+BLOCKED_ACTION_S = 5.0

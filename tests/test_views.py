@@ -12,6 +12,7 @@ from django.test import AsyncClient
 from slots import runtime
 from slots.actions import lifecycle, pulls
 from slots.models import Slot, SlotEvent, State
+from tests.harness import async_wait_for
 
 HTMX = {"HX-Request": "true"}
 NOT_DOWNLOADED_LLM = "Llama-3.2-1B-Instruct-GGUF"
@@ -33,17 +34,50 @@ def test_login_page_and_logging_in(client, admin_user):
     assert response.status_code == 302 and response["Location"] == "/"
 
 
+def external_urls(html: str) -> list[str]:
+    """Every `src`/`href` in the page that points at another host (a CDN, a font service):
+    an appliance page must load nothing from outside the box."""
+    from html.parser import HTMLParser
+    from urllib.parse import urlsplit
+
+    found: list[str] = []
+
+    class Links(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            found.extend(value for name, value in attrs
+                         if name in ("src", "href") and value and urlsplit(value.strip()).netloc)
+
+    Links().feed(html)
+    return found
+
+
 @pytest.mark.django_db
 def test_dashboard_groups_cards_by_capability_with_node_headers(admin_client, node,
-                                                                django_assert_max_num_queries):
+                                                                django_assert_max_num_queries,
+                                                                monkeypatch):
+    # a CSRF token that spells "cdn" (a random one does about once in a thousand pages)
+    # is no external resource
+    import django.middleware.csrf
+
+    monkeypatch.setattr(django.middleware.csrf, "_get_new_csrf_string",
+                        lambda: ("cdn" * 11)[:32])
     with django_assert_max_num_queries(10):
         response = admin_client.get("/")
     html = response.content.decode()
+    assert "cdn" in html.lower()  # the token above is in the page
     for name in ("chat", "embed", "rerank", "stt", "tts", "img"):
         assert f'id="slot-{name}"' in html and f'id="group-{name}"' in html
     assert 'id="node-local"' in html
     assert 'ws-connect="/ws/slots/"' in html
-    assert "cdn" not in html.lower()
+    assert 'src="/static/' in html  # the scripts are hal0's own …
+    assert external_urls(html) == []  # … and nothing comes from elsewhere
+
+
+def test_external_urls_finds_what_a_page_would_load_from_elsewhere():
+    html = ('<script src="https://cdn.example/htmx.js"></script><link href="//fonts.example/a">'
+            '<a href="/slots/chat/">chat</a><img src="/static/x.png"><a href="#top">top</a>'
+            '<body hx-headers=\'{"X-CSRFToken": "cdncdn"}\'>')
+    assert external_urls(html) == ["https://cdn.example/htmx.js", "//fonts.example/a"]
 
 
 @pytest.mark.django_db
@@ -137,11 +171,10 @@ async def test_a_button_answers_before_the_load_finishes(node, sim, admin_user):
     html = response.content.decode()
     assert 'id="slot-chat"' not in html  # unfinished: the push brings the card
     assert (await Slot.objects.aget(name="chat")).state == State.LOADING
-    for _ in range(50):
-        if (await Slot.objects.aget(name="chat")).state == State.READY:
-            break
-        time.sleep(0.1)
-    assert (await Slot.objects.aget(name="chat")).state == State.READY
+    async def ready():
+        return (await Slot.objects.aget(name="chat")).state == State.READY
+
+    await async_wait_for(ready, timeout=5)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -160,13 +193,16 @@ async def test_a_quick_action_answers_with_its_card_and_a_refusal_with_a_message
     assert response.status_code == 405
 
 
-@pytest.mark.django_db
-def test_without_htmx_a_button_redirects_back(admin_client, node):
-    Slot.objects.filter(name="tts").update(enabled=False)
+@pytest.mark.django_db(transaction=True)  # the action runs on a worker: it must see the rows
+def test_without_htmx_a_button_redirects_back(admin_client, node, sim, hal0_runtime):
+    Slot.objects.filter(name="tts").update(enabled=False)  # refused at once: nothing loads
     response = admin_client.post("/slots/tts/do/load/", {"next": "/slots/tts/"})
     assert response.status_code == 302 and response["Location"] == "/slots/tts/"
     response = admin_client.post("/slots/tts/do/load/", {"next": "https://evil.example/"})
     assert response["Location"] == "/"
+    assert hal0_runtime.wait_idle(10)
+    assert Slot.objects.get(name="tts").state == State.OFFLINE
+    assert sim.state()["load_calls_total"] == 0
 
 
 @pytest.mark.django_db
