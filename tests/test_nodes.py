@@ -5,7 +5,9 @@ node never delays the others' updates."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import sqlite3
 import time
 
 import httpx
@@ -13,8 +15,8 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from slots.models import Node, Slot
-from tests.stack import Stack, card_state, login, wait_for, websocket
+from slots.models import Node, Slot, SlotEvent
+from tests.harness import Stack, card_state, free_port, login, wait_for, websocket
 
 SECRET = "sk-node-secret-123"
 
@@ -139,6 +141,7 @@ def timed_get(client, path: str) -> float:
     return elapsed
 
 
+@pytest.mark.e2e
 def test_a_dead_or_hanging_node_never_delays_the_others(tmp_path, lemond_sim_factory):
     sims = {name: lemond_sim_factory() for name in ("local", "b", "c")}
     stack = Stack(tmp_path, HAL0_LEMONADE_URL=sims["local"].url, HAL0_POLL_ACTIVE_S="0.2",
@@ -248,3 +251,61 @@ def test_moving_a_node_drops_its_keys_unless_retyped(admin_client):
                                         "enabled": "on"})
     node.refresh_from_db()
     assert node.base_url == "http://127.0.0.1:9" and (node.api_key, node.admin_api_key) == ("", "")
+
+
+@pytest.mark.e2e
+def test_the_local_node_follows_hal0_lemonade_url_on_every_start(tmp_path, lemond_sim):
+    """The installer rewrites HAL0_LEMONADE_URL in hal0.env when lemond's port changes:
+    the next start of `serve` (or `reconcile`) points the `local` node there, instead of
+    the URL the first migrate copied, and the Nodes page says which setting governs it."""
+    first = f"http://127.0.0.1:{free_port()}"  # lemond's old port: nothing there now
+    stack = Stack(tmp_path, HAL0_LEMONADE_URL=first, HAL0_LEMONADE_API_KEY="old-key")
+    stack.setup()
+
+    def local() -> tuple[str, str]:
+        with contextlib.closing(sqlite3.connect(tmp_path / "hal0.sqlite3", timeout=10)) as db:
+            return db.execute("SELECT base_url, api_key FROM slots_node "
+                              "WHERE name = 'local'").fetchone()
+
+    assert local() == (first, "old-key")
+    try:
+        url = stack.serve(HAL0_LEMONADE_URL=lemond_sim.url, HAL0_LEMONADE_API_KEY="")
+        client = login(url)
+        wait_for(lambda: {n["name"]: n["reachable"] for n in
+                          client.get("/api/health").json()["nodes"]}.get("local"), timeout=10)
+        page = client.get("/nodes/").text
+        assert f"<code>{lemond_sim.url}</code>" in page and "HAL0_LEMONADE_URL" in page
+        assert "HAL0_LEMONADE_URL" in client.get("/nodes/local/").text
+        client.close()
+        stack.terminate(stack.procs[-1])
+        assert local() == (lemond_sim.url, "")  # its keys are the environment's too
+
+        # `reconcile` follows it too
+        third = f"http://127.0.0.1:{free_port()}"
+        reconcile = stack.start("reconcile", name="reconcile", HAL0_LEMONADE_URL=third)
+        wait_for(lambda: "reconciler running" in stack.logs(), timeout=30)
+        stack.terminate(reconcile)
+        assert local()[0] == third
+        logs = stack.logs()
+        assert f"follows HAL0_LEMONADE_URL: {first} -> {lemond_sim.url}" in logs
+        assert f"follows HAL0_LEMONADE_URL: {lemond_sim.url} -> {third}" in logs
+    finally:
+        stack.stop()
+    assert "Traceback" not in stack.logs()
+
+
+@pytest.mark.django_db
+def test_following_hal0_lemonade_url_is_audited_and_leaves_a_node_already_there_alone(
+        settings, node):
+    from slots.actions.config import do_follow_lemonade_url
+
+    settings.HAL0_LEMONADE_URL = node.base_url
+    Node.objects.filter(pk=node.pk).update(api_key="typed-on-the-page")
+    assert do_follow_lemonade_url(actor="serve") == ""
+    assert Node.local().api_key == "typed-on-the-page"
+    settings.HAL0_LEMONADE_URL = "http://127.0.0.1:13399"
+    assert do_follow_lemonade_url(actor="serve") == (
+        f"The local node follows HAL0_LEMONADE_URL: {node.base_url} -> http://127.0.0.1:13399")
+    event = SlotEvent.objects.filter(slot_name="local", action="node-update").get()
+    assert event.actor == "serve" and "http://127.0.0.1:13399" in event.message
+    assert "typed-on-the-page" not in event.message

@@ -164,6 +164,24 @@ def do_update_node(node: Node, *, actor: Actor) -> Node:
     return node
 
 
+def do_follow_lemonade_url(*, actor: Actor) -> str:
+    """Point the `local` node at HAL0_LEMONADE_URL, as `serve` and `reconcile` do on every
+    start: the setting (hal0.env, which the installer rewrites when lemond's port changes)
+    governs it, not the URL a migration copied once. Its keys go with the URL
+    (HAL0_LEMONADE_API_KEY, HAL0_LEMONADE_ADMIN_API_KEY), as when a node is moved on its
+    page. Returns what changed, for the start's log ("" when nothing did)."""
+    url = settings.HAL0_LEMONADE_URL
+    node = Node.objects.filter(name=Node.LOCAL).first()
+    if node is None or node.base_url == url:  # no local node yet: Node.local() makes it
+        return ""
+    old = node.base_url
+    node.base_url = url
+    node.api_key = settings.HAL0_LEMONADE_API_KEY
+    node.admin_api_key = settings.HAL0_LEMONADE_ADMIN_API_KEY
+    do_update_node(node, actor=actor)
+    return f"The local node follows HAL0_LEMONADE_URL: {old} -> {url}"
+
+
 def do_delete_node(node: Node, *, actor: Actor) -> None:
     """Delete a node no slot uses (SlotError naming the slots otherwise)."""
     used_by = list(node.slots.order_by("name").values_list("name", flat=True))

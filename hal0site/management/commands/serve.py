@@ -11,6 +11,7 @@ import logging
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from slots.actions.config import do_follow_lemonade_url
 from slots.runtime import Runtime
 
 log = logging.getLogger("hal0.serve")
@@ -37,6 +38,8 @@ class Command(BaseCommand):
         if not 0 < port < 65536:
             raise CommandError(f"--port {port} is not a TCP port")
         runtime = Runtime().start()  # this process's executors, counters and buffers
+        if moved := do_follow_lemonade_url(actor="serve"):  # hal0.env governs the local node
+            log.warning("%s", moved)
         if not no_reconciler:
             from twisted.internet import defer
 

@@ -14,6 +14,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 
 from slots import reconciler
+from slots.actions.config import do_follow_lemonade_url
 from slots.runtime import Runtime
 
 log = logging.getLogger("hal0.reconciler")
@@ -23,9 +24,11 @@ class Command(BaseCommand):
     help = "Run the reconciler alone: poll lemond, record what changed, push it to dashboards."
 
     def handle(self, *args, **options):
+        runtime = Runtime().start()
+        if moved := do_follow_lemonade_url(actor="reconcile"):  # hal0.env governs the local node
+            log.warning("%s", moved)
         self.stdout.write("hal0 reconciler running (Ctrl-C to stop)")
         self.stdout.flush()
-        runtime = Runtime().start()
         # Not asyncio.run(): on the way out it waits, without a limit, for the loop's worker
         # threads; lemond calls run on the runtime's pools, which `stop` does not wait for.
         loop = asyncio.new_event_loop()
