@@ -144,7 +144,7 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def serve(self, *extra: str, app: str | None = None, timeout: float = 30,
+    def serve(self, *extra: str, app: str | None = None, timeout: float = 60,
               **extra_env: str) -> str:
         """Start `manage.py serve` (or, with `app`, Daphne on that ASGI application) on a
         free port; returns its base URL once it answers. The process is `self.procs[-1]`."""

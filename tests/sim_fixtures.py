@@ -33,7 +33,7 @@ import pytest
 
 from tests.harness import ROOT, free_port
 
-STARTUP_TIMEOUT = 15.0
+STARTUP_TIMEOUT = 60.0  # a ceiling: a loaded 2-core CI machine needs more than 15 s
 
 # Fast enough for a test suite, slow enough that "loading" and progress stay observable.
 TEST_DEFAULTS: dict[str, Any] = {"load_delay": 0.1, "pull_delay": 0.3, "token_delay": 0.005}
