@@ -32,6 +32,19 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def fresh_boot(monkeypatch):
+    """In this process, time.monotonic() reads as on a machine booted a second ago (and
+    runs on from there): an appliance starts hal0 seconds after power-on. `make
+    test-fresh-boot` does the same for the whole suite and its subprocesses."""
+    import time
+
+    real = time.monotonic
+    offset = real() - 1.0
+    monkeypatch.setattr(time, "monotonic", lambda: real() - offset)
+    return offset
+
+
+@pytest.fixture
 def sim(lemond_sim):
     """The shared simulator (v10.6 shape, one model per type, fast loads), reset to its
     startup state: nothing loaded, no faults. `lemond_sim_factory` starts private ones."""

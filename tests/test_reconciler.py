@@ -53,6 +53,16 @@ def last_event(name: str) -> SlotEvent:
 
 
 @pytest.mark.django_db
+def test_the_first_poll_reads_lemonds_stats_on_a_freshly_booted_machine(node, settings,
+                                                                       fresh_boot):
+    """Not "5 s after the machine's clock started" (HAL0_STATS_EVERY_S): at once."""
+    settings.HAL0_STATS_EVERY_S = 5.0
+    poll(Reconciler())
+    node.refresh_from_db()
+    assert "cpu_percent" in node.system_stats
+
+
+@pytest.mark.django_db
 def test_first_poll_records_the_node_and_a_quiet_poll_writes_nothing(node):
     reconciler = Reconciler()
     poll(reconciler)
