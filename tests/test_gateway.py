@@ -614,6 +614,8 @@ def test_served_by_manage_py_serve_too(gw_stack, gw_sim, hal0):
     try:
         assert server.post("embeddings", json={"model": "embed", "input": "x"}) \
             .status_code == 200
+        # chat loaded first: the timing below is the stream's, not the on-demand load's
+        assert server.post("chat/completions", json=chat_body()).status_code == 200
         gw_sim.configure(token_delay=0.05)
         start, arrivals = time.monotonic(), []
         with _stream(server) as response:
