@@ -361,3 +361,16 @@ def test_slot_args_are_checked_against_the_nodes_lemond(node, make_slot, version
 def test_a_speech_slot_may_use_flags_only_llama_server_reserves(node, make_slot):
     assert make_slot("ears", capability="stt", model_name="Whisper-Tiny", device="cpu",
                      extra_args="-ngl 1").extra_args == "-ngl 1"
+
+
+def test_a_request_may_name_a_user_model_as_lemond_lists_it(node):
+    from slots.gateway import routes as gateway
+
+    Slot.objects.filter(name="chat").update(model_name="user.My-Model")
+    Slot.objects.filter(name="embed").update(model_name="builtin.nomic-embed-text-v1-GGUF")
+    gateway.invalidate_routes()
+    table = gateway._load_routes()
+    assert table.resolve("My-Model", "chat").name == "chat"
+    assert table.resolve("user.My-Model", "chat").name == "chat"
+    assert table.resolve("nomic-embed-text-v1-GGUF", "embed").name == "embed"
+    assert table.resolve("Other-Model", "chat") is None

@@ -91,6 +91,16 @@ def published_forms(name: str) -> tuple[str, ...]:
     return (name, USER + name)
 
 
+def resolution_forms(name: str) -> tuple[str, ...]:
+    """The model names that `name` may refer to, in lemond's own resolution order: a bare
+    `X` is the user model, else the imported one, else the built-in (canonical_id.h
+    precedence); a prefixed name also answers to its bare form."""
+    for prefix in (USER, EXTRA, BUILTIN):
+        if name.startswith(prefix):
+            return (name, name[len(prefix):])
+    return (name, USER + name, EXTRA + name, BUILTIN + name)
+
+
 def find_published(name: str, published: Iterable[str]) -> str | None:
     """Which of lemond's `published` names is the model hal0 calls `name`, or None."""
     listed = set(published)
@@ -105,5 +115,6 @@ __all__ = [
     "model_name_problem",
     "published_forms",
     "registration_problem",
+    "resolution_forms",
     "validate_model_name",
 ]

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 
+from providers.lemonade.names import resolution_forms
+
 from .. import aliases, runtime, states
 from ..models import Slot
 from . import catalog
@@ -97,6 +99,11 @@ class RouteTable:
         if alias is not None:
             return self.defaults.get(alias)
         candidates = self.by_model.get(model) or self.by_model.get(model.removesuffix(":latest"))
+        if not candidates:
+            # lemond lists a user.X as X and resolves a bare X user > extra > builtin:
+            # a client may use either spelling of the model a slot serves
+            candidates = next((self.by_model[form] for form in resolution_forms(model)
+                               if form in self.by_model), None)
         if candidates:
             return min(candidates, key=lambda r: (r.capability != capability, not r.enabled,
                                                   not r.loaded, not r.is_default, r.name))
