@@ -63,11 +63,11 @@ def test_health_variants_the_simulator_does_not_send():
         {"model_name": "A", "type": "audio", "device": "gpu npu", "last_use": 1732123456.789}]})
     entry = h.loaded[0]
     assert entry.type == "transcription" and entry.device == ("gpu", "npu")
-    assert entry.last_use.year == 2024 and entry.pid is None and entry.pinned is None
+    assert entry.last_use_ms == 1732123456.789 and entry.pid is None and entry.pinned is None
     # integer milliseconds, pipe-joined device, missing fields
     h = parse_health({"all_models_loaded": [{"model_name": "B", "device": "gpu|npu",
                                              "last_use": 1755858000123}]})
-    assert h.loaded[0].device == ("gpu", "npu") and h.loaded[0].last_use.year == 2025
+    assert h.loaded[0].device == ("gpu", "npu") and h.loaded[0].last_use_ms == 1755858000123
     assert h.version == "" and h.status == "ok" and not h.simulated
     # v8 Python server
     h = parse_health({"status": "ok", "checkpoint_loaded": "x/y", "model_loaded": "C"})
@@ -164,9 +164,8 @@ def test_a_worker_thread_call_does_not_need_the_server_loop(sim):
 
 def test_stats_system_and_params(sim):
     client = sync(sim.url)
-    # lemond v10.6.0: nothing loaded is a 200 carrying an error object, no telemetry
-    assert client.stats() == {"error": {"message": "No model loaded",
-                                        "type": "model_not_loaded"}}
+    # lemond v10.6.0: nothing loaded is a 200 carrying an error object: no telemetry
+    assert client.stats() == {}
     client.load({"model_name": "Qwen3-0.6B-GGUF"})
     assert "tokens_per_second" in client.stats()
     assert "memory_gb" in client.system_stats()
@@ -218,3 +217,11 @@ async def test_redirects_and_shapes_via_mock_transport():
 @pytest.fixture
 def dead_port():
     return free_port()
+
+
+async def test_stats_with_nothing_loaded_on_lemond_10_6():
+    """v10.6.0 answers /v1/stats with a 200 carrying an error object while nothing ran."""
+    body = b'{"error": {"message": "No model loaded", "type": "model_not_loaded"}}'
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+    async with LemonadeClient("http://127.0.0.1:1", transport=transport) as client:
+        assert await client.stats() == {}

@@ -25,7 +25,6 @@ import asyncio
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from functools import cache, lru_cache
 from typing import Any
 from urllib.parse import quote
@@ -69,7 +68,6 @@ class LoadedModel:
     # lemond's `last_use` as sent: steady-clock milliseconds (time since the machine
     # booted), meaningful only next to another last_use of the same lemond process.
     last_use_ms: float | None = None
-    last_use: datetime | None = None  # the same read as epoch time (legacy; see Phase B)
     raw: dict = field(default_factory=dict)
 
 
@@ -90,19 +88,6 @@ class Health:
         by_name = {entry.model_name: entry for entry in self.loaded}
         published = find_published(model_name, by_name)
         return by_name[published] if published is not None else None
-
-
-def _parse_last_use(value: Any) -> datetime | None:
-    """lemond's code sends integer ms since the epoch; its docs show float seconds."""
-    number = untrusted.clean_number(value)
-    if not number:
-        return None
-    # 1e11 s is the year 5138, 1e11 ms is 1973: anything above is milliseconds.
-    seconds = number / 1000.0 if number > 1e11 else number
-    try:
-        return datetime.fromtimestamp(seconds, tz=UTC)
-    except (OverflowError, OSError, ValueError):
-        return None
 
 
 def _parse_device(value: Any) -> tuple[str, ...]:
@@ -145,7 +130,6 @@ def _parse_entry(raw: Any) -> LoadedModel | None:
         pinned=raw.get("pinned") if isinstance(raw.get("pinned"), bool) else None,
         status=untrusted.str_or_none(raw.get("status")),
         last_use_ms=float(last_use) if last_use is not None else None,
-        last_use=_parse_last_use(last_use),
         raw=raw,
     )
 
@@ -298,6 +282,13 @@ def _as_dict(data: Any) -> dict:
     return data
 
 
+def _stats(data: Any) -> dict:
+    """`/v1/stats`; {} when lemond has none to give: v10.6.0 answers 200 with
+    `{"error": {"message": "No model loaded", ...}}` while nothing has run."""
+    data = _as_dict(data)
+    return {} if isinstance(data.get("error"), dict) else data
+
+
 class _Routes:
     """Which request each client method makes. Only the routes hal0 calls live here."""
 
@@ -326,7 +317,7 @@ class _Routes:
 
     @staticmethod
     def stats() -> _Call:
-        return _Call("GET", "/v1/stats", parse=_as_dict)
+        return _Call("GET", "/v1/stats", parse=_stats)
 
     @staticmethod
     def system_stats() -> _Call:
