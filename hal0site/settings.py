@@ -7,6 +7,7 @@ shorter than 50 characters.
 """
 
 import os
+import secrets
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -55,8 +56,6 @@ def _demo_secret_key() -> str:
     try:
         return path.read_text().strip()
     except FileNotFoundError:
-        import secrets
-
         VAR_DIR.mkdir(parents=True, exist_ok=True)
         key = secrets.token_urlsafe(50)
         try:
@@ -336,7 +335,8 @@ HAL0_METRICS_FLUSH_S = env_float("HAL0_METRICS_FLUSH_S", 2.0)
 
 
 def _model_aliases() -> dict[str, str]:
-    from slots import aliases  # plain Python: safe to import before apps are loaded
+    # a cycle breaker: settings load before any app; slots.aliases is plain Python
+    from slots import aliases  # noqa: PLC0415
 
     try:
         return aliases.parse(os.environ.get("HAL0_MODEL_ALIASES"))

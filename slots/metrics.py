@@ -336,7 +336,7 @@ def _label(value: Any) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def prometheus_text(serving: ServingTracker, buffer: MetricsBuffer,
+def prometheus_text(serving: ServingTracker, buffer: MetricsBuffer,  # noqa: C901 - one family after another
                     scope: tuple[str, ...] = ()) -> str:
     """Prometheus text exposition (version 0.0.4) for slots, nodes and the gateway (the
     gateway's counters and in-flight counts are this process's). `scope`: a scoped

@@ -269,7 +269,7 @@ class Slot(models.Model):
         if errors:
             raise ValidationError(errors)
 
-    def config_errors(self) -> dict[str, list[str]]:
+    def config_errors(self) -> dict[str, list[str]]:  # noqa: C901 - a flat list of rules
         """Every rule that needs only this slot (clean() adds the one-default rule)."""
         errors: dict[str, list[str]] = {}
 

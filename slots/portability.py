@@ -81,7 +81,7 @@ def _entries(text: str) -> list[dict]:
     return data
 
 
-def plan_import(text: str) -> ImportPlan:
+def plan_import(text: str) -> ImportPlan:  # noqa: C901 - TODO(#11): one check per helper
     """Validate the whole file against the final state and say what would change."""
     entries = _entries(text)
     existing = {s.name: s for s in Slot.objects.select_related("node")}

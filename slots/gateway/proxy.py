@@ -34,6 +34,8 @@ from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.http.multipartparser import MultiPartParserError
 from django.utils import timezone
 
+from providers.lemonade.errors import parse_error_body
+
 from .. import metrics, runtime, tokens
 from ..actions.errors import SlotError, disabled
 from ..actions.lifecycle import do_ensure_loaded
@@ -259,8 +261,6 @@ def _upstream_error_body(content: bytes) -> bytes:
     if isinstance(data, dict) and isinstance(data.get("error"), dict) \
             and "message" in data["error"]:
         return content
-    from providers.lemonade.errors import parse_error_body
-
     message, code, error_type = parse_error_body(content.decode("utf-8", "replace"))
     return json.dumps({"error": {"message": message, "type": error_type or "upstream_error",
                                  "param": None, "code": code}}).encode()
@@ -318,7 +318,7 @@ async def _forward(request, endpoint: str, route: Route, flight: Flight, *, cont
     return HttpResponse(payload, status=response.status_code, content_type=content_type)
 
 
-async def _proxy(request, endpoint: str):
+async def _proxy(request, endpoint: str):  # noqa: C901 - TODO(#11): split validation out
     started = time.perf_counter()
     principal, denied = await _principal(request)
     if denied:

@@ -8,9 +8,15 @@ import contextlib
 import datetime
 import logging
 
+from daphne.access import AccessLogGenerator
+from daphne.endpoints import build_endpoint_description_strings
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
+from twisted.internet import defer, reactor
 
+from hal0site.asgi import application
+from hal0site.bodylimit import LimitedHTTPFactory
+from slots import reconciler
 from slots.actions.config import do_follow_lemonade_url
 from slots.runtime import Runtime
 
@@ -29,22 +35,12 @@ class Command(BaseCommand):
         parser.add_argument("--access-log", action="store_true", help="log every request")
 
     def handle(self, *args, host, port, no_reconciler, access_log, **options):
-        from daphne.access import AccessLogGenerator
-        from daphne.endpoints import build_endpoint_description_strings
-        from twisted.internet import reactor
-
-        from hal0site.asgi import application
-
         if not 0 < port < 65536:
             raise CommandError(f"--port {port} is not a TCP port")
         runtime = Runtime().start()  # this process's executors, counters and buffers
         if moved := do_follow_lemonade_url(actor="serve"):  # hal0.env governs the local node
             log.warning("%s", moved)
         if not no_reconciler:
-            from twisted.internet import defer
-
-            from slots import reconciler
-
             running: dict[str, asyncio.Task] = {}
 
             def start_reconciler():
@@ -71,8 +67,6 @@ class Command(BaseCommand):
         access = AccessLogGenerator(self.stdout) if access_log else None
         # Body caps where Daphne receives the bytes (hal0site.bodylimit): its Server builds
         # the HTTPFactory named in its module.
-        from hal0site.bodylimit import LimitedHTTPFactory
-
         daphne.server.HTTPFactory = LimitedHTTPFactory
         server = daphne.server.Server(
             application=log_cancelled(application, access) if access else application,

@@ -14,6 +14,8 @@ import json
 import sys
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from rich.console import Console
+from rich.table import Table
 
 import providers
 from slots import portability
@@ -62,9 +64,6 @@ class Command(BaseCommand):
         if json:
             self.stdout.write(_dumps([s.as_json() for s in slots]))
             return
-        from rich.console import Console
-        from rich.table import Table
-
         table = Table(box=None, header_style="bold")
         for col in ("name", "capability", "device", "model", "state", "loaded", "node", "flags"):
             table.add_column(col)

@@ -16,6 +16,7 @@ import math
 
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils import timezone
 
 from slots import tokens
 from slots.models import ApiToken, Slot
@@ -101,8 +102,6 @@ class Command(BaseCommand):
 
     @staticmethod
     def _row(token: ApiToken) -> dict:
-        from django.utils import timezone
-
         if token.revoked_at:
             status = "revoked"
         elif token.expires_at and token.expires_at <= timezone.now():
