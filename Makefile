@@ -26,9 +26,10 @@ run: $(VENV)/.installed
 PYTEST_WORKERS ?= 4
 PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
 
-## test: lint + the whole test suite (in parallel; PYTEST_WORKERS=0 runs it in one process)
+## test: lint (ruff; mypy on the actions, views and gateway) + the whole test suite (in parallel; PYTEST_WORKERS=0 runs it in one process)
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest -q $(PYTEST_PARALLEL)
 
 ## test-fast: the in-process tests only (no hal0 processes, no browser): pytest -m "not e2e"
@@ -57,6 +58,7 @@ $(VENV)/.conformance: $(VENV)/.installed pyproject.toml
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 bench: $(VENV)/.installed
 	$(PY) bench/dashboard.py

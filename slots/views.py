@@ -95,14 +95,15 @@ def load_chart(slot: Slot) -> dict:
     if not events:
         return {"bars": [], "rows": []}
     width, height, gap = 300, 80, 2
-    top = max(e["duration_ms"] for e in events) or 1
+    top = max(e["duration_ms"] or 0 for e in events) or 1
     bar = (width - gap * (LOAD_HISTORY - 1)) / LOAD_HISTORY
     bars = []
     for i, event in enumerate(events):
-        h = max(2.0, height * event["duration_ms"] / top)
+        ms = event["duration_ms"] or 0
+        h = max(2.0, height * ms / top)
         bars.append({**event, "x": round(i * (bar + gap), 1), "y": round(height - h, 1),
-                     "w": round(bar, 1), "h": round(h, 1), "s": event["duration_ms"] / 1000})
-    median = sorted(e["duration_ms"] for e in events)[len(events) // 2]
+                     "w": round(bar, 1), "h": round(h, 1), "s": ms / 1000})
+    median = sorted(e["duration_ms"] or 0 for e in events)[len(events) // 2]
     return {"bars": bars, "rows": events[::-1], "width": width, "height": height,
             "max_s": top / 1000, "median_s": median / 1000}
 
@@ -348,7 +349,7 @@ def nodes(request):
     rows = list(Node.objects.annotate(slot_count=Count("slots")).order_by("name"))
     polled_by = leases.holders()
     for row in rows:
-        row.polled_by = polled_by.get(row.name, "")
+        row.polled_by = polled_by.get(row.name, "")  # type: ignore[attr-defined]  # for the template
     status = 400 if request.method == "POST" else 200
     return render(request, "slots/nodes.html", {"nodes": rows, "form": form}, status=status)
 

@@ -89,7 +89,7 @@ async def _send(response: HttpResponse, send, secure: bool = False,
     if response.streaming:
         await send({"type": "http.response.start", "status": response.status_code,
                     "headers": _headers(response)})
-        async with contextlib.aclosing(aiter(response)) as chunks:
+        async with contextlib.aclosing(aiter(response)) as chunks:  # type: ignore[arg-type,var-annotated]
             async for chunk in chunks:
                 if chunk:
                     await send({"type": "http.response.body", "body": chunk,
@@ -124,7 +124,8 @@ async def _call_view(request):
     except DisallowedHost:
         return _error(400, "Invalid Host header.", "bad_host")
     middleware = cors()
-    return await (middleware or _dispatch)(request)
+    # CorsMiddleware is async-capable around an async handler (django-stubs type it sync)
+    return await (middleware or _dispatch)(request)  # type: ignore[misc]
 
 
 async def _respond(request, send, headers: Headers | None) -> None:

@@ -24,6 +24,7 @@ import json
 import logging
 import time
 import weakref
+from typing import Any
 
 import httpx
 from asgiref.sync import sync_to_async
@@ -134,7 +135,7 @@ async def load_for_request(route: Route) -> None:
     future = loads.get(route.pk)
     if future is None or future.done():
         # loads wait minutes on a thread: the runtime's own pool for them
-        run = sync_to_async(_ensure_loaded_in_thread, thread_sensitive=False,
+        run = sync_to_async(_ensure_loaded_in_thread, thread_sensitive=False,  # type: ignore[call-overload]  # any Executor works
                             executor=state.gateway_loads)
         # the load goes on after a client gave up waiting: the dashboard shows it finish
         future = asyncio.ensure_future(run(route.name, settings.HAL0_LEMONADE_LOAD_TIMEOUT))
@@ -188,7 +189,7 @@ class Flight:
         self.done = True
         runtime.current().serving.release(self.route.pk)
         latency_ms = (time.perf_counter() - self.started) * 1000.0
-        usage = metrics.usage_of(payload) if payload and status < 400 else {}
+        usage: dict[str, Any] = metrics.usage_of(payload) if payload and status < 400 else {}
         ttft_ms = self.ttft_ms if self.stream else usage.get("prompt_ms")
         tokens_out, tps = usage.get("tokens_out"), usage.get("tokens_per_s")
         if tps is None and tokens_out and self.stream and ttft_ms is not None \
@@ -321,7 +322,7 @@ async def _forward(request, endpoint: str, route: Route, flight: Flight, *, cont
 async def _proxy(request, endpoint: str):  # noqa: C901 - TODO(#11): split validation out
     started = time.perf_counter()
     principal, denied = await _principal(request)
-    if denied:
+    if principal is None:
         return denied
     capability = ENDPOINTS[endpoint]
     multipart = endpoint in MULTIPART_ENDPOINTS
@@ -347,7 +348,7 @@ async def _proxy(request, endpoint: str):  # noqa: C901 - TODO(#11): split valid
     else:
         raw = request.read()
         data, bad = _json_body(raw)
-        if bad:
+        if bad or data is None:
             return bad
         model = data.get("model")
         if model is not None and not isinstance(model, str):
@@ -395,6 +396,7 @@ async def _proxy(request, endpoint: str):  # noqa: C901 - TODO(#11): split valid
             files = [(name, (f.name, f.read(), f.content_type or "application/octet-stream"))
                      for name, uploads in request.FILES.lists() for f in uploads]
             return await _forward(request, endpoint, route, flight, data=fields, files=files)
+        assert data is not None  # not multipart: the JSON body was read above
         if data.get("model") != route.model_name:
             data["model"] = route.model_name
             raw = json.dumps(data).encode()

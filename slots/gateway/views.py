@@ -49,7 +49,7 @@ async def models(request, model_id: str | None = None):
     if request.method not in ("GET", "HEAD"):
         return openai_error(405, "Use GET for /v1/models.", code="method_not_allowed")
     principal, denied = await _principal(request)
-    if denied:
+    if principal is None:
         return denied
     table = await route_table()
     invalidate_routes()  # a listing is rare and should show fresh states
@@ -81,7 +81,7 @@ async def audio_models(request):
     """The TTS slots this token may use and the OpenAI names that reach them (Open WebUI
     offers these in its TTS model field)."""
     principal, denied = await _principal(request)
-    if denied:
+    if principal is None:
         return denied
     if request.method not in ("GET", "HEAD"):
         return openai_error(405, "Use GET for /v1/audio/models.", code="method_not_allowed")
@@ -119,7 +119,7 @@ async def prometheus(request):
     scope: tuple[str, ...] = ()
     if header[:7].lower() == "bearer ":
         principal, denied = await _principal(request)
-        if denied:
+        if principal is None:
             return denied
         scope = principal.allowed
     else:
@@ -144,7 +144,8 @@ VIEWS: dict[str, View] = {
 }
 
 urlpatterns: list[URLPattern] = [
-    *[path(url[1:], view, name=f"gateway-{url[len(PREFIX):].replace('/', '-')}")
+    # django-stubs type views as sync; Django serves async views as they are
+    *[path(url[1:], view, name=f"gateway-{url[len(PREFIX):].replace('/', '-')}")  # type: ignore[arg-type]
       for url, view in VIEWS.items()],
     path(f"{PREFIX[1:]}{MODELS}/<path:model_id>", models, name="gateway-model"),
     path(METRICS_PATH[1:], prometheus, name="metrics"),
