@@ -341,7 +341,9 @@ def test_disconnect_cancels_the_upstream_request(hal0, gw_sim):
 def test_slot_shows_serving_while_requests_are_in_flight(hal0, gw_sim):
     assert hal0.post("chat/completions", json=chat_body()).status_code == 200
     wait_for(lambda: hal0.state("chat") == "ready")
-    gw_sim.configure(token_delay=0.06)  # ~1 s per stream
+    # Long streams and wide gaps, so a busy CI machine cannot end the first stream before
+    # /metrics is read, nor the last one before "still serving" is checked.
+    gw_sim.configure(token_delay=0.25)  # ~4 s per stream
     done = []
 
     def consume(delay):
@@ -351,20 +353,20 @@ def test_slot_shows_serving_while_requests_are_in_flight(hal0, gw_sim):
                 pass
         done.append(time.monotonic())
 
-    threads = [threading.Thread(target=consume, args=(d,)) for d in (0, 0.3, 0.6)]
+    threads = [threading.Thread(target=consume, args=(d,)) for d in (0, 0.5, 2.0)]
     for thread in threads:
         thread.start()
-    wait_for(lambda: gw_sim.state()["in_flight_requests"] == 3, timeout=3)
+    wait_for(lambda: gw_sim.state()["in_flight_requests"] == 3, timeout=6)
     wait_for(lambda: hal0.state("chat") == "serving")
     metrics = httpx.get(f"{hal0.url}/metrics", headers=hal0.headers()).text
     assert 'hal0_slot_in_flight_requests{slot="chat"} 3' in metrics
     # the first stream ends: two still in flight, the slot keeps serving
-    wait_for(lambda: len(done) == 1, timeout=3)
+    wait_for(lambda: len(done) == 1, timeout=8)
     time.sleep(0.3)  # longer than the serving linger
     assert hal0.state("chat") == "serving"
     for thread in threads:
         thread.join()
-    wait_for(lambda: hal0.state("chat") == "ready", timeout=2)
+    wait_for(lambda: hal0.state("chat") == "ready", timeout=5)
 
 
 def test_serving_is_counted_across_gateway_processes(gw_stack, gw_sim, hal0):
