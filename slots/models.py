@@ -209,6 +209,13 @@ class Slot(models.Model):
         "idle timeout (s)", default=300, help_text="Unload after this long unused; 0 = never."
     )
     enabled = models.BooleanField(default=True)
+    # gateway admission: beyond max_concurrency, requests wait in a queue fair across tokens
+    max_concurrency = models.PositiveIntegerField(
+        "max concurrency", null=True, blank=True,
+        help_text="Requests served at once; more wait in a fair queue. Empty = unlimited.")
+    queue_timeout_s = models.PositiveIntegerField(
+        "queue timeout (s)", default=30,
+        help_text="A queued request waiting longer gets 429 with Retry-After.")
     is_default = models.BooleanField(
         "default for its capability", default=False,
         help_text="Requests naming the capability (e.g. 'embed') go to this slot.",
@@ -381,6 +388,8 @@ class SlotEvent(models.Model):
     ACTIONS = (
         "create", "update", "delete", "load", "unload", "restart", "swap", "pin", "unpin",
         "evicted", "adopted", "restored", "idle-unload", "error", "pull",
+        # a busy state whose owning process died before it finished (settled from lemond)
+        "interrupted",
         # a node's changes, recorded under its name with no slot
         "node-create", "node-update", "node-delete",
     )
@@ -434,6 +443,14 @@ class ApiToken(models.Model):
         help_text="Comma-separated slot names or capabilities (chat, embed, …) that "
                   "GET /v1/models shows to this token; empty = every slot it may use. "
                   "The token may still use the other slots by name.")
+    may_manage = models.BooleanField(
+        "may load and unload", default=False,
+        help_text="May load and unload its slots through POST /models/load and /models/unload.")
+    rpm_limit = models.PositiveIntegerField(
+        "requests per minute", null=True, blank=True, help_text="Empty = unlimited.")
+    tpm_limit = models.PositiveIntegerField(
+        "tokens per minute", null=True, blank=True,
+        help_text="Input + output tokens, counted from usage. Empty = unlimited.")
     expires_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
@@ -486,6 +503,8 @@ class RequestMetric(models.Model):
     tokens_out = models.PositiveIntegerField(null=True, blank=True)
     tokens_per_s = models.FloatField(null=True, blank=True)
     stream = models.BooleanField(default=False)
+    # the API token's name ("" for a staff session), for the Activity page
+    token_name = models.CharField(max_length=64, blank=True)
 
     class Meta:
         ordering = ["-started_at"]
