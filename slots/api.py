@@ -9,7 +9,6 @@ never blocks the rest of the site.
 from __future__ import annotations
 
 import inspect
-import json
 from functools import wraps
 from http import HTTPStatus
 
@@ -32,6 +31,7 @@ from django.views.decorators.http import require_GET, require_POST
 from . import runtime, tokens
 from .actions import lifecycle
 from .actions.errors import SlotError, envelope, get_slot
+from .jsonbody import NotAJsonObject, json_object
 from .models import Node, Slot
 
 
@@ -175,12 +175,9 @@ async def slot_action(request, name: str, action: str):
     body: dict = {}
     if request.content_type == "application/json" and request.body:
         try:
-            body = json.loads(request.body)
-        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-            return error_response("api.bad_json", "The request body is not valid JSON.", 400, name)
-        if not isinstance(body, dict):
-            return error_response("api.bad_json", "The request body must be a JSON object.",
-                                  400, name)
+            body = json_object(request.body)
+        except NotAJsonObject as exc:
+            return error_response("api.bad_json", str(exc), 400, name)
     elif request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
         body = request.POST.dict()  # e.g. an htmx form posting model=...
     # On the runtime's action pool: a load takes minutes and must not hold Django's shared

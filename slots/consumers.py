@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections import deque
 from urllib.parse import parse_qs
@@ -25,6 +24,7 @@ from django.template.loader import render_to_string
 from providers.lemonade import logs as lemond_logs
 
 from . import live, runtime
+from .jsonbody import NotAJsonObject, json_object
 from .models import Node, Slot, can_manage_slots
 
 log = logging.getLogger("hal0.consumers")
@@ -129,10 +129,8 @@ class LogsConsumer(AsyncWebsocketConsumer):
     # browser -> hal0: htmx `ws-send` forms arrive as JSON of their fields
     async def receive(self, text_data=None, bytes_data=None):
         try:
-            data = json.loads(text_data or "{}")
-        except (ValueError, RecursionError):  # garbage, or nesting deep enough to overflow
-            return
-        if not isinstance(data, dict):
+            data = json_object(text_data, empty_ok=True)
+        except NotAJsonObject:  # garbage from a browser: nothing to act on
             return
         if data.get("level") in LEVELS and data["level"] != self.level:
             self.level = data["level"]

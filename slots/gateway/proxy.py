@@ -40,6 +40,7 @@ from providers.lemonade.errors import parse_error_body
 from .. import metrics, runtime, tokens
 from ..actions.errors import SlotError, disabled
 from ..actions.lifecycle import do_ensure_loaded
+from ..jsonbody import NotAJsonObject, json_object
 from ..metrics import RequestSample
 from .endpoints import ENDPOINTS, MULTIPART_ENDPOINTS
 from .routes import Route, invalidate_routes, route_table
@@ -203,16 +204,6 @@ class Flight:
             tokens_per_s=round(tps, 2) if tps is not None else None, stream=self.stream))
 
 
-def _json_body(raw: bytes) -> tuple[dict | None, JsonResponse | None]:
-    try:
-        data = json.loads(raw) if raw else None
-    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-        return None, openai_error(400, "The request body is not valid JSON.")
-    if not isinstance(data, dict):
-        return None, openai_error(400, "The request body must be a JSON object.")
-    return data, None
-
-
 def _carries_data(chunk: bytes) -> bool:
     """False for a chunk of SSE comment lines only (`: ping`, sent by lemond during long
     prefills): they are passed on as they are, but they are not the first token."""
@@ -319,60 +310,89 @@ async def _forward(request, endpoint: str, route: Route, flight: Flight, *, cont
     return HttpResponse(payload, status=response.status_code, content_type=content_type)
 
 
-async def _proxy(request, endpoint: str):  # noqa: C901 - TODO(#11): split validation out
-    started = time.perf_counter()
-    principal, denied = await _principal(request)
-    if principal is None:
-        return denied
+class _Refused(Exception):
+    """A request refused before anything is forwarded; carries the answer to send."""
+
+    def __init__(self, response: HttpResponse):
+        super().__init__(response.status_code)
+        self.response = response
+
+
+def _multipart_model(request, endpoint: str) -> str | None:
+    """The `model` field of a multipart request, after checking its parts."""
+    if not request.content_type.startswith("multipart/form-data"):
+        raise _Refused(openai_error(400, f"/v1/{endpoint} takes multipart/form-data."))
+    try:
+        model = request.POST.get("model")
+        has_file = "file" in request.FILES
+        model_file = "model" in request.FILES
+    except (MultiPartParserError, SuspiciousOperation, RequestDataTooBig) as exc:
+        raise _Refused(openai_error(400, f"The multipart body cannot be read: {exc}")) from None
+    if model_file:
+        # hal0 forwards exactly one `model`, its own: a file part of that name would
+        # travel next to it, and lemond would load whatever it names.
+        raise _Refused(openai_error(
+            400, "`model` must be a form field naming a slot, not a file.", param="model"))
+    if not has_file:  # refused here, before a slot is loaded for nothing
+        raise _Refused(openai_error(
+            400, f"Missing `file`: /v1/{endpoint} takes the audio as a multipart file part "
+                 "named `file`.", param="file"))
+    return model
+
+
+def _json_request(request) -> tuple[str | None, dict, bytes]:
+    """The JSON body's `model`, the body, and its raw bytes."""
+    raw = request.read()
+    try:
+        data = json_object(raw)
+    except NotAJsonObject as exc:
+        raise _Refused(openai_error(400, str(exc))) from None
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _Refused(openai_error(400, "`model` must be a string.", param="model"))
+    return model, data, raw
+
+
+async def _route_for(principal, model: str | None, endpoint: str) -> Route:
+    """The slot a request goes to, checked against the key's scope and the endpoint."""
     capability = ENDPOINTS[endpoint]
-    multipart = endpoint in MULTIPART_ENDPOINTS
-    data: dict | None = None
-    raw = b""
-    if multipart:
-        if not request.content_type.startswith("multipart/form-data"):
-            return openai_error(400, f"/v1/{endpoint} takes multipart/form-data.")
-        try:
-            model = request.POST.get("model")
-            has_file = "file" in request.FILES
-            model_file = "model" in request.FILES
-        except (MultiPartParserError, SuspiciousOperation, RequestDataTooBig) as exc:
-            return openai_error(400, f"The multipart body cannot be read: {exc}")
-        if model_file:
-            # hal0 forwards exactly one `model`, its own: a file part of that name would
-            # travel next to it, and lemond would load whatever it names.
-            return openai_error(400, "`model` must be a form field naming a slot, not a file.",
-                                param="model")
-        if not has_file:  # refused here, before a slot is loaded for nothing
-            return openai_error(400, f"Missing `file`: /v1/{endpoint} takes the audio as a "
-                                     "multipart file part named `file`.", param="file")
-    else:
-        raw = request.read()
-        data, bad = _json_body(raw)
-        if bad or data is None:
-            return bad
-        model = data.get("model")
-        if model is not None and not isinstance(model, str):
-            return openai_error(400, "`model` must be a string.", param="model")
     table = await route_table()
     route = table.resolve(model, capability)
     if route is None:
-        return openai_error(404, f"The model {model!r} does not exist: name a slot, a "
-                                 "capability or a model a slot serves (GET /v1/models).",
-                            code="model_not_found", param="model")
+        raise _Refused(openai_error(
+            404, f"The model {model!r} does not exist: name a slot, a capability or a model "
+                 "a slot serves (GET /v1/models).", code="model_not_found", param="model"))
     named = table.by_name.get(model) if model else None
     if named is not None and not principal.allows_slot(route.name) \
             and principal.allows_slot(named.name):
         route = named  # a key scoped to the seeded `embed` slot still reaches it by name
     if not principal.allows_slot(route.name):
-        return openai_error(403, f"This API key may not use slot {route.name!r}.",
-                            type_="permission_error", code="slot_not_allowed", param="model")
+        raise _Refused(openai_error(
+            403, f"This API key may not use slot {route.name!r}.", type_="permission_error",
+            code="slot_not_allowed", param="model"))
     if route.capability != capability:
-        return openai_error(400, f"Slot {route.name!r} serves {route.capability}; "
-                                 f"/v1/{endpoint} needs a slot of capability {capability}.",
-                            code="model_not_supported", param="model")
+        raise _Refused(openai_error(
+            400, f"Slot {route.name!r} serves {route.capability}; /v1/{endpoint} needs a slot "
+                 f"of capability {capability}.", code="model_not_supported", param="model"))
     if not route.enabled:
-        return _slot_error(disabled(route.name))
+        raise _Refused(_slot_error(disabled(route.name)))
+    return route
 
+
+async def _proxy(request, endpoint: str):
+    started = time.perf_counter()
+    principal, denied = await _principal(request)
+    if principal is None:
+        return denied
+    multipart = endpoint in MULTIPART_ENDPOINTS
+    try:
+        if multipart:
+            model, data, raw = _multipart_model(request, endpoint), None, b""
+        else:
+            model, data, raw = _json_request(request)
+        route = await _route_for(principal, model, endpoint)
+    except _Refused as refused:
+        return refused.response
     flight = Flight(route, endpoint, started, timezone.now())
     runtime.current().metrics.ensure_flusher()
     try:
@@ -388,7 +408,7 @@ async def _proxy(request, endpoint: str):  # noqa: C901 - TODO(#11): split valid
                 return _unavailable(f"Slot {route.name!r} is still loading; try again shortly.",
                                     code="slot_loading")
             route = (await route_table()).by_name.get(route.name, route)
-        if multipart:
+        if data is None:  # multipart
             # lists, not items(): repeated fields such as timestamp_granularities[] keep
             # every value
             fields = dict(request.POST.lists())
@@ -396,7 +416,6 @@ async def _proxy(request, endpoint: str):  # noqa: C901 - TODO(#11): split valid
             files = [(name, (f.name, f.read(), f.content_type or "application/octet-stream"))
                      for name, uploads in request.FILES.lists() for f in uploads]
             return await _forward(request, endpoint, route, flight, data=fields, files=files)
-        assert data is not None  # not multipart: the JSON body was read above
         if data.get("model") != route.model_name:
             data["model"] = route.model_name
             raw = json.dumps(data).encode()
