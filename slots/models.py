@@ -276,50 +276,65 @@ class Slot(models.Model):
         if errors:
             raise ValidationError(errors)
 
-    def config_errors(self) -> dict[str, list[str]]:  # noqa: C901 - a flat list of rules
+    def config_errors(self) -> dict[str, list[str]]:
         """Every rule that needs only this slot (clean() adds the one-default rule)."""
-        errors: dict[str, list[str]] = {}
+        rules = {"name": self._name_problems, "capability": self._capability_problems,
+                 "device": self._device_problems, "model_name": self._model_problems,
+                 "ctx_size": self._ctx_problems, "extra_args": self._args_problems}
+        return {field: problems for field, rule in rules.items() if (problems := rule())}
 
-        def add(field: str, message: str) -> None:
-            errors.setdefault(field, []).append(message)
+    def _name_problems(self) -> list[str]:
+        if SLOT_NAME_RE.match(self.name or ""):
+            return []
+        return ["Slot names are 1-32 characters: lowercase letters, digits, '-' and '_', "
+                "starting with a letter or digit."]
 
-        if not SLOT_NAME_RE.match(self.name or ""):
-            add("name", "Slot names are 1-32 characters: lowercase letters, digits, '-' and "
-                        "'_', starting with a letter or digit.")
-        if self.capability not in Capability.values:
-            add("capability", f"Unknown capability {self.capability!r}; choose one of "
-                              f"{', '.join(Capability.values)}.")
+    def _capability_problems(self) -> list[str]:
+        if self.capability in Capability.values:
+            return []
+        return [f"Unknown capability {self.capability!r}; choose one of "
+                f"{', '.join(Capability.values)}."]
+
+    def _device_problems(self) -> list[str]:
         if self.device not in Device.values:
-            add("device", f"Unknown device {self.device!r}; choose one of "
-                          f"{', '.join(Device.values)}.")
-        elif self.capability in Capability.values and \
+            return [f"Unknown device {self.device!r}; choose one of {', '.join(Device.values)}."]
+        if self.capability in Capability.values and \
                 self.device not in SUPPORTED_DEVICES[self.capability]:
             allowed = ", ".join(d for d in Device.values if d in SUPPORTED_DEVICES[self.capability])
-            add("device", f"A {self.capability} slot cannot run on {self.device}; "
-                          f"supported: {allowed}.")
+            return [f"A {self.capability} slot cannot run on {self.device}; supported: {allowed}."]
+        return []
+
+    def _model_problems(self) -> list[str]:
         if not (self.model_name or "").strip():
-            add("model_name", "A slot needs a model.")
-        elif _CONTROL_RE.search(self.model_name) or " " in self.model_name.strip():
-            add("model_name", "Model names cannot contain spaces or control characters.")
-        elif model_name_problem(self.model_name):  # the client's rule (#14): one path segment
-            add("model_name", model_name_problem(self.model_name))
-        if self.ctx_size is not None and not (CTX_MIN <= self.ctx_size <= CTX_MAX):
-            add("ctx_size", f"Context size must be between {CTX_MIN} and {CTX_MAX:,} "
-                            "(or empty for lemond's default).")
+            return ["A slot needs a model."]
+        if _CONTROL_RE.search(self.model_name) or " " in self.model_name.strip():
+            return ["Model names cannot contain spaces or control characters."]
+        problem = model_name_problem(self.model_name)  # the client's rule (#14): one segment
+        return [problem] if problem else []
+
+    def _ctx_problems(self) -> list[str]:
+        if self.ctx_size is None:
+            return []
+        if not (CTX_MIN <= self.ctx_size <= CTX_MAX):
+            return [f"Context size must be between {CTX_MIN} and {CTX_MAX:,} (or empty for "
+                    "lemond's default)."]
         # only llama.cpp and FastFlowLM take a context size; kokoro takes no args at all
-        ctx_capable = self.capability in ("chat", "embed", "rerank") or self.device == "npu"
-        if self.ctx_size is not None and not ctx_capable and "ctx_size" not in errors:
-            add("ctx_size", f"A {self.capability} slot has no context size; leave it empty.")
+        if self.capability in ("chat", "embed", "rerank") or self.device == "npu":
+            return []
+        return [f"A {self.capability} slot has no context size; leave it empty."]
+
+    def _args_problems(self) -> list[str]:
+        problems = []
         if self.capability == Capability.TTS and (self.extra_args or "").strip():
-            add("extra_args", "Text-to-speech (kokoro) takes no extra args; leave it empty.")
-        try:
-            if self.capability in Capability.values and self.device in Device.values:
+            problems.append("Text-to-speech (kokoro) takes no extra args; leave it empty.")
+        if self.capability in Capability.values and self.device in Device.values:
+            try:
                 validate_extra_args(
                     self.extra_args or "", recipe=recipe_for(self.capability, self.device),
                     lemond_version=self.node.version if self.node_id else "")
-        except ValidationError as exc:
-            errors.setdefault("extra_args", []).extend(exc.messages)
-        return errors
+            except ValidationError as exc:
+                problems.extend(exc.messages)
+        return problems
 
     # --- what lemond sees ----------------------------------------------------------
     @property

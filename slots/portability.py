@@ -81,7 +81,7 @@ def _entries(text: str) -> list[dict]:
     return data
 
 
-def plan_import(text: str) -> ImportPlan:  # noqa: C901 - TODO(#11): one check per helper
+def plan_import(text: str) -> ImportPlan:
     """Validate the whole file against the final state and say what would change."""
     entries = _entries(text)
     existing = {s.name: s for s in Slot.objects.select_related("node")}
@@ -93,49 +93,62 @@ def plan_import(text: str) -> ImportPlan:  # noqa: C901 - TODO(#11): one check p
     plan = ImportPlan()
     final: dict[str, Slot] = dict(existing)
     seen: set[str] = set()
-    allowed = config.SLOT_FIELDS
     for i, entry in enumerate(entries):
         name = entry["name"]
         where = f"slots[{i}] ({name!r})"
         if name in seen:
             raise ImportProblem(f"{where}.name: slot {name!r} appears twice in the file")
         seen.add(name)
-        unknown = unknown_keys(entry, allowed)
-        if unknown:
-            raise ImportProblem(f"{where}.{unknown[0]}: unknown field "
-                                f"(allowed: {', '.join(sorted(allowed))})")
-        values = dict(entry)
-        node_name = values.pop("node", None)
-        if node_name is not None:
-            if not isinstance(node_name, str) or node_name not in nodes:
-                raise ImportProblem(f"{where}.node: no node named {node_name!r}")
-            values["node"] = nodes[node_name]
         current = existing.get(name)
-        if current is None:
-            missing = [f for f in ("capability", "device", "model_name") if f not in values]
-            if missing:
-                raise ImportProblem(f"{where}.{missing[0]}: required for a new slot")
-            values.setdefault("node", nodes.get(Node.LOCAL) or Node.local())
-            candidate = Slot(**values)
-        else:
-            candidate = Slot(**{f: getattr(current, f) for f in Slot.DESIRED_FIELDS},
-                             node=current.node, pk=current.pk)
-            for key, value in values.items():
-                setattr(candidate, key, value)
+        candidate = _candidate(entry, current, nodes, where)
         _check(candidate, where)
         final[name] = candidate
-        if current is None:
-            plan.creates.append({k: getattr(candidate, k) for k in Slot.DESIRED_FIELDS}
-                                | {"node": candidate.node})
-        else:
-            changes = {k: getattr(candidate, k) for k in Slot.DESIRED_FIELDS
-                       if getattr(candidate, k) != getattr(current, k)}
-            if candidate.node_id != current.node_id:
-                changes["node"] = candidate.node
-            if changes:
-                plan.updates.append((current, changes))
-            else:
-                plan.unchanged.append(name)
+        _plan_entry(plan, name, candidate, current)
+    _check_defaults(final)
+    return plan
+
+
+def _candidate(entry: dict, current: Slot | None, nodes: dict[str, Node], where: str) -> Slot:
+    """The slot an entry describes: a new one, or the current one with the entry applied."""
+    if unknown := unknown_keys(entry, config.SLOT_FIELDS):
+        raise ImportProblem(f"{where}.{unknown[0]}: unknown field "
+                            f"(allowed: {', '.join(sorted(config.SLOT_FIELDS))})")
+    values = dict(entry)
+    node_name = values.pop("node", None)
+    if node_name is not None:
+        if not isinstance(node_name, str) or node_name not in nodes:
+            raise ImportProblem(f"{where}.node: no node named {node_name!r}")
+        values["node"] = nodes[node_name]
+    if current is None:
+        missing = [f for f in ("capability", "device", "model_name") if f not in values]
+        if missing:
+            raise ImportProblem(f"{where}.{missing[0]}: required for a new slot")
+        values.setdefault("node", nodes.get(Node.LOCAL) or Node.local())
+        return Slot(**values)
+    candidate = Slot(**{f: getattr(current, f) for f in Slot.DESIRED_FIELDS},
+                     node=current.node, pk=current.pk)
+    for key, value in values.items():
+        setattr(candidate, key, value)
+    return candidate
+
+
+def _plan_entry(plan: ImportPlan, name: str, candidate: Slot, current: Slot | None) -> None:
+    if current is None:
+        plan.creates.append({k: getattr(candidate, k) for k in Slot.DESIRED_FIELDS}
+                            | {"node": candidate.node})
+        return
+    changes = {k: getattr(candidate, k) for k in Slot.DESIRED_FIELDS
+               if getattr(candidate, k) != getattr(current, k)}
+    if candidate.node_id != current.node_id:
+        changes["node"] = candidate.node
+    if changes:
+        plan.updates.append((current, changes))
+    else:
+        plan.unchanged.append(name)
+
+
+def _check_defaults(final: dict[str, Slot]) -> None:
+    """At most one default slot per capability, in the state the import would leave."""
     defaults: dict[str, str] = {}
     for name, slot in sorted(final.items()):
         if slot.is_default:
@@ -144,7 +157,6 @@ def plan_import(text: str) -> ImportPlan:  # noqa: C901 - TODO(#11): one check p
                     f"is_default: both {defaults[slot.capability]!r} and {name!r} would be the "
                     f"default {slot.capability} slot (at most one per capability)")
             defaults[slot.capability] = name
-    return plan
 
 
 def _check(candidate: Slot, where: str) -> None:
