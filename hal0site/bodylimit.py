@@ -17,24 +17,19 @@ from __future__ import annotations
 import json
 
 from daphne.http_protocol import HTTPFactory, WebRequest
-from django.conf import settings
 
-MB = 1024 * 1024
-UPLOAD_PATHS = frozenset({b"/v1/audio/transcriptions"})
+from slots.gateway.endpoints import body_cap, too_large_message
 
 
 def cap_for(path: bytes) -> int:
     """The largest body (bytes) a request to `path` may carry."""
-    if path.split(b"?", 1)[0] in UPLOAD_PATHS:
-        return int(settings.HAL0_MAX_UPLOAD_MB * MB)
-    return int(settings.HAL0_MAX_BODY_MB * MB)
+    return body_cap(path.split(b"?", 1)[0].decode("latin1"))
 
 
 def _too_large(cap: int) -> bytes:
     body = json.dumps({"error": {
         "code": "request.too_large", "type": "invalid_request_error", "param": None,
-        "message": f"The request body is larger than {cap // MB} MB, the most hal0 accepts "
-                   "here (HAL0_MAX_BODY_MB, HAL0_MAX_UPLOAD_MB for transcriptions)."}}).encode()
+        "message": too_large_message(cap)}}).encode()
     return (b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
             b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
             + body)

@@ -5,6 +5,7 @@ receives (the simulator does not echo request bodies); the gateway talks real HT
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import threading
@@ -139,3 +140,94 @@ def test_a_response_that_fails_to_send_still_ends(monkeypatch, failure):
         assert status == 500 and json.loads(content)["error"]["code"] == "internal_error"
     else:
         assert status == 200 and content == b"data: one\n\n"
+
+
+# --- bodies: the token before the body, the cap under any ASGI server -------------------------
+
+def _scope(path: str, headers: dict) -> dict:
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+            "root_path": "", "query_string": b"", "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 8000),
+            "headers": [(b"host", b"127.0.0.1")]
+            + [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+
+
+async def _call_endless(path: str, headers: dict, chunk: bytes = b""):
+    """A client that sends its headers, then either nothing more (`chunk` empty: its body
+    never comes) or `chunk` after `chunk` forever. Returns (status, error, receives)."""
+    sent: list[dict] = []
+    receives = [0]
+
+    async def receive():
+        receives[0] += 1
+        if not chunk:
+            await asyncio.sleep(3600)  # the body never arrives
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    # a hang is the failure this guards against: the old fast path waited for the body
+    await asyncio.wait_for(gateway_asgi.serve(_scope(path, headers), receive, send), 10)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    content = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], json.loads(content)["error"], receives[0]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("authorization", [None, "Bearer not-a-token", "Basic YTpi"])
+def test_an_unauthenticated_body_is_never_read(authorization):
+    """#14 Medium 2: a chunked POST without a valid token whose body never ends is answered
+    401 from its headers; the body is not read at all (not even its first chunk)."""
+    headers = {"Content-Type": "application/json", "Transfer-Encoding": "chunked"}
+    if authorization:
+        headers["Authorization"] = authorization
+    for path in ("/v1/chat/completions", "/v1/audio/transcriptions", "/v1/models",
+                 "/v1/nothing/here"):
+        status, error, receives = async_to_sync(_call_endless)(path, headers)
+        assert status in (401, 405), (path, status)  # /v1/models takes GET: 405 unread
+        assert receives == 0, path
+        if path != "/v1/models":
+            assert (status, error["code"]) == (401, "invalid_api_key"), path
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_body_past_the_cap_is_413_under_any_asgi_server(settings):
+    """Outside `serve`'s Daphne (uvicorn, hypercorn, …) the fast path bounds the body by
+    the same caps: a declared length over it is refused unread, a chunked body as soon as
+    it passes it, in OpenAI's error shape."""
+    settings.HAL0_MAX_BODY_MB = 0.0625  # 64 KiB
+    raw = tokens.create_token("t")[1]
+    auth = {"Authorization": f"Bearer {raw}", "Content-Type": "application/json"}
+    status, error, receives = async_to_sync(_call_endless)(
+        "/v1/chat/completions", {**auth, "Content-Length": str(1_500_000_000)})
+    assert (status, error["code"], receives) == (413, "request.too_large", 0)
+    assert "HAL0_MAX_BODY_MB" in error["message"] and error["type"] == "invalid_request_error"
+    status, error, receives = async_to_sync(_call_endless)(
+        "/v1/embeddings", {**auth, "Transfer-Encoding": "chunked"}, chunk=b"x" * 4096)
+    assert (status, error["code"]) == (413, "request.too_large")
+    assert receives == 64 // 4 + 1  # read one chunk past the cap, then no more
+    # uploads have their own, larger cap
+    settings.HAL0_MAX_UPLOAD_MB = 0.125
+    status, error, receives = async_to_sync(_call_endless)(
+        "/v1/audio/transcriptions", {**auth, "Transfer-Encoding": "chunked"}, chunk=b"x" * 4096)
+    assert (status, receives) == (413, 128 // 4 + 1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_gateway_view_reads_at_most_the_cap_through_django_too(settings, client):
+    """Through Django's own handler (runserver, or Django's ASGI app without the fast path)
+    the gateway's `request.read()` used to take any body whole, past
+    DATA_UPLOAD_MAX_MEMORY_SIZE: it is bounded by the same cap."""
+    settings.HAL0_MAX_BODY_MB = 0.0625
+    settings.HAL0_MAX_UPLOAD_MB = 0.0625
+    raw = tokens.create_token("t")[1]
+    body = json.dumps({"model": "chat", "messages": [], "pad": "x" * 70_000})
+    response = client.post("/v1/chat/completions", body, content_type="application/json",
+                           headers={"Authorization": f"Bearer {raw}"})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request.too_large"
+    audio = client.post("/v1/audio/transcriptions", {"model": "stt", "file": io.BytesIO(
+        b"\0" * 70_000)}, headers={"Authorization": f"Bearer {raw}"})
+    assert audio.status_code == 413 and audio.json()["error"]["code"] == "request.too_large"

@@ -12,7 +12,13 @@ upstream request) when the client disconnects.
 
 `hal0site/asgi.py` wires it: `"http": wrap(django_asgi_app, headers=gateway_headers)`.
 Everything that is not a gateway path goes to Django unchanged; `/metrics` stays in
-Django (it accepts a session login). Responses get the security headers Django's
+Django (it accepts a session login).
+
+Every gateway view needs a bearer token, so a request without a valid one is answered
+(401, by its view) from its headers alone: its body is never read. Other bodies are read
+up to the path's cap (`endpoints.body_cap`: HAL0_MAX_BODY_MB, HAL0_MAX_UPLOAD_MB for
+uploads) and answered 413 as soon as they pass it, under any ASGI server. (Under `serve`,
+Daphne has refused an oversized body before this runs: hal0site.bodylimit.) Responses get the security headers Django's
 middleware would have added (`headers(secure)`, passed in by the site); there is no
 http->https redirect here: a client that sent its token over plain http has already sent
 it.
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import tempfile
 from collections.abc import Callable, Iterable
@@ -33,9 +40,10 @@ from django.core.exceptions import DisallowedHost, RequestDataTooBig
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpResponse
 
+from .. import tokens
 from . import views
-from .endpoints import MODELS, MODELS_PREFIX, PREFIX, handles
-from .proxy import internal_error, openai_error
+from .endpoints import MODELS, MODELS_PREFIX, PREFIX, body_cap, handles, too_large_message
+from .proxy import bearer_token, internal_error, openai_error
 
 log = logging.getLogger("hal0.gateway")
 
@@ -54,19 +62,55 @@ class _Disconnected(Exception):
     pass
 
 
-async def _read_body(receive) -> tempfile.SpooledTemporaryFile:
+class _TooLarge(Exception):
+    def __init__(self, cap: int):
+        super().__init__(cap)
+        self.cap = cap
+
+
+def _header(scope, name: bytes) -> str:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin1")
+    return ""
+
+
+async def _read_body(scope, receive) -> tempfile.SpooledTemporaryFile:
+    """The request body, at most the path's cap: a declared length over it is refused
+    before anything is read, a chunked body as soon as it grows past it (`_TooLarge`)."""
+    cap = body_cap(scope["path"])
+    declared = _header(scope, b"content-length")
+    if declared.strip().isdigit() and int(declared) > cap:
+        raise _TooLarge(cap)
     body = tempfile.SpooledTemporaryFile(max_size=settings.FILE_UPLOAD_MAX_MEMORY_SIZE,
                                          mode="w+b")
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             body.close()
             raise _Disconnected
-        body.write(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > cap:
+            body.close()
+            raise _TooLarge(cap)
+        body.write(chunk)
         if not message.get("more_body", False):
             break
     body.seek(0)
     return body
+
+
+async def _without_a_token(scope) -> bool:
+    """True when the request carries no valid bearer token (every gateway view needs one).
+    A cache hit never leaves the event loop; the view checks the token again (and notes
+    its use)."""
+    try:
+        principal, _ = await tokens.averify(bearer_token(_header(scope, b"authorization")))
+    except Exception:  # the database, on a cache miss: the view fails and says so
+        return True
+    return principal is None
 
 
 async def _listen_for_disconnect(receive) -> None:
@@ -134,15 +178,24 @@ async def _respond(request, send, headers: Headers | None) -> None:
 
 async def serve(scope, receive, send, headers: Headers | None = None) -> None:
     """Serve one gateway request (an ASGI application for the gateway's paths)."""
-    try:
-        body = await _read_body(receive)
-    except _Disconnected:
+    if await _without_a_token(scope):
+        # its view answers 401 (405, or a CORS preflight) from the headers: the body,
+        # however large or slow, is never read
+        request = await _request(scope, io.BytesIO(), send, headers)
+        if request is not None:
+            await _run(request, send, headers)
         return
     try:
-        try:
-            request = ASGIRequest(scope, body)
-        except (UnicodeDecodeError, RequestDataTooBig):
-            await _send(_error(400, "Bad request.", "bad_request"), send, headers=headers)
+        body = await _read_body(scope, receive)
+    except _Disconnected:
+        return
+    except _TooLarge as exc:
+        await _send(_error(413, too_large_message(exc.cap), "request.too_large"), send,
+                    headers=headers)
+        return
+    try:
+        request = await _request(scope, body, send, headers)
+        if request is None:
             return
         if "CONTENT_LENGTH" not in request.META:
             # A chunked upload (Open WebUI's recordings) has no Content-Length, and Django's
@@ -150,38 +203,54 @@ async def serve(scope, receive, send, headers: Headers | None = None) -> None:
             # read by now, so its length is known.
             request.META["CONTENT_LENGTH"] = str(body.seek(0, 2))
             body.seek(0)
-        started = []
-
-        async def tracked_send(message):
-            if message["type"] == "http.response.start":
-                started.append(True)
-            await send(message)
-
-        # Like Django's handler: a client that goes away cancels the view or the stream,
-        # and with it the upstream request to lemond.
-        work = asyncio.ensure_future(_respond(request, tracked_send, headers))
-        watch = asyncio.ensure_future(_listen_for_disconnect(receive))
-        try:
-            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (work, watch):
-                if not task.done():
-                    task.cancel()
-            results = await asyncio.gather(work, watch, return_exceptions=True)
-        error = results[0]
-        if isinstance(error, Exception) and not isinstance(error, asyncio.CancelledError):
-            log.error("gateway request failed: %s", request.path_info, exc_info=error)
-            # A view or its response failed. Finish the response, or the client waits for
-            # its own timeout: Daphne answers only for an app that raises itself, and has
-            # no request timeout here.
-            with contextlib.suppress(Exception):
-                if not started:
-                    await _send(internal_error(), send, headers=headers)
-                else:
-                    await send({"type": "http.response.body", "body": b"",
-                                "more_body": False})
+        await _run(request, send, headers, receive)
     finally:
         body.close()
+
+
+async def _request(scope, body, send, headers: Headers | None) -> ASGIRequest | None:
+    """Django's request for the scope, or None after answering 400 for a broken one."""
+    try:
+        return ASGIRequest(scope, body)
+    except (UnicodeDecodeError, RequestDataTooBig):
+        await _send(_error(400, "Bad request.", "bad_request"), send, headers=headers)
+        return None
+
+
+async def _run(request, send, headers: Headers | None, receive=None) -> None:
+    """Run the view and send its response. With `receive` (the body has been read), a
+    client that goes away cancels the view or the stream, and with it the upstream
+    request to lemond, like Django's handler."""
+    started = []
+
+    async def tracked_send(message):
+        if message["type"] == "http.response.start":
+            started.append(True)
+        await send(message)
+
+    work = asyncio.ensure_future(_respond(request, tracked_send, headers))
+    tasks = [work]
+    if receive is not None:
+        tasks.append(asyncio.ensure_future(_listen_for_disconnect(receive)))
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    error = results[0]
+    if isinstance(error, Exception) and not isinstance(error, asyncio.CancelledError):
+        log.error("gateway request failed: %s", request.path_info, exc_info=error)
+        # A view or its response failed. Finish the response, or the client waits for
+        # its own timeout: Daphne answers only for an app that raises itself, and has
+        # no request timeout here.
+        with contextlib.suppress(Exception):
+            if not started:
+                await _send(internal_error(), send, headers=headers)
+            else:
+                await send({"type": "http.response.body", "body": b"",
+                            "more_body": False})
 
 
 def wrap(django_app, *, headers: Headers | None = None):

@@ -42,7 +42,7 @@ from ..actions.errors import SlotError, disabled
 from ..actions.lifecycle import do_ensure_loaded
 from ..jsonbody import NotAJsonObject, json_object
 from ..metrics import RequestSample
-from .endpoints import ENDPOINTS, MULTIPART_ENDPOINTS
+from .endpoints import ENDPOINTS, MULTIPART_ENDPOINTS, body_cap, too_large_message
 from .routes import Route, invalidate_routes, route_table
 
 log = logging.getLogger("hal0.gateway")
@@ -151,9 +151,13 @@ async def load_for_request(route: Route) -> None:
 
 # --- auth --------------------------------------------------------------------------------------
 
+def bearer_token(header: str) -> str:
+    """The token in an `Authorization: Bearer <token>` header ('' if none)."""
+    return header[7:].strip() if header[:7].lower() == "bearer " else ""
+
+
 async def _principal(request) -> tuple[tokens.Principal | None, JsonResponse | None]:
-    header = request.headers.get("Authorization", "")
-    raw = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    raw = bearer_token(request.headers.get("Authorization", ""))
     principal, why = await tokens.averify(raw, runtime.current().token_stamps)
     if principal is not None:
         return principal, None
@@ -318,10 +322,39 @@ class _Refused(Exception):
         self.response = response
 
 
+def _too_large(cap: int) -> _Refused:
+    return _Refused(openai_error(413, too_large_message(cap), code="request.too_large"))
+
+
+def _refuse_declared_too_large(request) -> int:
+    """Refuse (413) a body whose declared length is over the path's cap, before any of it
+    is read or parsed; returns the cap."""
+    cap = body_cap(request.path_info)
+    declared = str(request.META.get("CONTENT_LENGTH") or "").strip()
+    if declared.isdigit() and int(declared) > cap:
+        raise _too_large(cap)
+    return cap
+
+
+def _read_capped(request) -> bytes:
+    """The body, read at most one byte past the path's cap. `request.read()` bypasses
+    Django's DATA_UPLOAD_MAX_MEMORY_SIZE, and outside `serve` (runserver, another ASGI
+    server in front of Django's handler) nothing else bounds what it takes in."""
+    cap = _refuse_declared_too_large(request)
+    raw = bytearray()
+    while len(raw) <= cap:
+        chunk = request.read(min(1 << 20, cap + 1 - len(raw)))
+        if not chunk:
+            return bytes(raw)
+        raw += chunk
+    raise _too_large(cap)
+
+
 def _multipart_model(request, endpoint: str) -> str | None:
     """The `model` field of a multipart request, after checking its parts."""
     if not request.content_type.startswith("multipart/form-data"):
         raise _Refused(openai_error(400, f"/v1/{endpoint} takes multipart/form-data."))
+    _refuse_declared_too_large(request)
     try:
         model = request.POST.get("model")
         has_file = "file" in request.FILES
@@ -342,7 +375,7 @@ def _multipart_model(request, endpoint: str) -> str | None:
 
 def _json_request(request) -> tuple[str | None, dict, bytes]:
     """The JSON body's `model`, the body, and its raw bytes."""
-    raw = request.read()
+    raw = _read_capped(request)
     try:
         data = json_object(raw)
     except NotAJsonObject as exc:
