@@ -358,11 +358,13 @@ async def test_polls_slowly_without_a_dashboard_and_fast_while_one_is_connected(
         assert (await comm.connect())[0]
         try:
             assert runtime.current().live.viewers() == 1
-            fast = await polls_during(rec, node.pk, 1.0)
+            fast = await polls_during(rec, node.pk, 1.5)
         finally:
             await comm.disconnect()
-        # every 0.05 s (plus the poll itself): ~10-16 in 1 s; the idle rate would give <= 3
-        assert fast >= 6, (slow, fast)
+        # every 0.05 s (plus the poll itself): ~15-24 in 1.5 s on a quiet machine, fewer on a
+        # loaded one; the idle rate would give <= 4. Compared as rates, so a busy CI machine
+        # slowing both polls does not fail it.
+        assert fast >= 5 and fast / 1.5 >= 2 * slow / 2.0, (slow, fast)
 
         # the dashboard closed: back to the idle period
         assert runtime.current().live.viewers() == 0
@@ -413,6 +415,8 @@ async def test_failed_restores_are_retried_with_growing_spacing(node, sim, setti
     # backoff 0.3 s, doubling: attempts are scheduled no sooner than 0.3, 0.6, 1.2 s apart
     # (a start measured from the row is late by the claim's few ms, hence 0.8 x), and not
     # much later than that at the active poll rate
+    # The lower bounds are what shows the spacing grows; a strict gaps[0] < gaps[1] would
+    # also compare the poll's jitter (up to a few hundred ms on a loaded machine).
     for gap, wait in zip(gaps, (0.3, 0.6, 1.2), strict=True):
         assert 0.8 * wait <= gap <= wait + 1.5, (gaps, wait)
-    assert gaps[0] < gaps[1] < gaps[2], gaps
+    assert gaps[2] > gaps[0], gaps
