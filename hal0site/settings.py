@@ -170,6 +170,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
+# several hal0 installs (or test runs) may share one Redis: channel names and the gateway's
+# rate-limit windows start with this
+HAL0_REDIS_PREFIX = os.environ.get("HAL0_REDIS_PREFIX", "asgi")
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
@@ -178,8 +181,7 @@ if REDIS_URL:
             # consumer blocks in BZPOPMIN waiting for a message: an idle dashboard socket
             # then died with "Timeout reading from redis" (1011). Read longer than that.
             "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
-                       # several hal0 installs (or test runs) may share one Redis
-                       "prefix": os.environ.get("HAL0_REDIS_PREFIX", "asgi")},
+                       "prefix": HAL0_REDIS_PREFIX},
         }
     }
 else:

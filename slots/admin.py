@@ -10,7 +10,7 @@ from django.utils.html import format_html
 from . import tokens
 from .actions import config, lifecycle
 from .actions.errors import SlotError
-from .forms import NodeForm
+from .forms import NodeForm, QueueTimeoutOptional
 from .models import ApiToken, Node, Slot, SlotEvent
 
 
@@ -49,12 +49,14 @@ STATE_COLOURS = {
 
 @admin.register(Slot)
 class SlotAdmin(admin.ModelAdmin):
+    form = QueueTimeoutOptional
     list_display = ("name", "capability", "device", "model_name", "state_badge", "node",
                     "is_default", "pinned", "keep_loaded", "enabled")
     list_filter = ("capability", "device", "state", "node", "enabled", "pinned")
     search_fields = ("name", "model_name", "loaded_model")
     fields = ("name", "capability", "device", "model_name", "ctx_size", "extra_args", "node",
-              "pinned", "keep_loaded", "idle_timeout_s", "enabled", "is_default")
+              "pinned", "keep_loaded", "idle_timeout_s", "enabled", "is_default",
+              "max_concurrency", "queue_timeout_s")
     readonly_fields = ()
     actions = ["load_selected", "unload_selected"]
 
@@ -135,7 +137,7 @@ class SlotEventAdmin(admin.ModelAdmin):
 class ApiTokenForm(forms.ModelForm):
     class Meta:
         model = ApiToken
-        fields = ["name", "slots", "listed", "expires_at"]
+        fields = ["name", "slots", "listed", "rpm_limit", "tpm_limit", "expires_at"]
 
     def clean_slots(self):
         value = tokens.parse_slots(self.cleaned_data.get("slots", ""))
@@ -152,17 +154,17 @@ class ApiTokenAdmin(admin.ModelAdmin):
     """Adding a token generates it and shows it once; only its hash is stored."""
 
     form = ApiTokenForm
-    list_display = ("name", "prefix", "slots", "listed", "status", "expires_at", "last_used_at",
-                    "created_at", "created_by")
+    list_display = ("name", "prefix", "slots", "listed", "rpm_limit", "tpm_limit", "status",
+                    "expires_at", "last_used_at", "created_at", "created_by")
     search_fields = ("name", "prefix")
     readonly_fields = ("prefix", "created_at", "last_used_at", "revoked_at", "created_by")
     actions = ["revoke_selected"]
 
     def get_fields(self, request, obj=None):
         if obj is None:
-            return ["name", "slots", "listed", "expires_at"]
-        return ["name", "prefix", "slots", "listed", "expires_at", "created_at", "created_by",
-                "last_used_at", "revoked_at"]
+            return ["name", "slots", "listed", "rpm_limit", "tpm_limit", "expires_at"]
+        return ["name", "prefix", "slots", "listed", "rpm_limit", "tpm_limit", "expires_at",
+                "created_at", "created_by", "last_used_at", "revoked_at"]
 
     @admin.display(description="status")
     def status(self, token):
@@ -175,6 +177,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
     def save_model(self, request, obj, form, change):
         if not change:
             row, raw = tokens.create_token(obj.name, slots=obj.slots, listed=obj.listed,
+                                           rpm_limit=obj.rpm_limit, tpm_limit=obj.tpm_limit,
                                            expires_at=obj.expires_at,
                                            created_by=request.user.get_username())
             obj.pk = row.pk

@@ -145,7 +145,8 @@ def slot_detail(request, name: str):
         slot = get_slot(name)
     except SlotError as exc:
         return JsonResponse(exc.envelope(), status=exc.http_status)
-    return JsonResponse(slot.as_json())
+    queue = runtime.current().admission.stats(slot.pk, slot.max_concurrency)
+    return JsonResponse({**slot.as_json(), "queue": queue})  # this process's fair queue
 
 
 def _run_action(action: str, name: str, body: dict, actor) -> tuple[dict, int]:

@@ -19,7 +19,21 @@ from .models import ApiToken, Node, Slot, can_manage_slots, unknown_slots_or_cap
 FIELDS = [*Slot.DESIRED_FIELDS, "node"]
 
 
-class SlotForm(forms.ModelForm):
+class QueueTimeoutOptional(forms.ModelForm):
+    """`queue_timeout_s` may be left out or empty (forms and scripts written before it
+    existed): the slot keeps its current value, 30 s for a new one."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if "queue_timeout_s" in self.fields:
+            self.fields["queue_timeout_s"].required = False
+
+    def clean_queue_timeout_s(self):
+        value = self.cleaned_data.get("queue_timeout_s")
+        return self.instance.queue_timeout_s if value is None else value
+
+
+class SlotForm(QueueTimeoutOptional):
     class Meta:
         model = Slot
         fields = FIELDS
@@ -81,6 +95,14 @@ class TokenForm(forms.Form):
         help_text="What its model list (GET /v1/models) shows: slot names or capabilities, "
                   "e.g. chat for Open WebUI's model picker; empty = every slot it may use. "
                   "It may still use the others by name.")
+    rpm_limit = forms.IntegerField(
+        required=False, min_value=1, max_value=2**31 - 1, label="Requests per minute",
+        help_text="Past it the gateway answers 429 (OpenAI's rate_limit_exceeded). "
+                  "Empty = unlimited.")
+    tpm_limit = forms.IntegerField(
+        required=False, min_value=1, max_value=2**31 - 1, label="Tokens per minute",
+        help_text="Input + output tokens, counted from each response's usage. "
+                  "Empty = unlimited.")
     expires_days = forms.IntegerField(
         required=False, min_value=1, max_value=3650, label="Expires after (days)",
         help_text="Empty = never expires.")

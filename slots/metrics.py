@@ -29,6 +29,7 @@ from django.db import connection
 from django.utils import timezone
 
 from . import tokens
+from .admission import WAIT_BUCKETS, Admission
 from .models import Node, RequestMetric, Slot, State
 from .serving import ServingTracker, lease_ttl
 
@@ -337,7 +338,7 @@ def _label(value: Any) -> str:
 
 
 def prometheus_text(serving: ServingTracker, buffer: MetricsBuffer,  # noqa: C901 - one family after another
-                    scope: tuple[str, ...] = ()) -> str:
+                    scope: tuple[str, ...] = (), admission: Admission | None = None) -> str:
     """Prometheus text exposition (version 0.0.4) for slots, nodes and the gateway (the
     gateway's counters and in-flight counts are this process's). `scope`: a scoped
     token's slot names; it sees only those slots, their nodes and their gateway numbers
@@ -372,6 +373,8 @@ def prometheus_text(serving: ServingTracker, buffer: MetricsBuffer,  # noqa: C90
     for s in slots:
         out.append(f'hal0_slot_in_flight_requests{{slot="{_label(s.name)}"}} '
                    f'{serving.count(s)}')
+    if admission is not None:
+        _queue_families(family, out, slots, admission)
     family("hal0_slot_last_load_seconds", "gauge", "How long the slot's last load took.")
     for s in slots:
         if s.last_load_ms is not None:
@@ -423,3 +426,37 @@ def prometheus_text(serving: ServingTracker, buffer: MetricsBuffer,  # noqa: C90
     family("hal0_gateway_metrics_written_total", "counter", "Request metrics written.")
     out.append(f"hal0_gateway_metrics_written_total {counters.written}")
     return "\n".join(out) + "\n"
+
+
+def _queue_families(family: Callable[[str, str, str], None], out: list[str], slots: list[Slot],
+                    admission: Admission) -> None:
+    """The slots' fair queues in this process (slots.admission): depth and waits."""
+    family("hal0_slot_queue_depth", "gauge",
+           "Gateway requests waiting for a place on the slot in this process "
+           "(slots with max_concurrency).")
+    gates = [(s, admission.gates.get(s.pk)) for s in slots]
+    for s, gate in gates:
+        if s.max_concurrency is not None or gate is not None:
+            out.append(f'hal0_slot_queue_depth{{slot="{_label(s.name)}"}} '
+                       f'{gate.depth if gate is not None else 0}')
+    family("hal0_slot_queue_wait_seconds", "histogram",
+           "How long gateway requests waited for a place on the slot (0 when one was free).")
+    for s, gate in gates:
+        if gate is None:
+            continue
+        cumulative = 0
+        for bound, count in zip((*WAIT_BUCKETS, math.inf), gate.wait_buckets, strict=True):
+            cumulative += count
+            le = "+Inf" if bound == math.inf else repr(bound)
+            out.append(f'hal0_slot_queue_wait_seconds_bucket{{slot="{_label(s.name)}",'
+                       f'le="{le}"}} {cumulative}')
+        out.append(f'hal0_slot_queue_wait_seconds_sum{{slot="{_label(s.name)}"}} '
+                   f'{gate.wait_sum:.6f}')
+        out.append(f'hal0_slot_queue_wait_seconds_count{{slot="{_label(s.name)}"}} '
+                   f'{gate.wait_count}')
+    family("hal0_slot_queue_timeouts_total", "counter",
+           "Gateway requests that waited past the slot's queue_timeout_s (answered 429).")
+    for s, gate in gates:
+        if gate is not None:
+            out.append(f'hal0_slot_queue_timeouts_total{{slot="{_label(s.name)}"}} '
+                       f'{gate.timed_out}')

@@ -242,7 +242,8 @@ class Slot(models.Model):
 
     DESIRED_FIELDS = (
         "name", "capability", "device", "model_name", "ctx_size", "extra_args", "pinned",
-        "keep_loaded", "idle_timeout_s", "enabled", "is_default",
+        "keep_loaded", "idle_timeout_s", "enabled", "is_default", "max_concurrency",
+        "queue_timeout_s",
     )
 
     class Meta:
@@ -280,7 +281,9 @@ class Slot(models.Model):
         """Every rule that needs only this slot (clean() adds the one-default rule)."""
         rules = {"name": self._name_problems, "capability": self._capability_problems,
                  "device": self._device_problems, "model_name": self._model_problems,
-                 "ctx_size": self._ctx_problems, "extra_args": self._args_problems}
+                 "ctx_size": self._ctx_problems, "extra_args": self._args_problems,
+                 "max_concurrency": self._concurrency_problems,
+                 "queue_timeout_s": self._queue_timeout_problems}
         return {field: problems for field, rule in rules.items() if (problems := rule())}
 
     def _name_problems(self) -> list[str]:
@@ -322,6 +325,16 @@ class Slot(models.Model):
         if self.capability in ("chat", "embed", "rerank") or self.device == "npu":
             return []
         return [f"A {self.capability} slot has no context size; leave it empty."]
+
+    def _concurrency_problems(self) -> list[str]:
+        if self.max_concurrency is None or 1 <= self.max_concurrency <= 10_000:
+            return []
+        return ["Max concurrency is 1 to 10000 (empty = unlimited)."]
+
+    def _queue_timeout_problems(self) -> list[str]:
+        if self.queue_timeout_s is None or 0 <= self.queue_timeout_s <= 3600:
+            return []
+        return ["The queue timeout is 0 to 3600 seconds (0 = never wait)."]
 
     def _args_problems(self) -> list[str]:
         problems = []
@@ -493,9 +506,15 @@ class ApiToken(models.Model):
         return [s.strip() for s in self.listed.split(",") if s.strip()]
 
     def clean(self):
+        errors: dict[str, str] = {}
         if unknown := unknown_slots_or_capabilities(self.listed_names):
-            raise ValidationError({"listed": f"No slot or capability named "
-                                             f"{', '.join(map(repr, unknown))}."})
+            errors["listed"] = f"No slot or capability named {', '.join(map(repr, unknown))}."
+        for field in ("rpm_limit", "tpm_limit"):
+            # 0 would refuse every request: a token that may do nothing is a revoked one
+            if getattr(self, field) == 0:
+                errors[field] = "A limit is at least 1 (leave it empty for unlimited)."
+        if errors:
+            raise ValidationError(errors)
 
 
 def unknown_slots_or_capabilities(names: list[str]) -> list[str]:

@@ -13,7 +13,9 @@
 * the metrics buffer and its writer (`slots.metrics`), and tokens' last-used stamps;
 * the live pages' side (`slots.live`): the websockets' loop, viewers, pushes in flight;
 * the model downloads running on the event loop (`slots.actions.pulls`) and the loads
-  gateway requests share (`slots.gateway`).
+  gateway requests share (`slots.gateway`);
+* the gateway's per-token rate-limit windows (`slots.ratelimits`) and per-slot fair
+  queues (`slots.admission`).
 
 Everything else at module level in `slots` is a constant or a cache documented as one.
 A process that never built a runtime (a management command, the admin under `runserver`)
@@ -36,7 +38,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections, connection
 
-from . import live, metrics, tokens
+from . import admission, live, metrics, ratelimits, tokens
 from .actions.errors import SlotError
 from .serving import ServingTracker
 
@@ -143,6 +145,10 @@ class Runtime:
         self.pulls: dict[tuple[int, str], asyncio.Task] = {}
         # slot pk -> the load gateway requests for it wait on (one per slot per process)
         self.gateway_loads_running: dict[int, asyncio.Future] = {}
+        # per-token request/token windows (Redis when REDIS_URL is set) and per-slot queues
+        self.rate_limits = ratelimits.RateLimits(
+            settings.REDIS_URL, key_prefix=f"{settings.HAL0_REDIS_PREFIX}:hal0")
+        self.admission = admission.Admission(self.live)
         self.stopped = False
 
     # --- lifetime ------------------------------------------------------------------------

@@ -46,6 +46,13 @@ class Principal:
     allowed: tuple[str, ...]
     expires_at: datetime | None
     listed: tuple[str, ...] = ()  # slot names or capabilities GET /v1/models shows
+    rpm_limit: int | None = None  # requests per minute (None: unlimited)
+    tpm_limit: int | None = None  # input + output tokens per minute (None: unlimited)
+
+    @property
+    def limited(self) -> bool:
+        """Whether the gateway counts this token's requests (slots.ratelimits)."""
+        return bool(self.rpm_limit or self.tpm_limit)
 
     def allows_slot(self, slot_name: str) -> bool:
         return not self.allowed or slot_name in self.allowed
@@ -115,7 +122,8 @@ def parse_slots(value: str | list[str] | tuple[str, ...] | None) -> str:
 
 
 def create_token(name: str, *, slots: str | list[str] | None = None,
-                 listed: str | list[str] | None = None,
+                 listed: str | list[str] | None = None, rpm_limit: int | None = None,
+                 tpm_limit: int | None = None,
                  expires_days: float | None = None, expires_at: datetime | None = None,
                  created_by: str = "") -> tuple[ApiToken, str]:
     """Create a token; returns (row, raw token). The raw token is not stored anywhere."""
@@ -124,6 +132,7 @@ def create_token(name: str, *, slots: str | list[str] | None = None,
         expires_at = timezone.now() + timedelta(days=expires_days)
     token = ApiToken(name=name, prefix=raw[: len(PREFIX) + 6], key_hash=hash_token(raw),
                      slots=parse_slots(slots), listed=parse_slots(listed),
+                     rpm_limit=rpm_limit, tpm_limit=tpm_limit,
                      expires_at=expires_at, created_by=created_by)
     token.full_clean()
     token.save()
@@ -143,7 +152,8 @@ def revoke_token(name: str) -> ApiToken:
 
 def _principal(token: ApiToken) -> Principal:
     return Principal(id=token.pk, name=token.name, allowed=tuple(token.allowed_slots),
-                     expires_at=token.expires_at, listed=tuple(token.listed_names))
+                     expires_at=token.expires_at, listed=tuple(token.listed_names),
+                     rpm_limit=token.rpm_limit, tpm_limit=token.tpm_limit)
 
 
 def _lookup(key_hash: str) -> Principal | None:

@@ -407,6 +407,7 @@ def token_list(request):
         row, raw = tokens.create_token(
             form.cleaned_data["name"], slots=form.cleaned_data["slots"],
             listed=form.cleaned_data["listed"], expires_days=form.cleaned_data["expires_days"],
+            rpm_limit=form.cleaned_data["rpm_limit"], tpm_limit=form.cleaned_data["tpm_limit"],
             created_by=request.user.get_username())
         created = {"name": row.name, "token": raw}
         form = TokenForm()

@@ -229,6 +229,37 @@ def test_serving_holds_while_another_serve_streams(cluster):
 
 
 @scaleout
+def test_a_tokens_rate_limits_hold_across_both_serves_on_redis(cluster):
+    """The windows live in Redis: requests on A and B count against one limit, and tokens
+    charged by a response on A refuse the next request on B."""
+    a, b, stack = cluster["a"], cluster["b"], cluster["stack"]
+    body = {"model": "chat", "messages": [{"role": "user", "content": "Say hello."}],
+            "max_tokens": 4}
+
+    def post(url: str, token: str) -> httpx.Response:
+        return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {token}"})
+
+    rpm = stack.manage("tokens", "create", "three-a-minute", "--rpm", "3").stdout.strip()
+    answers = [post(a, rpm), post(b, rpm), post(a, rpm)]
+    assert [r.status_code for r in answers] == [200, 200, 200], answers[-1].text
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in answers] == ["2", "1", "0"]
+    refused = post(b, rpm)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.headers["x-ratelimit-limit-requests"] == "3"
+
+    tpm = stack.manage("tokens", "create", "one-token-a-minute", "--tpm", "1").stdout.strip()
+    first = post(a, tpm)
+    assert first.status_code == 200 and first.headers["x-ratelimit-remaining-tokens"] == "1"
+    # A charges Redis right after its response: B soon refuses for tokens
+    wait_for(lambda: post(b, tpm).status_code == 429, timeout=10)
+    error = post(b, tpm).json()["error"]
+    assert error["code"] == "rate_limit_exceeded" and error["type"] == "tokens"
+
+
+@scaleout
 def test_one_reconciler_polls_a_node_and_another_takes_over_within_15_s(cluster):
     stack, sim, a = cluster["stack"], cluster["sim"], cluster["a"]
     first = cluster["reconciler"]  # on "box-1"

@@ -61,6 +61,8 @@ def form_value(field: str) -> st.SearchStrategy[str]:
         "extra_args": st.sampled_from(["", "--threads 4", "-m x", "--ctx-size=9", "'open",
                                        "--temp 0.7", "a\nb", "x" * 1200]),
         "idle_timeout_s": st.integers(-5, 10**20).map(str),
+        "max_concurrency": st.just("") | st.integers(-2, 20_000).map(str),
+        "queue_timeout_s": st.just("") | st.integers(-5, 10**6).map(str),
         "node": st.sampled_from(["", "NODE", "999999", "local"]),
         **{f: st.sampled_from(["on", "", "true", "false", "0"]) for f in BOOL_FIELDS},
     }[field]
@@ -86,6 +88,8 @@ def good_slot(draw) -> dict:
         "ctx_size": draw(st.sampled_from([None, 4096, 128]) if ctx_ok else st.none()),
         "extra_args": "" if capability == "tts" else draw(st.sampled_from(["", "--threads 4"])),
         "idle_timeout_s": draw(st.integers(0, 3600)),
+        "max_concurrency": draw(st.sampled_from([None, 1, 4])),
+        "queue_timeout_s": draw(st.integers(0, 3600)),
         **{f: draw(st.booleans()) for f in ("pinned", "keep_loaded", "enabled")},
         "is_default": False,
     }
@@ -196,6 +200,8 @@ def import_value(field: str) -> st.SearchStrategy:
         "ctx_size": st.none() | st.integers(0, 2_000_000),
         "extra_args": st.sampled_from(["", "--threads 4", "-c 4096", "'open", "--temp 0.7"]),
         "idle_timeout_s": st.integers(-1, 10**6),
+        "max_concurrency": st.none() | st.integers(-1, 20_000),
+        "queue_timeout_s": st.integers(-1, 10**6),
         "node": st.sampled_from(["local", "nowhere"]),
         **{f: st.booleans() for f in BOOL_FIELDS},
     }[field]

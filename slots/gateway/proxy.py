@@ -24,6 +24,7 @@ import json
 import logging
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -40,8 +41,10 @@ from providers.lemonade.errors import parse_error_body
 from .. import metrics, runtime, tokens
 from ..actions.errors import SlotError, disabled
 from ..actions.lifecycle import do_ensure_loaded
+from ..admission import Gate
 from ..jsonbody import NotAJsonObject, json_object
 from ..metrics import RequestSample
+from . import limits
 from .endpoints import ENDPOINTS, MULTIPART_ENDPOINTS, body_cap, too_large_message
 from .routes import Route, invalidate_routes, route_table
 
@@ -176,9 +179,11 @@ async def _principal(request) -> tuple[tokens.Principal | None, JsonResponse | N
 class Flight:
     """One request in flight for a slot: counted as serving until `finish()`."""
 
-    __slots__ = ("done", "endpoint", "route", "started", "started_at", "stream", "ttft_ms")
+    __slots__ = ("charge", "done", "endpoint", "gate", "granted_at", "route", "started",
+                 "started_at", "stream", "ttft_ms")
 
-    def __init__(self, route: Route, endpoint: str, started: float, started_at):
+    def __init__(self, route: Route, endpoint: str, started: float, started_at,
+                 charge: Callable[[int], None] | None = None):
         self.route = route
         self.endpoint = endpoint
         self.started = started
@@ -186,6 +191,11 @@ class Flight:
         self.stream = False
         self.ttft_ms: float | None = None
         self.done = False
+        # a limited token's tokens-per-minute window, charged with the response's usage
+        self.charge = charge
+        # the slot's queue place this request holds until its response ends (admission)
+        self.gate: Gate | None = None
+        self.granted_at = 0.0
         runtime.current().serving.acquire(route.pk)
 
     def finish(self, status: int, payload: bytes = b"") -> None:
@@ -193,8 +203,12 @@ class Flight:
             return
         self.done = True
         runtime.current().serving.release(self.route.pk)
+        if self.gate is not None:
+            self.gate.leave(self.granted_at)
         latency_ms = (time.perf_counter() - self.started) * 1000.0
         usage: dict[str, Any] = metrics.usage_of(payload) if payload and status < 400 else {}
+        if self.charge is not None and usage:
+            self.charge((usage.get("tokens_in") or 0) + (usage.get("tokens_out") or 0))
         ttft_ms = self.ttft_ms if self.stream else usage.get("prompt_ms")
         tokens_out, tps = usage.get("tokens_out"), usage.get("tokens_per_s")
         if tps is None and tokens_out and self.stream and ttft_ms is not None \
@@ -417,6 +431,18 @@ async def _proxy(request, endpoint: str):
     principal, denied = await _principal(request)
     if principal is None:
         return denied
+    if not principal.limited:  # no limits: nothing counted, no headers
+        return await _serve(request, endpoint, principal, started)
+    verdict, refused = await limits.admit(principal)
+    if refused is not None:
+        return refused
+    response = await _serve(request, endpoint, principal, started,
+                            limits.token_charger(principal))
+    return limits.stamp(response, verdict)
+
+
+async def _serve(request, endpoint: str, principal: tokens.Principal, started: float,
+                 charge: Callable[[int], None] | None = None):
     multipart = endpoint in MULTIPART_ENDPOINTS
     try:
         if multipart:
@@ -426,7 +452,7 @@ async def _proxy(request, endpoint: str):
         route = await _route_for(principal, model, endpoint)
     except _Refused as refused:
         return refused.response
-    flight = Flight(route, endpoint, started, timezone.now())
+    flight = Flight(route, endpoint, started, timezone.now(), charge)
     runtime.current().metrics.ensure_flusher()
     try:
         if not route.serves_its_model or runtime.current().serving.is_idle_unloading(route.pk):
@@ -441,6 +467,12 @@ async def _proxy(request, endpoint: str):
                 return _unavailable(f"Slot {route.name!r} is still loading; try again shortly.",
                                     code="slot_loading")
             route = (await route_table()).by_name.get(route.name, route)
+        if route.max_concurrency is not None:
+            place = await limits.wait_for_place(route, principal)
+            if isinstance(place, HttpResponse):
+                flight.finish(place.status_code)
+                return place
+            flight.gate, flight.granted_at = place
         if data is None:  # multipart
             # lists, not items(): repeated fields such as timestamp_granularities[] keep
             # every value

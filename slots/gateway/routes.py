@@ -40,6 +40,8 @@ class Route:
     device: str = ""
     context_length: int | None = None
     created: int = 0  # the slot's creation time (unix seconds): stable for clients
+    max_concurrency: int | None = None  # None: no queue (slots.admission)
+    queue_timeout_s: int = 30
 
     def upstream_url(self, endpoint: str) -> str:
         """lemond's URL for a gateway endpoint: `/v1/rerank` goes to the rerank route the
@@ -133,7 +135,8 @@ def _load_routes() -> RouteTable:
             upstream=node.base_url.rstrip("/") + caps.api_prefix + "/v1",
             api_key=node.api_key, rerank_route=caps.rerank_route,
             device=slot.device, created=int(slot.created_at.timestamp()),
-            context_length=catalog.context_length(slot.ctx_size, slot.lemond_entry)))
+            context_length=catalog.context_length(slot.ctx_size, slot.lemond_entry),
+            max_concurrency=slot.max_concurrency, queue_timeout_s=slot.queue_timeout_s))
     return RouteTable.build(routes)
 
 

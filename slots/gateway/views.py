@@ -130,7 +130,8 @@ async def prometheus(request):
             response["WWW-Authenticate"] = 'Bearer realm="hal0"'
             return response
     state = runtime.current()
-    text = await state.run_db(metrics.prometheus_text, state.serving, state.metrics, scope)
+    text = await state.run_db(metrics.prometheus_text, state.serving, state.metrics, scope,
+                              state.admission)
     return HttpResponse(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
 

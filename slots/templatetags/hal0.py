@@ -4,7 +4,15 @@ from django import template
 from django.utils import timezone
 from django.utils.timesince import timesince
 
+from slots import runtime
+
 register = template.Library()
+
+
+@register.simple_tag
+def slot_queue(slot) -> dict:
+    """The slot's fair queue in this process (slots.admission), for its card."""
+    return runtime.current().admission.stats(slot.pk, slot.max_concurrency) or {}
 
 
 @register.filter

@@ -1,6 +1,6 @@
 """`manage.py tokens`: API tokens for the OpenAI gateway and the JSON API.
 
-    tokens create NAME [--slots a,b] [--list chat] [--expires-days N]
+    tokens create NAME [--slots a,b] [--list chat] [--rpm N] [--tpm N] [--expires-days N]
                                                           prints the token once, on stdout
     tokens list [--json]
     tokens revoke NAME
@@ -36,6 +36,10 @@ class Command(BaseCommand):
         p.add_argument("--list", dest="listed", default="", metavar="SLOTS_OR_CAPABILITIES",
                        help="what GET /v1/models shows it, e.g. `chat` for a model picker "
                             "(default: every slot it may use; it may still use the others)")
+        p.add_argument("--rpm", default=None, metavar="N",
+                       help="at most N requests per minute (default: unlimited)")
+        p.add_argument("--tpm", default=None, metavar="N",
+                       help="at most N input + output tokens per minute (default: unlimited)")
         p.add_argument("--expires-days", type=float, default=None,
                        help="expire after N days (default: never)")
         p = sub.add_parser("list", help="every token (never the token itself)",
@@ -47,7 +51,9 @@ class Command(BaseCommand):
     def handle(self, *args, subcommand: str, **options):
         return getattr(self, f"do_{subcommand}")(**options)
 
-    def do_create(self, name: str, slots: str, listed: str, expires_days: float | None, **_):
+    def do_create(self, name: str, slots: str, listed: str, expires_days: float | None,
+                  rpm: str | None = None, tpm: str | None = None, **_):
+        rpm_limit, tpm_limit = _limit("--rpm", rpm), _limit("--tpm", tpm)
         wanted = tokens.parse_slots(slots)
         if wanted:
             known = set(Slot.objects.values_list("name", flat=True))
@@ -63,6 +69,7 @@ class Command(BaseCommand):
                                "another name)")
         try:
             token, raw = tokens.create_token(name, slots=wanted, listed=listed,
+                                             rpm_limit=rpm_limit, tpm_limit=tpm_limit,
                                              expires_days=expires_days, created_by="cli")
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from None
@@ -70,6 +77,10 @@ class Command(BaseCommand):
         scope = token.slots or "all slots"
         if token.listed:
             scope += f", listing {token.listed}"
+        if token.rpm_limit:
+            scope += f", {token.rpm_limit} requests/min"
+        if token.tpm_limit:
+            scope += f", {token.tpm_limit} tokens/min"
         until = token.expires_at.isoformat(timespec="minutes") if token.expires_at else "never"
         self.stderr.write(f"created token {token.name!r} for {scope}, expires {until}. "
                           "It is shown only now: store it somewhere safe.")
@@ -82,9 +93,11 @@ class Command(BaseCommand):
         if not rows:
             self.stdout.write("no tokens (create one: manage.py tokens create NAME)")
             return
-        header = ("NAME", "PREFIX", "SLOTS", "LISTS", "STATUS", "EXPIRES", "LAST USED")
+        header = ("NAME", "PREFIX", "SLOTS", "LISTS", "RPM", "TPM", "STATUS", "EXPIRES",
+                  "LAST USED")
         table = [header] + [(r["name"], r["prefix"] + "…", r["slots"] or "all",
-                             r["listed"] or "all", r["status"],
+                             r["listed"] or "all", r["rpm_limit"] or "-", r["tpm_limit"] or "-",
+                             r["status"],
                              r["expires_at"] or "never", r["last_used_at"] or "never")
                             for r in rows]
         widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
@@ -113,10 +126,25 @@ class Command(BaseCommand):
             return value.isoformat(timespec="seconds") if value else None
 
         return {"name": token.name, "prefix": token.prefix, "slots": token.slots,
-                "listed": token.listed,
+                "listed": token.listed, "rpm_limit": token.rpm_limit,
+                "tpm_limit": token.tpm_limit,
                 "status": status, "expires_at": stamp(token.expires_at),
                 "created_at": stamp(token.created_at), "last_used_at": stamp(token.last_used_at),
                 "created_by": token.created_by}
+
+
+def _limit(option: str, value: str | None) -> int | None:
+    """A per-minute limit from the command line: a whole number from 1 (None: unlimited)."""
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not 1 <= number <= 2**31 - 1:
+        raise CommandError(f"{option} must be a whole number of at least 1 (got {value!r}); "
+                           "leave it out for unlimited")
+    return number
 
 
 def _dumps(data) -> str:
