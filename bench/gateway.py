@@ -11,6 +11,8 @@ chat completion
 * directly to the simulator (model = the lemond model),
 * through hal0 (model = "chat": token check, routing, model substitution, serving count,
   metrics),
+* through hal0 with limits set but never reached (**hal0-limited**: a token with rpm and
+  tpm limits, to the slot "chat2" with `max_concurrency`, same simulator cost),
 * through the passthrough,
 
 `--requests` times per target at each concurrency, interleaved in rounds so that noise
@@ -19,7 +21,12 @@ percentile. Then, with the simulator answering its first token after 50 ms, it m
 the time to the first streamed byte direct and through hal0 (and the passthrough). Last,
 with the simulator streaming 2000-word answers as fast as it can (no token delay), it
 measures the **relay rate**: streamed bytes per second of wall time over 8 streams at once,
-in `--rounds` rounds, per target (hal0's relay against the passthrough's).
+in `--rounds` rounds, per target (hal0's relay against the passthrough's). Then the **SSE
+chunk rate**: one stream at a time from an upstream emitting about 2000 SSE chunks per
+second (token delay 0.5 ms), events per second as the client receives them. Last, **queue
+fairness**: on the slot "chatq" (`max_concurrency` 1, a 50 ms answer), token A sends 20
+requests at once and token B one request once A's are queued; B's wait is reported in
+service times (the target: at most 2, not 20).
 Prints a Markdown report (the "Gateway" section of docs/benchmarks.md) and optionally JSON.
 """
 
@@ -47,9 +54,18 @@ from tests.harness import free_port  # noqa: E402
 from tests.sim_fixtures import start_simulator  # noqa: E402
 
 MODEL = "Qwen3-4B-Instruct-2507-GGUF"  # the seeded chat slot's model
-# hal0 = `manage.py serve` as hal0site/asgi.py wires it; hal0-asgi = the same project served
-# by Daphne through slots.gateway.asgi (the gateway's fast path in front of Django).
-TARGETS = ("direct", "hal0", "hal0-asgi", "passthrough")
+# hal0 = `manage.py serve`; hal0-limited = the same process, a token with rpm/tpm limits
+# and a slot with max_concurrency, none of them reached
+TARGETS = ("direct", "hal0", "hal0-limited", "passthrough")
+# the extra slots: "chat2" for hal0-limited (another model: the simulator keeps both
+# loaded), "chatq" for the fairness run
+EXTRA_SLOTS = [
+    {"name": "chat2", "capability": "chat", "device": "cpu", "model_name": "Qwen3-0.6B-GGUF",
+     "max_concurrency": 10_000, "queue_timeout_s": 60, "idle_timeout_s": 0},
+    {"name": "chatq", "capability": "chat", "device": "cpu", "model_name": "Qwen3-1.7B-GGUF",
+     "max_concurrency": 1, "queue_timeout_s": 120, "idle_timeout_s": 0},
+]
+UNREACHABLE = str(10**9)  # rpm / tpm limits the benchmark never reaches
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -80,21 +96,28 @@ class Stack:
         self.sim = None
 
     def __enter__(self) -> Stack:
-        self.sim = start_simulator(load_delay=0.1, ttft=0.0, token_delay=0.001)
+        self.sim = start_simulator(load_delay=0.1, ttft=0.0, token_delay=0.001,
+                                   max_loaded_models=-1)
         env = {**os.environ, "HAL0_VAR_DIR": str(self.tmp), "HAL0_LEMONADE_URL": self.sim.url,
                "DJANGO_SETTINGS_MODULE": "hal0site.settings", "PYTHONUNBUFFERED": "1",
                "HAL0_LOG_LEVEL": "WARNING"}
         python = sys.executable
         subprocess.run([python, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
-        self.token = subprocess.run(
-            [python, "manage.py", "tokens", "create", "bench"], cwd=ROOT, env=env, check=True,
-            capture_output=True, text=True).stdout.strip()
-        self.ports = {"hal0": free_port(), "hal0-asgi": free_port(), "passthrough": free_port()}
+
+        def manage(*args: str) -> str:
+            return subprocess.run([python, "manage.py", *args], cwd=ROOT, env=env, check=True,
+                                  capture_output=True, text=True).stdout.strip()
+
+        slots_file = self.tmp / "slots.json"
+        slots_file.write_text(json.dumps({"slots": EXTRA_SLOTS}))
+        manage("slots", "import", str(slots_file))
+        self.token = manage("tokens", "create", "bench")
+        self.token_b = manage("tokens", "create", "bench-b")
+        self.limited_token = manage("tokens", "create", "bench-limited", "--rpm", UNREACHABLE,
+                                    "--tpm", UNREACHABLE)
+        self.ports = {"hal0": free_port(), "passthrough": free_port()}
         self._start([python, "manage.py", "serve", "--port", str(self.ports["hal0"]),
                      "--no-reconciler"], env, "hal0")
-        self._start([python, "-m", "daphne", "-b", "127.0.0.1", "-p",
-                     str(self.ports["hal0-asgi"]), "hal0site.asgi:application"],
-                    env, "hal0-asgi")
         self._start([python, "-m", "daphne", "-b", "127.0.0.1", "-p",
                      str(self.ports["passthrough"]), "bench.passthrough:app"],
                     {**env, "PASSTHROUGH_UPSTREAM": self.sim.url}, "passthrough")
@@ -124,8 +147,11 @@ class Stack:
         """(base URL, headers, model) for a target."""
         if name == "direct":
             return self.sim.url, {}, MODEL
+        if name == "hal0-limited":
+            return (f"http://127.0.0.1:{self.ports['hal0']}",
+                    {"Authorization": f"Bearer {self.limited_token}"}, "chat2")
         url = f"http://127.0.0.1:{self.ports[name]}"
-        if name.startswith("hal0"):
+        if name == "hal0":
             return url, {"Authorization": f"Bearer {self.token}"}, "chat"
         return url, {}, MODEL
 
@@ -193,6 +219,54 @@ async def relay(client: httpx.AsyncClient, url: str, headers: dict, model: str,
     return total / (time.perf_counter() - start)
 
 
+async def sse_rate(client: httpx.AsyncClient, url: str, headers: dict, model: str) -> float:
+    """SSE events per second of one stream, as the client receives them."""
+    body = {"model": model, "stream": True,
+            "messages": [{"role": "user", "content": "Count to two thousand."}]}
+    events = 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body,
+                             headers=headers) as response:
+        response.raise_for_status()
+        start = time.perf_counter()
+        async for chunk in response.aiter_raw():
+            events += chunk.count(b"data: ")
+    return events / (time.perf_counter() - start)
+
+
+async def fairness(stack: Stack, burst: int = 20) -> dict:
+    """Token A sends `burst` requests at once to "chatq" (max_concurrency 1), token B one
+    request once A's are queued: B's wait in service times."""
+    url = f"http://127.0.0.1:{stack.ports['hal0']}"
+    body = {"model": "chatq", "max_tokens": 4,
+            "messages": [{"role": "user", "content": "Say hello."}]}
+    a = {"Authorization": f"Bearer {stack.token}"}
+    b = {"Authorization": f"Bearer {stack.token_b}"}
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=120, limits=limits, trust_env=False) as client:
+        async def one(headers: dict) -> float:
+            start = time.perf_counter()
+            response = await client.post(f"{url}/v1/chat/completions", json=body,
+                                         headers=headers)
+            response.raise_for_status()
+            return time.perf_counter() - start
+
+        await one(a)  # loaded
+        service = statistics.median([await one(a) for _ in range(10)])
+        results = []
+        for _ in range(3):
+            burst_tasks = [asyncio.ensure_future(one(a)) for _ in range(burst)]
+            while True:  # until A's burst waits in the queue (the slot's JSON says so)
+                queue = (await client.get(f"{url}/api/slots/chatq/", headers=a)).json()["queue"]
+                if queue["depth"] >= burst - 1:
+                    break
+                await asyncio.sleep(0.005)
+            lone = await one(b)
+            burst_times = await asyncio.gather(*burst_tasks)
+            results.append({"lone_s": lone, "waited_services": max(0.0, lone - service) / service,
+                            "burst_last_s": max(burst_times)})
+    return {"service_s": service, "burst": burst, "runs": results}
+
+
 async def bench(stack: Stack, requests: int, levels: list[int], stream_requests: int,
                 rounds: int) -> dict:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
@@ -236,6 +310,17 @@ async def bench(stack: Stack, requests: int, levels: list[int], stream_requests:
                 rates[name].append(await relay(clients[name], url, headers, model, 8, 8))
         results["relay"] = {name: {"rounds": len(v), "median_bytes_per_s": statistics.median(v)}
                             for name, v in rates.items()}
+        stack.sim.configure(ttft=0.0, token_delay=0.0005, reply_length=2000)
+        events: dict[str, list[float]] = {name: [] for name in TARGETS}
+        for round_no in range(rounds):
+            shift = round_no % len(TARGETS)
+            for name in TARGETS[shift:] + TARGETS[:shift]:
+                url, headers, model = stack.target(name)
+                events[name].append(await sse_rate(clients[name], url, headers, model))
+        results["sse"] = {name: {"rounds": len(v), "median_events_per_s": statistics.median(v)}
+                          for name, v in events.items()}
+        stack.sim.configure(ttft=0.05, token_delay=0.001, reply_length=0)
+        results["fairness"] = await fairness(stack)
     finally:
         for client in clients.values():
             await client.aclose()
@@ -258,12 +343,15 @@ def report(results: dict, requests: int) -> str:
         lines.append("")
         base = added["passthrough"]
         row["added"], row["ratios"] = added, {}
-        for name in ("hal0", "hal0-asgi"):
+        for name in ("hal0", "hal0-limited"):
             ratios = tuple(a / b if b > 0 else float("inf")
                            for a, b in zip(added[name], base, strict=True))
             row["ratios"][name] = ratios
             lines.append(f"{name} added / passthrough added: p50 **{ratios[0]:.2f}×**, "
                          f"p99 **{ratios[1]:.2f}×**  ")
+        extra = row["hal0-limited"]["p50"] - row["hal0"]["p50"]
+        row["limits_cost_p50_ms"] = extra
+        lines.append(f"limits set, not reached (hal0-limited − hal0), p50: **{extra:+.2f} ms**  ")
         lines.append("")
     stream = results["stream"]
     lines += [f"**Streaming, time to first byte** (upstream first token after 50 ms, "
@@ -280,6 +368,23 @@ def report(results: dict, requests: int) -> str:
         value = rate[name]["median_bytes_per_s"]
         lines.append(f"| {name} | {value / 1024:.0f} | "
                      f"{value / rate['passthrough']['median_bytes_per_s']:.3f} |")
+    sse = results["sse"]
+    lines += ["", f"**SSE chunk rate** (one stream of 2000 chunks, upstream token delay 0.5 ms, "
+              f"median of {sse['direct']['rounds']} rounds)", "",
+              "| target | events/s | / passthrough |", "|---|---:|---:|"]
+    for name in TARGETS:
+        value = sse[name]["median_events_per_s"]
+        lines.append(f"| {name} | {value:.0f} | "
+                     f"{value / sse['passthrough']['median_events_per_s']:.3f} |")
+    fair = results["fairness"]
+    lines += ["", f"**Queue fairness** (slot max_concurrency 1, service time "
+              f"{fair['service_s'] * 1000:.1f} ms; token A sends {fair['burst']} at once, "
+              "token B one after them)", "",
+              "| run | B's latency ms | B waited (service times) | A's last done ms |",
+              "|---:|---:|---:|---:|"]
+    for i, run in enumerate(fair["runs"], 1):
+        lines.append(f"| {i} | {run['lone_s'] * 1000:.1f} | {run['waited_services']:.2f} | "
+                     f"{run['burst_last_s'] * 1000:.1f} |")
     return "\n".join(lines)
 
 
@@ -293,12 +398,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     started = time.monotonic()
+    load_before = "/".join(f"{x:.2f}" for x in os.getloadavg())
     with Stack() as stack:
         results = asyncio.run(bench(stack, args.requests, levels, args.stream_requests,
                                     args.rounds))
     text = report(results, args.requests)
+    load = "/".join(f"{x:.2f}" for x in os.getloadavg())
     header = (f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-              f"{time.strftime('%Y-%m-%d %H:%M')}, run took {time.monotonic() - started:.0f} s")
+              f"{time.strftime('%Y-%m-%d %H:%M')}, run took {time.monotonic() - started:.0f} s, "
+              f"load average at the end {load} (at the start {load_before})")
     print(header + "\n\n" + text)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": header, **results}, indent=2))

@@ -29,7 +29,8 @@ MODEL = "Upstream-Model-GGUF"
 
 
 class Upstream(BaseHTTPRequestHandler):
-    """POST: waits `delay` s, answers `usage` [in, out] (as SSE when `stream`)."""
+    """POST: waits `delay` s, answers `usage` [in, out] (as SSE when `stream`); notes the
+    request's `tag` when it arrives and how many it serves at once."""
 
     protocol_version = "HTTP/1.1"
     lock = threading.Lock()
@@ -40,9 +41,10 @@ class Upstream(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         cls = type(self)
-        with cls.lock:
+        with cls.lock:  # what reached lemond, in the order it arrived
             cls.now += 1
             cls.most = max(cls.most, cls.now)
+            cls.served.append(body.get("tag", ""))
         try:
             time.sleep(body.get("delay", 0))
             tokens_in, tokens_out = body.get("usage", [3, 4])
@@ -66,7 +68,6 @@ class Upstream(BaseHTTPRequestHandler):
         finally:
             with cls.lock:
                 cls.now -= 1
-                cls.served.append(body.get("tag", ""))
 
     def log_message(self, *args):
         pass
