@@ -31,6 +31,20 @@ def pytest_collection_modifyitems(config, items):
                                 + "; ".join(missing))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fast_password_hashing():
+    """Django's advice for test suites: PBKDF2 spends ~0.25 s of CPU per hash by design, and
+    every admin user and login here would pay it (tests.stack_settings does the same for
+    the processes the tests start)."""
+    from django.conf import settings
+    from django.test import override_settings
+
+    # new hashes are MD5; the others still check what hal0's own processes stored
+    hashers = ["django.contrib.auth.hashers.MD5PasswordHasher", *settings.PASSWORD_HASHERS]
+    with override_settings(PASSWORD_HASHERS=hashers):
+        yield
+
+
 @pytest.fixture
 def fresh_boot(monkeypatch):
     """In this process, time.monotonic() reads as on a machine booted a second ago (and

@@ -112,7 +112,7 @@ class Stack:
                  if not k.startswith(("HAL0_", "DATABASE_URL", "REDIS_URL"))}
         self.env = {**clean, "HAL0_VAR_DIR": str(tmp_path), "HAL0_POLL_IDLE_S": "0.5",
                     "HAL0_POLL_ACTIVE_S": "0.25", "PYTHONUNBUFFERED": "1",
-                    "DJANGO_SETTINGS_MODULE": "hal0site.settings", **env}
+                    "DJANGO_SETTINGS_MODULE": "tests.stack_settings", **env}
         self.procs: list[subprocess.Popen] = []
 
     def manage(self, *args: str, check: bool = True, timeout: float = 120,
