@@ -337,7 +337,7 @@ def _label(value: Any) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def prometheus_text(serving: ServingTracker, buffer: MetricsBuffer,  # noqa: C901 - one family after another
+def prometheus_text(serving: ServingTracker, buffer: MetricsBuffer,
                     scope: tuple[str, ...] = (), admission: Admission | None = None) -> str:
     """Prometheus text exposition (version 0.0.4) for slots, nodes and the gateway (the
     gateway's counters and in-flight counts are this process's). `scope`: a scoped
@@ -355,6 +355,43 @@ def prometheus_text(serving: ServingTracker, buffer: MetricsBuffer,  # noqa: C90
         out.append(f"# TYPE {name} {kind}")
 
     slots = [s for s in Slot.objects.select_related("node").order_by("name") if shown(s.name)]
+    _slot_families(family, out, slots, serving)
+    if admission is not None:
+        _queue_families(family, out, slots, admission)
+    family("hal0_slot_last_load_seconds", "gauge", "How long the slot's last load took.")
+    for s in slots:
+        if s.last_load_ms is not None:
+            out.append(f'hal0_slot_last_load_seconds{{slot="{_label(s.name)}"}} '
+                       f'{s.last_load_ms / 1000:.3f}')
+    family("hal0_node_reachable", "gauge", "1 when the reconciler last reached the lemond node.")
+    nodes = Node.objects.order_by("name")
+    if scope:
+        nodes = nodes.filter(pk__in={s.node_id for s in slots})
+    for n in nodes:
+        out.append(f'hal0_node_reachable{{node="{_label(n.name)}"}} {int(n.reachable)}')
+    _gateway_families(family, out, counters, shown)
+    family("hal0_gateway_metrics_buffered", "gauge", "Request metrics not yet written.")
+    out.append(f"hal0_gateway_metrics_buffered {buffered}")
+    family("hal0_gateway_metrics_written_total", "counter", "Request metrics written.")
+    out.append(f"hal0_gateway_metrics_written_total {counters.written}")
+    return "\n".join(out) + "\n"
+
+
+def _histogram(out: list[str], name: str, slot: str, bounds: tuple[float, ...],
+               buckets, total: float) -> None:
+    """One slot's histogram lines: cumulative buckets, the sum and the count."""
+    cumulative = 0
+    for bound, count in zip((*bounds, math.inf), buckets, strict=True):
+        cumulative += count
+        le = "+Inf" if bound == math.inf else repr(bound)
+        out.append(f'{name}_bucket{{slot="{_label(slot)}",le="{le}"}} {cumulative}')
+    out.append(f'{name}_sum{{slot="{_label(slot)}"}} {total:.6f}')
+    out.append(f'{name}_count{{slot="{_label(slot)}"}} {cumulative}')
+
+
+def _slot_families(family: Callable[[str, str, str], None], out: list[str], slots: list[Slot],
+                   serving: ServingTracker) -> None:
+    """What each slot is: its configuration, observed state and in-flight requests."""
     family("hal0_slot_info", "gauge", "A declared slot (value 1) and its configuration.")
     for s in slots:
         out.append(f'hal0_slot_info{{slot="{_label(s.name)}",capability="{s.capability}",'
@@ -373,41 +410,22 @@ def prometheus_text(serving: ServingTracker, buffer: MetricsBuffer,  # noqa: C90
     for s in slots:
         out.append(f'hal0_slot_in_flight_requests{{slot="{_label(s.name)}"}} '
                    f'{serving.count(s)}')
-    if admission is not None:
-        _queue_families(family, out, slots, admission)
-    family("hal0_slot_last_load_seconds", "gauge", "How long the slot's last load took.")
-    for s in slots:
-        if s.last_load_ms is not None:
-            out.append(f'hal0_slot_last_load_seconds{{slot="{_label(s.name)}"}} '
-                       f'{s.last_load_ms / 1000:.3f}')
-    family("hal0_node_reachable", "gauge", "1 when the reconciler last reached the lemond node.")
-    nodes = Node.objects.order_by("name")
-    if scope:
-        nodes = nodes.filter(pk__in={s.node_id for s in slots})
-    for n in nodes:
-        out.append(f'hal0_node_reachable{{node="{_label(n.name)}"}} {int(n.reachable)}')
 
+
+def _gateway_families(family: Callable[[str, str, str], None], out: list[str], counters,
+                      shown: Callable[[str], bool]) -> None:
+    """This process's gateway counters: requests, latency, time to first token, tokens."""
     family("hal0_gateway_requests_total", "counter", "Gateway requests by slot, endpoint, status.")
     for (slot, endpoint, status), value in sorted(counters.requests.items()):
-        if not shown(slot):
-            continue
-        out.append(f'hal0_gateway_requests_total{{slot="{_label(slot)}",'
-                   f'endpoint="{_label(endpoint)}",status="{status}"}} {value}')
+        if shown(slot):
+            out.append(f'hal0_gateway_requests_total{{slot="{_label(slot)}",'
+                       f'endpoint="{_label(endpoint)}",status="{status}"}} {value}')
     family("hal0_gateway_request_duration_seconds", "histogram",
            "Gateway request latency (to the last byte) by slot.")
     for slot, buckets in sorted(counters.latency_buckets.items()):
-        if not shown(slot):
-            continue
-        cumulative = 0
-        for bound, count in zip((*LATENCY_BUCKETS, math.inf), buckets, strict=True):
-            cumulative += count
-            le = "+Inf" if bound == math.inf else repr(bound)
-            out.append(f'hal0_gateway_request_duration_seconds_bucket{{slot="{_label(slot)}",'
-                       f'le="{le}"}} {cumulative}')
-        out.append(f'hal0_gateway_request_duration_seconds_sum{{slot="{_label(slot)}"}} '
-                   f'{counters.latency_sum[slot]:.6f}')
-        out.append(f'hal0_gateway_request_duration_seconds_count{{slot="{_label(slot)}"}} '
-                   f'{cumulative}')
+        if shown(slot):
+            _histogram(out, "hal0_gateway_request_duration_seconds", slot, LATENCY_BUCKETS,
+                       buckets, counters.latency_sum[slot])
     family("hal0_gateway_time_to_first_token_seconds", "summary",
            "Time to the first streamed byte (or the backend's prompt time) by slot.")
     for slot in sorted(filter(shown, counters.ttft_count)):
@@ -421,11 +439,6 @@ def prometheus_text(serving: ServingTracker, buffer: MetricsBuffer,  # noqa: C90
                    f'{counters.tokens_in[slot]}')
         out.append(f'hal0_gateway_tokens_total{{slot="{_label(slot)}",direction="out"}} '
                    f'{counters.tokens_out[slot]}')
-    family("hal0_gateway_metrics_buffered", "gauge", "Request metrics not yet written.")
-    out.append(f"hal0_gateway_metrics_buffered {buffered}")
-    family("hal0_gateway_metrics_written_total", "counter", "Request metrics written.")
-    out.append(f"hal0_gateway_metrics_written_total {counters.written}")
-    return "\n".join(out) + "\n"
 
 
 def _queue_families(family: Callable[[str, str, str], None], out: list[str], slots: list[Slot],
@@ -442,18 +455,9 @@ def _queue_families(family: Callable[[str, str, str], None], out: list[str], slo
     family("hal0_slot_queue_wait_seconds", "histogram",
            "How long gateway requests waited for a place on the slot (0 when one was free).")
     for s, gate in gates:
-        if gate is None:
-            continue
-        cumulative = 0
-        for bound, count in zip((*WAIT_BUCKETS, math.inf), gate.wait_buckets, strict=True):
-            cumulative += count
-            le = "+Inf" if bound == math.inf else repr(bound)
-            out.append(f'hal0_slot_queue_wait_seconds_bucket{{slot="{_label(s.name)}",'
-                       f'le="{le}"}} {cumulative}')
-        out.append(f'hal0_slot_queue_wait_seconds_sum{{slot="{_label(s.name)}"}} '
-                   f'{gate.wait_sum:.6f}')
-        out.append(f'hal0_slot_queue_wait_seconds_count{{slot="{_label(s.name)}"}} '
-                   f'{gate.wait_count}')
+        if gate is not None:
+            _histogram(out, "hal0_slot_queue_wait_seconds", s.name, WAIT_BUCKETS,
+                       gate.wait_buckets, gate.wait_sum)
     family("hal0_slot_queue_timeouts_total", "counter",
            "Gateway requests that waited past the slot's queue_timeout_s (answered 429).")
     for s, gate in gates:
