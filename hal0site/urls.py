@@ -2,7 +2,9 @@
 
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
+from django.templatetags.static import static
 from django.urls import include, path
+from django.views.generic import RedirectView
 
 # Only the account pages that work without email: a forgotten password is reset by an
 # admin (/admin/ or `manage.py changepassword NAME`), not through a public reset form.
@@ -14,7 +16,12 @@ accounts = [
          name="password_change_done"),
 ]
 
+handler404 = "hal0site.errors.page_not_found"
+handler500 = "hal0site.errors.server_error"
+
 urlpatterns = [
+    # browsers ask for /favicon.ico on pages that link none (the admin's)
+    path("favicon.ico", RedirectView.as_view(url=static("favicon.svg"), permanent=True)),
     path("admin/", admin.site.urls),
     path("accounts/", include(accounts)),
     path("", include("slots.gateway.views")),  # /v1/ (OpenAI gateway), /metrics
