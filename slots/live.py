@@ -43,9 +43,15 @@ def render_node(node: Node) -> str:
 
 def layout_context() -> dict[str, Any]:
     """What the dashboard shows: two queries whatever the number of slots and nodes. With
-    more than one node the slots are grouped by node first (`by_node`)."""
+    more than one node the slots are grouped by node first (`by_node`), working nodes
+    first."""
     slots = list(Slot.objects.for_dashboard())
     nodes = list(Node.objects.all())
+    used = {s.node_id for s in slots}
+    for node in nodes:
+        node.has_slots = node.pk in used
+    # working nodes first: a dead one must not push the cards below the fold
+    nodes.sort(key=lambda n: (n.health_rank(), n.name))
     by_node = len(nodes) > 1
     sections = [(node, [s for s in slots if s.node_id == node.pk]) for node in nodes] \
         if by_node else []

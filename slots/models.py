@@ -17,9 +17,11 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
+from django.utils.functional import cached_property
 
 from providers.lemonade import versions
 from providers.lemonade.client import LemonadeClient, client_for
+from providers.lemonade.errors import LemonadeError
 from providers.lemonade.names import model_name_problem
 from providers.lemonade.provider import recipe_for
 from providers.lemonade.versions import parse_version  # noqa: F401 - imported from here
@@ -177,6 +179,43 @@ class Node(models.Model):
     @property
     def transcription_type(self) -> str:
         return self.lemond.transcription_type
+
+    def check_connection(self) -> tuple[bool, str]:
+        """Ask this node's lemond for its health now, within a page's patience: (answered,
+        what it said). The Nodes page tests a node when it is saved."""
+        try:
+            health = self.client(settings.HAL0_PAGE_LEMOND_TIMEOUT_S).sync.health()
+        except LemonadeError as exc:
+            return False, str(exc) or type(exc).__name__
+        return True, f"lemond {health.version or '(no version)'}" + (
+            ", a simulator" if health.simulated else "")
+
+    @property
+    def last_request(self) -> dict | None:
+        """lemond's figures for its last request, TTFT in ms; None before any request (lemond
+        reports zeros then, which a page must not show as "0 tok/s")."""
+        stats = self.request_stats or {}
+        tps, ttft = stats.get("tokens_per_second"), stats.get("time_to_first_token")
+        if stats.get("request_count_total") == 0 or not (tps or ttft):
+            return None
+        return {"tokens_per_s": tps, "ttft_ms": round(ttft * 1000) if ttft else None}
+
+    @cached_property
+    def has_slots(self) -> bool:
+        """Pages that list the slots anyway set this from their list (no query per node)."""
+        return self.slots.exists()
+
+    @property
+    def dead(self) -> bool:
+        """Unreachable (or disabled) and serving nothing: the dashboard folds it to one line."""
+        down = not self.enabled or (not self.reachable and self.unreachable_since is not None)
+        return down and not self.has_slots
+
+    def health_rank(self) -> int:
+        """Working nodes first, then those with slots to show, then dead empty ones."""
+        if self.enabled and self.reachable:
+            return 0
+        return 2 if self.dead else 1
 
 
 class SlotQuerySet(models.QuerySet):
@@ -444,6 +483,11 @@ class SlotEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.slot_name} {self.action} {'ok' if self.ok else 'failed'}"
+
+    @property
+    def cancelled(self) -> bool:
+        """Stopped on purpose (a download cancelled): not ok, but no failure either."""
+        return not self.ok and self.error_code.endswith(".cancelled")
 
 
 class ApiTokenQuerySet(models.QuerySet):

@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db.models import Count
 from django.http import Http404, HttpResponse, HttpResponseNotAllowed
@@ -34,12 +35,50 @@ from .actions.errors import SlotError
 from .consumers import LEVELS
 from .forms import NodeForm, SlotForm, TokenForm
 from .models import LEMOND_TYPE, ApiToken, Capability, Node, Slot, can_manage_slots
+from .templatetags.hal0 import ago
 
 # How long a button's request waits for a quick action (pin, an unload) to finish, so its
 # answer can carry the final card; longer actions answer before and push when done.
 ACTION_WAIT_S = 0.25
 PICKER_ROWS = 60
 LOAD_HISTORY = 20
+# How a download ended, as told to the open pages (a cancel is no failure).
+PULL_OUTCOMES = {
+    "complete": ("success", "Downloaded {model}."),
+    "error": ("error", "The download of {model} failed: {message}"),
+    "cancelled": ("info", "The download of {model} was cancelled."),
+}
+# A download this big asks first (the picker's confirmation).
+CONFIRM_DOWNLOAD_GB = 5
+
+# How a button's action is told: while it runs, and when it is done.
+ACTION_WORDS = {
+    "load": ("Loading {name}…", "{name} is loaded."),
+    "unload": ("Unloading {name}…", "{name} is unloaded."),
+    "restart": ("Restarting {name}…", "{name} restarted."),
+    "swap": ("Swapping {name} to {model}…", "{name} now serves {model}."),
+    "pin": ("Pinning {name}…", "{name} is pinned."),
+    "unpin": ("Unpinning {name}…", "{name} is unpinned."),
+}
+
+
+def toast(response: HttpResponse, message: str, level: str = "success",
+          *events: str) -> HttpResponse:
+    """Tell the page how an htmx request went: hal0.js shows an `hal0:toast` event as a
+    message that screen readers announce (full-page posts use Django's messages)."""
+    # on the body: the button that asked may be gone already (a pushed card replaced it),
+    # and an event on a detached element reaches nobody
+    triggers = {"hal0:toast": {"level": level, "message": message},
+                **{name: {"target": "body"} for name in events}}
+    triggers["hal0:toast"]["target"] = "body"
+    response["HX-Trigger"] = json.dumps(triggers)
+    return response
+
+
+def toast_html(message: str, level: str) -> str:
+    """The same message pushed over the websocket to the open pages (appended to #toasts)."""
+    item = render_to_string("slots/_toast.html", {"level": level, "text": message})
+    return f'<div id="toasts" hx-swap-oob="beforeend">{item}</div>'
 
 
 # --- dashboard ---------------------------------------------------------------------------
@@ -64,6 +103,7 @@ def slot_detail(request, name):
             updated = form.save_through_actions(request.user)
             if updated is not None:
                 if updated.name != name:
+                    messages.success(request, f"Saved {name} as {updated.name}.")
                     target = reverse("slots:detail", args=[updated.name])
                     if request.htmx:
                         return HttpResponse(headers={"HX-Redirect": target})
@@ -71,8 +111,13 @@ def slot_detail(request, name):
                 slot, saved = updated, True
                 form = SlotForm(instance=updated, user=request.user)
         if request.htmx:
-            return render(request, "slots/detail.html#slot-form",
-                          {"slot": slot, "form": form, "saved": saved})
+            response = render(request, "slots/detail.html#slot-form",
+                              {"slot": slot, "form": form, "saved": saved})
+            if saved:
+                return toast(response, f"Saved {slot.name}.")
+            return toast(response, "Not saved: see the form's errors.", "error")
+        if saved:
+            messages.success(request, f"Saved {slot.name}.")
     else:
         form = SlotForm(instance=slot, user=request.user)
     return render(request, "slots/detail.html", {
@@ -80,10 +125,20 @@ def slot_detail(request, name):
         "events": slot.events.all()[:50],
         "chart": load_chart(slot),
         "traffic": metrics.slot_stats(slot.name, runtime.current().metrics.pending()),
-        "lemond_entry": json.dumps(slot.lemond_entry, indent=2, sort_keys=True)
+        "lemond_entry": json.dumps(readable_entry(slot), indent=2, sort_keys=True)
         if slot.lemond_entry else "",
         "live_url": f"/ws/slots/?slot={quote(slot.name)}",
     })
+
+
+def readable_entry(slot: Slot) -> dict:
+    """lemond's health entry for the slot, with `last_use` (milliseconds on lemond's own
+    steady clock, meaningless to a reader) as the age hal0 derived from it."""
+    entry = dict(slot.lemond_entry)
+    if "last_use" in entry:
+        age = ago(slot.last_use_at) if slot.last_use_at else "not seen in use"
+        entry["last_use"] = f"{age} (lemond's clock: {entry['last_use']} ms)"
+    return entry
 
 
 def load_chart(slot: Slot) -> dict:
@@ -116,12 +171,14 @@ def slot_create(request):
     if request.method == "POST" and form.is_valid():
         slot = form.save_through_actions(request.user)
         if slot is not None:  # open dashboards get the new card from the action
+            messages.success(request, f"Created slot {slot.name}.")
             target = reverse("slots:detail", args=[slot.name])
             if request.htmx:
                 return HttpResponse(headers={"HX-Redirect": target})
             return redirect(target)
     if request.htmx and request.method == "POST":
-        return render(request, "slots/create.html#slot-form", {"form": form})
+        return toast(render(request, "slots/create.html#slot-form", {"form": form}),
+                     "Not created: see the form's errors.", "error")
     return render(request, "slots/create.html", {"form": form})
 
 
@@ -138,6 +195,7 @@ def slot_delete(request, name):
         except SlotError as exc:
             error = exc.message
         else:
+            messages.success(request, f"Deleted slot {name}.")
             if request.htmx:
                 return HttpResponse(headers={"HX-Redirect": reverse("slots:dashboard")})
             return redirect("slots:dashboard")
@@ -158,42 +216,60 @@ async def slot_action(request, name, action):
     model = (request.POST.get("model") or "").strip()
     if action == "swap" and not model:
         return await _answer(request, name, "Pick a model to swap to.")
-    future = runtime.current().submit(lifecycle.do_action, action, name, actor=user,
-                                      model=model)
+    state = runtime.current()
+    future = state.submit(lifecycle.do_action, action, name, actor=user, model=model)
     wrapped = asyncio.wrap_future(future)
     done, _ = await asyncio.wait({wrapped}, timeout=ACTION_WAIT_S)
-    error = ""
+    started, finished = (w.format(name=name, model=model) for w in ACTION_WORDS[action])
     if done:
-        exc = wrapped.exception()
-        if isinstance(exc, SlotError):
-            error = exc.message
-        elif exc is not None:
-            error = f"{action} failed: {exc}"
-    return await _answer(request, name, error, with_card=bool(done),
-                         close_modal=action == "swap" and not error)
+        error = action_error(action, wrapped.exception())
+        message = error or finished
+    else:
+        # the outcome comes later: pushed to the open pages with the card
+        future.add_done_callback(lambda f: state.live.send(toast_html(
+            *_outcome(action, f, finished))))
+        error, message = "", started
+    return await _answer(request, name, error, message=message, with_card=bool(done),
+                         close_modal=action == "swap" and not error,
+                         level="error" if error else "success" if done else "info")
 
 
-async def _answer(request, name: str, error: str = "", with_card: bool = False,
-                  close_modal: bool = False) -> HttpResponse:
+def action_error(action: str, exc: BaseException | None) -> str:
+    if isinstance(exc, SlotError):
+        return exc.message
+    return f"{action} failed: {exc}" if exc is not None else ""
+
+
+def _outcome(action: str, future, finished: str) -> tuple[str, str]:
+    exc = future.exception() if not future.cancelled() else None
+    error = action_error(action, exc)
+    return (error, "error") if error else (finished, "success")
+
+
+async def _answer(request, name: str, error: str = "", message: str = "",
+                  with_card: bool = False, close_modal: bool = False,
+                  level: str = "error") -> HttpResponse:
     if not request.htmx:
         target = request.POST.get("next") or ""
         if not url_has_allowed_host_and_scheme(target, allowed_hosts={request.get_host()}):
             target = reverse("slots:dashboard")
+        if message or error:
+            await sync_to_async(messages.add_message)(
+                request, messages.ERROR if error else messages.INFO, message or error)
         return redirect(target)
 
     def render_answer() -> str:
-        parts = []
         # Only a finished action's card: an unfinished one could overwrite a newer push.
         if with_card:
             slot = Slot.objects.select_related("node").filter(name=name).first()
             if slot is not None:
-                parts.append(live.render_slot_card(slot))
-        parts.append(render_to_string("slots/_flash.html", {"message": error, "oob": True}))
-        if close_modal:
-            parts.append('<div id="modal" hx-swap-oob="true"></div>')
-        return "".join(parts)
+                return live.render_slot_card(slot)
+        return ""
 
-    return HttpResponse(await sync_to_async(render_answer)())
+    response = HttpResponse(await sync_to_async(render_answer)())
+    # the swap dialog closes itself (and gives focus back to its Swap button)
+    events = ["hal0:closeModal"] if close_modal else []
+    return toast(response, message or error, level, *events)
 
 
 # --- the swap picker and downloads (reads lemond; short timeouts) ----------------------------
@@ -221,7 +297,8 @@ def model_rows(rows: list[dict], capability: str, query: str, current: str) -> l
         fitting.append({
             "id": model_id, "downloaded": bool(row.get("downloaded")),
             "suggested": bool(row.get("suggested")),
-            "size": row.get("size") if isinstance(row.get("size"), (int, float)) else None,
+            "size": size if isinstance(size := row.get("size"), (int, float)) else None,
+            "big": is_big_download(size),
             "recipe": row.get("recipe") if isinstance(row.get("recipe"), str) else "",
             "current": model_id == current,
             "dom_id": dom_id(model_id),
@@ -229,6 +306,19 @@ def model_rows(rows: list[dict], capability: str, query: str, current: str) -> l
     fitting.sort(key=lambda r: (not r["current"], not r["downloaded"], not r["suggested"],
                                 r["id"].lower()))
     return fitting
+
+
+def is_big_download(size_gb: object) -> bool:
+    """Over CONFIRM_DOWNLOAD_GB: the Download button asks first."""
+    return isinstance(size_gb, (int, float)) and size_gb > CONFIRM_DOWNLOAD_GB
+
+
+def _size_field(request) -> float | None:
+    """The catalogue size the picker sent back with a download (only words a prompt)."""
+    try:
+        return float(request.POST.get("size") or "")
+    except ValueError:
+        return None
 
 
 def dom_id(text: str) -> str:
@@ -253,11 +343,13 @@ async def swap_picker(request, name):
     return await sync_to_async(render)(request, template, context)
 
 
-def _pull_fragment(slot: Slot, model: str, phase: str, data: dict) -> str:
+def _pull_fragment(slot: Slot, model: str, phase: str, data: dict,
+                   size: float | None = None) -> str:
     done = data.get("bytes_downloaded")
     total = data.get("bytes_total") or data.get("total_download_size")
     return render_to_string("slots/_pull.html", {
         "slot": slot, "model": model, "dom_id": dom_id(model), "phase": phase,
+        "size": size, "big": is_big_download(size),
         "percent": data.get("percent"), "file": data.get("file"),
         "done_mb": round(done / 2**20) if isinstance(done, int) else None,
         "total_mb": round(total / 2**20) if isinstance(total, int) else None,
@@ -273,6 +365,7 @@ async def pull_start(request, name):
     if not model:
         return HttpResponse("Pick a model.", status=400)
     user = await request.auser()
+    size = _size_field(request)
     last_push: list[float] = []  # empty: nothing pushed yet (not "at monotonic 0")
 
     async def progress(phase: str, data: dict) -> None:
@@ -280,10 +373,15 @@ async def pull_start(request, name):
         if phase == "progress" and last_push and now - last_push[0] < 0.2:
             return  # a few updates a second are plenty for a progress bar
         last_push[:] = [now]
-        runtime.current().live.send(_pull_fragment(slot, model, phase, data))
+        runtime.current().live.send(_pull_fragment(slot, model, phase, data, size))
+        if phase in PULL_OUTCOMES:
+            level, words = PULL_OUTCOMES[phase]
+            runtime.current().live.send(toast_html(
+                words.format(model=model, message=data.get("message", "")), level))
 
     pulls.do_start_pull(slot, model, actor=user, progress=progress)
-    return HttpResponse(_pull_fragment(slot, model, "starting", {}))
+    return toast(HttpResponse(_pull_fragment(slot, model, "starting", {}, size)),
+                 f"Downloading {model} for {slot.name}…", "info")
 
 
 @login_required
@@ -293,7 +391,10 @@ async def pull_cancel(request, name):
     model = (request.POST.get("model") or "").strip()
     cancelled = pulls.do_cancel_pull(slot.node_id, model)
     phase = "cancelling" if cancelled else "idle"
-    return HttpResponse(_pull_fragment(slot, model, phase, {}))
+    response = HttpResponse(_pull_fragment(slot, model, phase, {}, _size_field(request)))
+    if cancelled:
+        return toast(response, f"Cancelling the download of {model}…", "info")
+    return toast(response, f"{model} was not downloading.", "info")
 
 
 @login_required
@@ -320,11 +421,27 @@ def logs(request):
         return HttpResponse("Only staff (or slots.manage_slots) can read lemond's logs.",
                             status=403)
     nodes = list(Node.objects.filter(enabled=True))
-    current = request.GET.get("node") or (nodes[0].name if nodes else "")
+    # open on a node that answers, not the first name in the alphabet
+    reachable = [n for n in nodes if n.reachable] or nodes
+    current = request.GET.get("node") or (reachable[0].name if reachable else "")
     return render(request, "slots/logs.html", {
         "nodes": nodes, "current": current, "levels": LEVELS, "level": "info",
         "live_url": f"/ws/logs/?node={quote(current)}",
     })
+
+
+def tell_connection(request, node: Node, saved: str) -> None:
+    """Test a node just saved and say how it went: saving stands either way (lemond may
+    come up later), but a typo in the URL shows at once."""
+    if not node.enabled:
+        messages.success(request, f"{saved} It is disabled: hal0 does not poll it.")
+        return
+    answered, said = node.check_connection()
+    if answered:
+        messages.success(request, f"{saved} Connection test: {node.base_url} answered ({said}).")
+    else:
+        messages.warning(request, f"{saved} Connection test failed: {node.base_url} did not "
+                                  f"answer ({said}). hal0 keeps trying.")
 
 
 def _staff_only(request) -> HttpResponse | None:
@@ -345,7 +462,10 @@ def nodes(request):
     form = NodeForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         node = form.save_through_actions(request.user)
+        tell_connection(request, node, f"Added node {node.name}.")
         return redirect("slots:node", name=node.name)
+    if request.method == "POST":
+        messages.error(request, "The node was not added: see the form's errors.")
     rows = list(Node.objects.annotate(slot_count=Count("slots")).order_by("name"))
     polled_by = leases.holders()
     for row in rows:
@@ -364,10 +484,13 @@ def node_edit(request, name):
     saved = False
     if request.method == "POST" and form.is_valid():
         node = form.save_through_actions(request.user)
+        tell_connection(request, node, f"Saved node {node.name}.")
         if node.name != name:
             return redirect("slots:node", name=node.name)
         saved = True
         form = NodeForm(instance=node)
+    elif request.method == "POST":
+        messages.error(request, "Not saved: see the form's errors.")
     return render(request, "slots/node_edit.html", {
         "node": node, "form": form, "saved": saved,
         "slots": list(node.slots.order_by("capability", "name")),
@@ -390,6 +513,7 @@ def node_delete(request, name):
             "polled_by": leases.holders().get(node.name, ""),
             "error": exc.message,
         }, status=409)
+    messages.success(request, f"Deleted node {name}.")
     return redirect("slots:nodes")
 
 
@@ -410,7 +534,10 @@ def token_list(request):
             rpm_limit=form.cleaned_data["rpm_limit"], tpm_limit=form.cleaned_data["tpm_limit"],
             created_by=request.user.get_username())
         created = {"name": row.name, "token": raw}
+        messages.success(request, f"Created token {row.name}: copy it now, it is shown once.")
         form = TokenForm()
+    elif request.method == "POST":
+        messages.error(request, "The token was not created: see the form's errors.")
     response = render(request, "slots/tokens.html", {
         "form": form, "created": created,
         "tokens": ApiToken.objects.order_by("revoked_at", "name"),
@@ -429,4 +556,5 @@ def token_revoke(request, name):
         tokens.revoke_token(name)
     except ApiToken.DoesNotExist:
         raise Http404(f"No token named {name!r}.") from None
+    messages.success(request, f"Revoked token {name}: clients using it are refused from now on.")
     return redirect("slots:tokens")

@@ -2,6 +2,7 @@
 
 from django import template
 from django.utils import timezone
+from django.utils.formats import date_format
 from django.utils.timesince import timesince
 
 from slots import runtime
@@ -49,3 +50,30 @@ def stat(value, unit: str = "") -> str:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return f"{value}{unit}"
+
+
+@register.filter
+def stamp(moment, fmt: str = "Y-m-d H:i:s") -> str:
+    """A moment in hal0's time zone, saying which ('2026-12-07 11:51:38 UTC')."""
+    if not moment:
+        return "—"
+    return date_format(timezone.localtime(moment), f"{fmt} T")
+
+
+@register.filter
+def elapsed(since) -> str:
+    """Time since a moment as a clock ('0:42', '5:07', '1:02:03'); hal0.js ticks it on."""
+    if not since:
+        return ""
+    total = max(0, int((timezone.now() - since).total_seconds()))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+@register.filter
+def ms(value) -> str:
+    """A duration in milliseconds, the one unit for TTFT and latency ('212 ms'), or a dash."""
+    if value is None or value == "":
+        return "—"
+    return f"{float(value):.0f} ms"
