@@ -75,11 +75,11 @@ def test_dashboard_updates_itself(live_server_url):
         expect(first.locator("#node-local")).to_contain_text("reachable")
         expect(first.locator("#node-local")).to_contain_text("simulated")
 
-        first.locator("#slot-chat").get_by_role("button", name="Load", exact=True).click()
+        first.locator("#slot-chat").get_by_role("button", name="Load chat", exact=True).click()
         expect(badge).to_have_text("loading", timeout=5_000)
         expect(badge).to_have_text("ready", timeout=10_000)
         expect(second.locator("#slot-chat .badge")).to_have_text("ready", timeout=2_000)
-        expect(first.locator("#slot-chat").get_by_role("button", name="Load", exact=True)).to_be_enabled()
+        expect(first.locator("#slot-chat").get_by_role("button", name="Load chat", exact=True)).to_be_enabled()
 
         # "last use" keeps counting on a card nothing re-renders (hal0.js, every 15 s)
         timed = _login(browser, url, clock=True)

@@ -953,10 +953,10 @@ def test_the_csp_breaks_nothing_in_a_real_browser(tmp_path, lemond_sim_factory):
             page.wait_for_url(f"{url}/")
             page.wait_for_selector("#live-status.on", timeout=10_000)  # ws under CSP
             card = page.locator("#slot-chat")
-            card.get_by_role("button", name="Pin", exact=True).click()
-            expect(card.get_by_role("button", name="Unpin", exact=True)).to_be_visible(
+            card.get_by_role("button", name="Pin chat", exact=True).click()
+            expect(card.get_by_role("button", name="Unpin chat", exact=True)).to_be_visible(
                 timeout=5_000)
-            card.get_by_role("button", name="Swap…").click()
+            card.get_by_role("button", name="Swap chat…").click()
             expect(page.locator("#modal")).to_contain_text("Qwen3", timeout=5_000)
             for path in ("/slots/chat/", "/new-slot/", "/logs/", "/admin/",
                          "/admin/slots/slot/", "/admin/slots/node/1/change/"):

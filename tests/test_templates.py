@@ -40,7 +40,8 @@ def test_card_badge_and_buttons_follow_the_state(state):
     html = card(state=state)
     assert f'class="badge state-{state}"' in html and f'data-state="{state}"' in html
     load_button = html.split('do/load/"')[1].split(">")[0]
-    assert ("disabled" in load_button) == (not Slot.can("load", state))
+    # aria-disabled, not disabled: the button keeps focus across a re-render
+    assert ('aria-disabled="true"' in load_button) == (not Slot.can("load", state))
 
 
 def test_card_drift_markers_and_durations():
@@ -57,8 +58,25 @@ def test_card_drift_markers_and_durations():
 def test_card_error_and_disabled():
     html = card(state=State.ERROR, state_message="llama-server failed", enabled=False)
     assert 'class="message error"' in html and "is-disabled" in html and ">disabled<" in html
-    assert 'do/load/" hx-swap="none" disabled' in html
+    assert 'do/load/" hx-swap="none" aria-disabled="true">' in html
     assert 'do/unload/" hx-swap="none">' in html  # unloading stays possible
+
+
+def test_card_buttons_name_their_slot_and_keep_their_ids():
+    html = card()
+    for action in ("load", "unload", "restart", "swap"):
+        assert f'id="act-chat-{action}"' in html
+    assert 'Load<span class="vh"> chat</span>' in html
+    assert 'Pin<span class="vh"> chat</span>' in html
+    # pin and unpin are one control: focus stays on it when it flips
+    assert 'id="act-chat-pin"' in card(pinned=True) and "Unpin<" in card(pinned=True)
+    assert 'aria-haspopup="dialog"' in html
+
+
+def test_card_elapsed_time_while_loading():
+    html = card(state=State.LOADING, state_changed_at=timezone.now() - timedelta(seconds=75))
+    assert "data-elapsed" in html and ">1:15<" in html
+    assert "data-elapsed" not in card(state=State.READY)
 
 
 def node_html(**fields) -> str:
@@ -76,7 +94,7 @@ def test_node_reachable_header():
     assert html.lstrip().startswith('<section id="node-local"') and 'hx-swap-oob="true"' in html
     assert "reachable" in html and "lemond 10.6.0-sim" in html and ">simulated<" in html
     assert "12 %" in html and "8.4 GB" in html and "2.1 GB" in html
-    assert "33.3 tok/s" in html and "TTFT 0.21 s" in html
+    assert "33.3 tok/s" in html and "TTFT 210 ms" in html
     assert "—" in html  # gpu_percent null
     assert 'class="banner"' not in html
 
@@ -86,6 +104,27 @@ def test_node_unreachable_banner():
                      last_error="cannot reach lemond: ConnectError")
     assert 'class="banner" role="alert"' in html
     assert "unreachable since" in html and "2 min ago" in html and "ConnectError" in html
+    assert " UTC (" in html  # the time says its zone
+    assert "The cards show what was last seen" in html  # local has the seeded slots
+
+
+def test_dead_empty_node_is_one_line_without_the_cards_sentence():
+    node = Node.objects.create(name="spare", base_url="http://127.0.0.1:9",
+                               unreachable_since=timezone.now() - timedelta(minutes=5))
+    html = render_to_string("slots/_node.html", {"node": node})
+    assert 'class="node down dead"' in html and "<details>" in html
+    assert "no slots" in html.split("</summary>")[0]
+    assert "The cards show what was last seen" not in html
+
+
+def test_no_request_yet_is_a_dash_not_zero():
+    html = node_html(reachable=True, request_stats={"tokens_per_second": 0.0,
+                                                    "time_to_first_token": 0.0})
+    assert "0 tok/s" not in html and "TTFT 0" not in html
+    assert "<dt>last request</dt><dd>—</dd>" in html
+    html = node_html(reachable=True, request_stats={
+        "tokens_per_second": 0.0, "time_to_first_token": 0.0, "request_count_total": 0})
+    assert "<dt>last request</dt><dd>—</dd>" in html
 
 
 def test_node_never_polled_and_warning():
@@ -94,10 +133,12 @@ def test_node_never_polled_and_warning():
     assert "api_key" not in html
 
 
-def test_flash():
-    assert 'id="flash"' in render_to_string("slots/_flash.html", {})
-    html = render_to_string("slots/_flash.html", {"message": "Nope <b>", "oob": True})
-    assert 'hx-swap-oob="true"' in html and "Nope &lt;b&gt;" in html and 'role="alert"' in html
+def test_toasts():
+    assert 'id="toasts"' in render_to_string("slots/_toasts.html", {})
+    html = render_to_string("slots/_toast.html", {"level": "error", "text": "Nope <b>"})
+    assert 'class="toast error"' in html and "Nope &lt;b&gt;" in html and 'role="alert"' in html
+    assert 'role="alert"' not in render_to_string("slots/_toast.html", {"level": "success",
+                                                                         "text": "Done"})
 
 
 def test_live_status():
@@ -125,6 +166,15 @@ def test_pull_phases(phase, expect):
     assert 'id="pull-M-1"' in html and expect in html
 
 
+def test_a_big_download_asks_first():
+    slot = Slot.objects.get(name="chat")
+    context = {"slot": slot, "model": "M-1", "dom_id": "M-1", "phase": "idle"}
+    big = render_to_string("slots/_pull.html", {**context, "size": 67.7, "big": True})
+    assert 'hx-confirm="Download M-1? It is 67.7 GB."' in big
+    small = render_to_string("slots/_pull.html", {**context, "size": 2.5, "big": False})
+    assert "hx-confirm" not in small and "Download<span class=\"vh\"> M-1, 2.5 GB" in small
+
+
 def test_swap_picker_rows_and_error():
     slot = Slot.objects.get(name="chat")
     rows = [{"id": "A", "downloaded": True, "current": True, "recipe": "llamacpp", "size": 1,
@@ -133,7 +183,7 @@ def test_swap_picker_rows_and_error():
              "size": 2, "suggested": False, "dom_id": "B"}]
     html = render_to_string("slots/_swap_picker.html", {"slot": slot, "rows": rows,
                                                         "pulling": set(), "more": 3})
-    assert 'role="dialog"' in html and 'id="picker-rows"' in html
+    assert "<dialog" in html and 'id="picker-rows"' in html and "autofocus" in html
     assert 'id="pull-B"' in html and "and 3 more" in html
     assert "disabled>Swap to this" in html  # the current model
     error = render_to_string("slots/_swap_picker.html", {"slot": slot, "error": "lemond down"})

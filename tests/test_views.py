@@ -3,6 +3,7 @@ the swap picker and downloads."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -153,7 +154,7 @@ def test_create_shows_validation_errors(admin_client, node):
 @pytest.mark.django_db
 def test_seeded_slots_cannot_be_deleted(admin_client, node):
     page = admin_client.get("/slots/chat/delete/").content.decode()
-    assert "cannot be deleted" in page and "<button" not in page.split("<main>")[1]
+    assert "cannot be deleted" in page and "<button" not in page.split('<main id="main" tabindex="-1">')[1]
     response = admin_client.post("/slots/chat/delete/")
     assert response.status_code == 409 and b"seeded" in response.content
     assert Slot.objects.filter(name="chat").exists()
@@ -182,11 +183,17 @@ async def test_a_quick_action_answers_with_its_card_and_a_refusal_with_a_message
         node, sim, admin_user):
     client = AsyncClient()
     await sync_to_async(client.force_login)(admin_user)
-    html = (await client.post("/slots/chat/do/pin/", headers=HTMX)).content.decode()
-    assert 'id="slot-chat"' in html and "pinned" in html and 'id="flash"' in html
+    response = await client.post("/slots/chat/do/pin/", headers=HTMX)
+    html = response.content.decode()
+    assert 'id="slot-chat"' in html and "pinned" in html
+    # the toast that says so (hal0.js shows it; screen readers announce it)
+    assert json.loads(response["HX-Trigger"]) == {
+        "hal0:toast": {"level": "success", "message": "chat is pinned.",
+                       "target": "body"}}
     await Slot.objects.filter(name="embed").aupdate(enabled=False)
-    html = (await client.post("/slots/embed/do/load/", headers=HTMX)).content.decode()
-    assert "disabled" in html and 'class="flash error"' in html
+    response = await client.post("/slots/embed/do/load/", headers=HTMX)
+    toast = json.loads(response["HX-Trigger"])["hal0:toast"]
+    assert toast["level"] == "error" and "disabled" in toast["message"]
     response = await client.post("/slots/chat/do/fly/", headers=HTMX)
     assert response.status_code == 404
     response = await client.get("/slots/chat/do/load/")
