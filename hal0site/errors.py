@@ -1,7 +1,7 @@
 """hal0's own 404 and 500 pages; the machine-facing paths keep answering JSON.
 
 A browser gets a page styled like the rest of hal0 (templates/404.html, 500.html); /v1/ gets
-OpenAI's error shape and /api/ the actions' envelope, whatever failed.
+OpenAI's error shape, and /api/ the actions' envelope (slots.api.JsonErrorsMiddleware).
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 from django.http import HttpResponse
 from django.views import defaults
 
-from slots.api import error_response
 from slots.gateway.proxy import openai_error
 
 
@@ -19,9 +18,7 @@ def _json_error(request, status: int, message: str) -> HttpResponse | None:
         return openai_error(status, message, type_="server_error" if status >= 500
                             else "invalid_request_error",
                             code="internal_error" if status >= 500 else "not_found")
-    if path.startswith("/api/"):
-        return error_response("http.500" if status >= 500 else "http.404", message, status)
-    return None
+    return None  # /api/ answers are made JSON by slots.api.JsonErrorsMiddleware
 
 
 def page_not_found(request, exception=None):

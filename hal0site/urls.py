@@ -2,9 +2,9 @@
 
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
+from django.shortcuts import redirect
 from django.templatetags.static import static
 from django.urls import include, path
-from django.views.generic import RedirectView
 
 # Only the account pages that work without email: a forgotten password is reset by an
 # admin (/admin/ or `manage.py changepassword NAME`), not through a public reset form.
@@ -20,8 +20,10 @@ handler404 = "hal0site.errors.page_not_found"
 handler500 = "hal0site.errors.server_error"
 
 urlpatterns = [
-    # browsers ask for /favicon.ico on pages that link none (the admin's)
-    path("favicon.ico", RedirectView.as_view(url=static("favicon.svg"), permanent=True)),
+    # browsers ask for /favicon.ico on pages that link none (the admin's); resolved per
+    # request: production's hashed name exists only after collectstatic
+    path("favicon.ico", lambda request: redirect(static("favicon.svg"), permanent=True),
+         name="favicon"),
     path("admin/", admin.site.urls),
     path("accounts/", include(accounts)),
     path("", include("slots.gateway.views")),  # /v1/ (OpenAI gateway), /metrics

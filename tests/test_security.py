@@ -98,8 +98,9 @@ def urls(world: dict) -> list[tuple[str, str, str]]:
     return out
 
 
-# public by design: logging in and out, the bare health check
-PUBLIC = {"login", "logout", "admin:login", "admin:logout", "slots:api-health"}
+# public by design: logging in and out, the bare health check, the favicon (a redirect to
+# a static file)
+PUBLIC = {"login", "logout", "admin:login", "admin:logout", "slots:api-health", "favicon"}
 
 
 def kind(route: str, name: str) -> str:
@@ -956,7 +957,7 @@ def test_the_csp_breaks_nothing_in_a_real_browser(tmp_path, lemond_sim_factory):
             card.get_by_role("button", name="Pin chat", exact=True).click()
             expect(card.get_by_role("button", name="Unpin chat", exact=True)).to_be_visible(
                 timeout=5_000)
-            card.get_by_role("button", name="Swap chat…").click()
+            card.get_by_role("button", name="Swap chat").click()
             expect(page.locator("#modal")).to_contain_text("Qwen3", timeout=5_000)
             for path in ("/slots/chat/", "/new-slot/", "/logs/", "/admin/",
                          "/admin/slots/slot/", "/admin/slots/node/1/change/"):
