@@ -1,5 +1,6 @@
-"""What every install step shares: the target (real system, a `--root` directory, or a
-dry run), the paths it works on, the runner for external commands, and the output.
+"""What every install step shares: the options it was given (`Options`), the target (real
+system, a `--root` directory, or a dry run), the paths it works on, the runner for
+external commands, the hal0 session, and the output (`Output`).
 
 Steps never build a filesystem path from a string themselves: `ctx.path("/opt/lemonade")`
 puts it under `--root` when there is one, so one code path serves the real install, the
@@ -12,50 +13,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# --- where things live on the real system ------------------------------------------
-LEMONADE_DIR = "/opt/lemonade"
-LEMOND_BIN = "/opt/lemonade/lemond"
-MARKER = "/opt/lemonade/.installed-version"
-STATE_DIR = "/var/lib/hal0"
-LEMONADE_STATE = "/var/lib/hal0/lemonade"  # lemond's cache dir: config.json, user_models.json
-MODELS_DIR = "/var/lib/hal0/models"  # HF_HOME for lemond's model downloads
-STATIC_ROOT = "/var/lib/hal0/static"
-DATABASE_FILE = "/var/lib/hal0/hal0.sqlite3"
-OVERRIDES_FILE = "/var/lib/hal0/installer-overrides.json"
-CONFIG_FILE = "/var/lib/hal0/lemonade/config.json"
-USER_MODELS_FILE = "/var/lib/hal0/lemonade/user_models.json"
-ENV_DIR = "/etc/hal0"
-ENV_FILE = "/etc/hal0/hal0.env"
-UNIT_DIR = "/etc/systemd/system"
-WANTS_DIR = "/etc/systemd/system/multi-user.target.wants"
-LEMONADE_UNIT = "hal0-lemonade.service"
-API_UNIT = "hal0-api.service"
-# Under --root, the commands that were recorded instead of run are appended here.
-RECORD_LOG = "/.hal0-install/recorded-commands.log"
-
-USER = "hal0"
-GROUP = "hal0"
-EXTRA_GROUPS = ("render", "video")  # GPU device access for lemond's backends
-
-LEMOND_VERSION = "10.6.0"
-LEMOND_SHA256 = "3b50b5cc5a9695f970b85f5cf3023297bde215f2230c993134e670baab2474a1"
-LEMOND_URL = (
-    "https://github.com/lemonade-sdk/lemonade/releases/download/"
-    "v{ver}/lemonade-embeddable-{ver}-ubuntu-x64.tar.gz"
-)
-PLACEHOLDER_SHA256 = "0" * 64
-
-
-class StepFailed(Exception):
-    """A step could not finish. `hint` says what to check; nothing is left half-written."""
-
-    def __init__(self, message: str, hint: str = ""):
-        super().__init__(message)
-        self.hint = hint
-
-
-class UsageError(Exception):
-    """Bad flags or values (exit code 2); raised before anything is changed."""
+from installer.hal0ctl import Hal0Session
+from installer.runner import Runner
 
 
 @dataclass
@@ -118,8 +77,6 @@ class Context:
     """One install run: options, the runner, path mapping, and what each step reported."""
 
     def __init__(self, options: Options, out: Output, runner=None):
-        from installer.runner import Runner
-
         self.options = options
         self.out = out
         self.root = Path(options.root).resolve() if options.root else None
@@ -130,7 +87,7 @@ class Context:
         self.wait_for_services = self.root is None and not self.dry_run
         self.warnings: list[str] = []
         self.changed: set[str] = set()  # names of things changed this run (restart triggers)
-        self._hal0 = None  # lazily started hal0 session (installer.hal0ctl)
+        self._hal0: Hal0Session | None = None  # started on first use
 
     def path(self, system_path: str) -> Path:
         """The real path for a system path: under --root when there is one."""
@@ -145,11 +102,9 @@ class Context:
         self.warnings.append(text)
         self.out.warning(f"       WARNING: {text}")
 
-    def hal0(self):
+    def hal0(self) -> Hal0Session:
         """The hal0 session (a child process with hal0's production settings)."""
         if self._hal0 is None:
-            from installer.hal0ctl import Hal0Session
-
             self._hal0 = Hal0Session(self)
         return self._hal0
 

@@ -23,8 +23,17 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 import httpx
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
-from installer.context import StepFailed
+from installer.errors import StepFailed
 
 CHUNK = 256 * 1024
 
@@ -87,16 +96,6 @@ class _Progress:
 
     def __enter__(self):
         if self.out.tty:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-
             self._rich = Progress(TextColumn("       {task.description}"), BarColumn(),
                                   DownloadColumn(), TransferSpeedColumn(),
                                   TimeRemainingColumn(), console=Console(file=self.out.raw),

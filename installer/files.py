@@ -11,7 +11,9 @@ import stat
 import tempfile
 from pathlib import Path
 
-from installer.context import GROUP, USER, Context
+from installer.context import Context
+from installer.errors import StepFailed
+from installer.layout import GROUP, USER
 
 
 def _owner_ok(ctx: Context, path: Path, owner: str) -> bool:
@@ -117,8 +119,6 @@ def ensure_dir(ctx: Context, path: Path, *, mode: int = 0o755, owner: str | None
     if path.is_dir():
         return _settle(ctx, path, mode, owner)
     if path.exists() or path.is_symlink():
-        from installer.context import StepFailed
-
         raise StepFailed(f"{path} exists and is not a directory",
                          f"move {path} out of the way and re-run")
     if ctx.dry_run:

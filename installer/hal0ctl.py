@@ -17,6 +17,7 @@ Run as `python -m installer.hal0ctl` from the project directory.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -24,15 +25,23 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from installer.context import (
-    DATABASE_FILE,
-    ENV_FILE,
-    STATE_DIR,
-    USER,
-    Context,
-    StepFailed,
-)
+import django
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.staticfiles.finders import get_finders
+from django.core.management import call_command
+from django.db import DatabaseError, connection
+from django.db.migrations.executor import MigrationExecutor
+
+from installer.errors import StepFailed
+from installer.layout import DATABASE_FILE, ENV_FILE, STATE_DIR, USER
+from installer.units import parse_env
+from slots.seed import DEFAULT_SLOTS
+
+if TYPE_CHECKING:  # context.py imports this module to start the session
+    from installer.context import Context
 
 # --- parent side -------------------------------------------------------------------------
 
@@ -60,8 +69,6 @@ class Hal0Session:
         return None
 
     def environment(self) -> dict[str, str]:
-        from installer.units import parse_env
-
         ctx = self.ctx
         values = parse_env(ctx.path(ENV_FILE).read_text())
         env = {
@@ -93,8 +100,6 @@ class Hal0Session:
         return cmd
 
     def _start(self) -> None:
-        from django.conf import settings
-
         reason = self.unavailable()
         if reason:
             raise StepFailed(f"cannot reach hal0's database: {reason}",
@@ -149,21 +154,19 @@ class Hal0Session:
 
 
 # --- child side ------------------------------------------------------------------------------
+# Django is imported at the top but only set up in `main()`: hal0's models (`slots.models`)
+# can only be imported after that, so those imports stay inside the ops.
 
 
 def _sqlite_missing() -> bool:
-    from django.conf import settings
-
     db = settings.DATABASES["default"]
     return db["ENGINE"].endswith("sqlite3") and not Path(str(db["NAME"])).exists()
 
 
 def op_slots(_params: dict) -> dict:
-    from django.db import DatabaseError
-
     if _sqlite_missing():
         return {"db": "missing", "slots": []}
-    from slots.models import Slot
+    from slots.models import Slot  # noqa: PLC0415 - only after django.setup() in main()
 
     try:
         rows = list(Slot.objects.values("name", "model_name", "capability", "device",
@@ -174,11 +177,6 @@ def op_slots(_params: dict) -> dict:
 
 
 def _static_fingerprint() -> str:
-    import hashlib
-
-    from django.conf import settings
-    from django.contrib.staticfiles.finders import get_finders
-
     entries = [settings.STORAGES["staticfiles"]["BACKEND"]]
     for finder in get_finders():
         for path, storage in finder.list(["CVS", ".*", "*~"]):
@@ -187,81 +185,85 @@ def _static_fingerprint() -> str:
     return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()
 
 
-def op_setup(params: dict) -> dict:
-    """migrate, collectstatic, seed missing default slots, first admin. Each part checks
-    first and does nothing when already in place; `dry_run` only reports."""
-    from django.conf import settings
-    from django.core.management import call_command
-    from django.db import connection
-    from django.db.migrations.executor import MigrationExecutor
+class _Report:
+    """What `op_setup` did (or would do, in a dry run), part by part."""
 
-    dry = params.get("dry_run", False)
-    changes, in_place, output = [], [], io.StringIO()
+    def __init__(self, dry: bool):
+        self.dry = dry
+        self.changes: list[str] = []
+        self.in_place: list[str] = []
+        self.output = io.StringIO()  # what the management commands printed
 
-    # migrate
+    def reply(self) -> dict:
+        return {"changes": self.changes, "in_place": self.in_place,
+                "output": self.output.getvalue()}
+
+
+def _migrate(report: _Report) -> list | None:
+    """Apply pending migrations. Returns the plan: None when there is no database yet,
+    [] when the schema is up to date."""
     if _sqlite_missing():
         pending = None
     else:
         executor = MigrationExecutor(connection)
         pending = executor.migration_plan(executor.loader.graph.leaf_nodes())
     if pending == []:
-        in_place.append("database schema up to date")
-    elif dry:
-        changes.append("would create the database" if pending is None
-                       else f"would apply {len(pending)} migration(s)")
+        report.in_place.append("database schema up to date")
+    elif report.dry:
+        report.changes.append("would create the database" if pending is None
+                              else f"would apply {len(pending)} migration(s)")
     else:
-        call_command("migrate", interactive=False, verbosity=0, stdout=output)
-        changes.append("database created" if pending is None
-                       else f"applied {len(pending)} migration(s)")
+        call_command("migrate", interactive=False, verbosity=0, stdout=report.output)
+        report.changes.append("database created" if pending is None
+                              else f"applied {len(pending)} migration(s)")
+    return pending
 
-    # collectstatic (skipped when the sources have not changed since the last collect)
+
+def _collect_static(report: _Report) -> None:
+    """collectstatic, skipped when the sources have not changed since the last collect."""
     marker = Path(settings.VAR_DIR) / "static-fingerprint"
     fingerprint = _static_fingerprint()
     current = marker.read_text().strip() if marker.exists() else ""
     if current == fingerprint and Path(settings.STATIC_ROOT).is_dir():
-        in_place.append("static files up to date")
-    elif dry:
-        changes.append(f"would collect static files into {settings.STATIC_ROOT}")
+        report.in_place.append("static files up to date")
+    elif report.dry:
+        report.changes.append(f"would collect static files into {settings.STATIC_ROOT}")
     else:
-        call_command("collectstatic", interactive=False, verbosity=0, stdout=output)
+        call_command("collectstatic", interactive=False, verbosity=0, stdout=report.output)
         tmp = marker.with_name(marker.name + ".tmp")
         tmp.write_text(fingerprint + "\n")
         os.replace(tmp, marker)
-        changes.append(f"collected static files into {settings.STATIC_ROOT}")
+        report.changes.append(f"collected static files into {settings.STATIC_ROOT}")
 
-    if pending != [] and dry:  # the tables may not exist yet: nothing more to ask
-        return {"changes": [*changes, "would seed the default slots that are missing",
-                            "would create an admin login if there is none"],
-                "in_place": in_place, "output": output.getvalue()}
 
-    # seed the default slots that are missing (edited or extra slots are left alone)
-    from slots.models import Node, Slot
-    from slots.seed import DEFAULT_SLOTS
+def _seed_slots(report: _Report) -> None:
+    """Seed the default slots that are missing (edited or extra slots are left alone)."""
+    from slots.models import Node, Slot  # noqa: PLC0415 - only after django.setup() in main()
 
     missing = [s for s in DEFAULT_SLOTS if not Slot.objects.filter(name=s["name"]).exists()]
     if not missing:
-        in_place.append("default slots present")
-    elif dry:
-        changes.append("would seed slot(s) " + ", ".join(s["name"] for s in missing))
+        report.in_place.append("default slots present")
+    elif report.dry:
+        report.changes.append("would seed slot(s) " + ", ".join(s["name"] for s in missing))
     else:
         node = Node.local()
         for spec in missing:
             has_default = Slot.objects.filter(capability=spec["capability"],
                                               is_default=True).exists()
             Slot.objects.create(node=node, seeded=True, is_default=not has_default, **spec)
-        changes.append("seeded slot(s) " + ", ".join(s["name"] for s in missing))
+        report.changes.append("seeded slot(s) " + ", ".join(s["name"] for s in missing))
 
-    # the first admin login
-    from django.contrib.auth import get_user_model
 
+def _ensure_admin(report: _Report, params: dict) -> None:
+    """The first admin login."""
     if get_user_model().objects.filter(is_superuser=True).exists():
-        in_place.append("admin login exists")
-    elif dry:
-        changes.append("would create an admin login")
+        report.in_place.append("admin login exists")
+    elif report.dry:
+        report.changes.append("would create an admin login")
     else:
         password = params.get("admin_password")
         if password is None:
-            call_command("ensure_admin", stdout=output)
+            call_command("ensure_admin", stdout=report.output)
         else:
             # This child runs as hal0, which may not read the operator's file: the password
             # comes over the pipe and ensure_admin reads a private copy (gone when we
@@ -271,9 +273,23 @@ def op_setup(params: dict) -> dict:
                 fh.write(password)
                 fh.flush()
                 call_command("ensure_admin", password_file=Path(fh.name),
-                             password_source=source, stdout=output)
-        changes.append("created the admin login")
-    return {"changes": changes, "in_place": in_place, "output": output.getvalue()}
+                             password_source=source, stdout=report.output)
+        report.changes.append("created the admin login")
+
+
+def op_setup(params: dict) -> dict:
+    """migrate, collectstatic, seed missing default slots, first admin. Each part checks
+    first and does nothing when already in place; `dry_run` only reports."""
+    report = _Report(params.get("dry_run", False))
+    pending = _migrate(report)
+    _collect_static(report)
+    if pending != [] and report.dry:  # the tables may not exist yet: nothing more to ask
+        report.changes += ["would seed the default slots that are missing",
+                           "would create an admin login if there is none"]
+        return report.reply()
+    _seed_slots(report)
+    _ensure_admin(report, params)
+    return report.reply()
 
 
 OPS = {"slots": op_slots, "setup": op_setup}
@@ -288,8 +304,6 @@ def main() -> int:
         proto.flush()
 
     try:
-        import django
-
         django.setup()
     except Exception as exc:
         reply({"ok": False, "error": f"hal0 settings: {exc}",

@@ -12,7 +12,8 @@ import os
 import shlex
 from typing import Any
 
-from installer.context import UsageError
+from installer.errors import UsageError
+from providers.lemonade import catalog
 
 # Keys whose default is a string but which lemond also accepts as a number.
 ALSO_INT = {"websocket_port"}
@@ -20,8 +21,6 @@ ALSO_INT = {"websocket_port"}
 
 def load_defaults() -> dict:
     """lemond v10.6.0's built-in defaults: the key names and types `--set` may use."""
-    from providers.lemonade import catalog
-
     return catalog.load_defaults()
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from installer.context import RECORD_LOG, WANTS_DIR
+from installer.layout import RECORD_LOG, WANTS_DIR
 
 
 class CommandFailed(Exception):

@@ -22,8 +22,11 @@ from pathlib import Path
 
 from django.conf import settings
 
-from installer import download, lemond_config, usermodels
-from installer.context import (
+from installer import download, lemond_config, units, usermodels
+from installer.context import Context, Options, Output
+from installer.errors import StepFailed, UsageError
+from installer.files import chown, ensure_dir, write_file
+from installer.layout import (
     API_UNIT,
     CONFIG_FILE,
     ENV_DIR,
@@ -46,14 +49,10 @@ from installer.context import (
     UNIT_DIR,
     USER,
     USER_MODELS_FILE,
-    Context,
-    Options,
-    Output,
-    StepFailed,
-    UsageError,
 )
-from installer.files import chown, ensure_dir, write_file
 from installer.runner import CommandFailed
+from providers.lemonade import catalog
+from slots.seed import DEFAULT_SLOTS
 
 DONE, CHANGED, IN_PLACE, SKIPPED, WOULD, WOULD_FAIL = (
     "done", "changed", "already in place", "skipped", "would change", "would fail")
@@ -137,6 +136,25 @@ def _systemd_problem() -> str | None:
     return None
 
 
+def _service_access_problems() -> list[str]:
+    """What the services will miss on the real system: curl for lemond's ExecStop, and a
+    project directory and Python the hal0 user can read and run."""
+    problems = []
+    if not Path("/usr/bin/curl").exists():
+        problems.append(f"/usr/bin/curl is missing: {LEMONADE_UNIT}'s ExecStop uses "
+                        "it (systemd then falls back to SIGTERM); install curl")
+    python = Path(os.path.realpath(sys.executable))
+    if not _others_can_use(Path(settings.BASE_DIR) / "manage.py"):
+        problems.append(f"the {USER} user may not be able to read "
+                        f"{settings.BASE_DIR}: {API_UNIT} runs hal0 from there as "
+                        f"{USER} (put the project under /opt, world-readable)")
+    elif not _others_can_use(python, execute=True):
+        problems.append(f"the {USER} user may not be able to run {python} "
+                        f"(the Python behind {sys.executable}); use a Python "
+                        "outside /root for the virtualenv")
+    return problems
+
+
 def _others_can_use(path: Path, execute: bool = False) -> bool:
     """Can an unprivileged user (hal0) reach `path` and read (or execute) it?"""
     for part in [*reversed(path.parents), path]:
@@ -172,16 +190,32 @@ class Installer:
         """Check every flag before anything changes (UsageError → exit code 2)."""
         o = self.options
         if o.only:
-            wanted = set()
-            for item in o.only:
-                for name in filter(None, (s.strip() for s in item.split(","))):
-                    if name.isdigit() and 1 <= int(name) <= TOTAL:
-                        name = STEP_NAMES[int(name) - 1]
-                    if name not in STEP_NAMES:
-                        raise UsageError(f"--only {name}: unknown step; the steps are "
-                                         + ", ".join(STEP_NAMES))
-                    wanted.add(name)
-            self.selected = [n for n in STEP_NAMES if n in wanted or n in ALWAYS]
+            self.selected = self._selected_steps(o.only)
+        self._check_lemond_flags()
+        self._check_target_flags()
+        if o.set or o.unset:
+            self._parse_config_flags()
+        self._parse_checkpoints()
+        if o.admin_password_file is not None:
+            self.admin_password = self._read_admin_password(o.admin_password_file)
+
+    @staticmethod
+    def _selected_steps(only: list[str]) -> list[str]:
+        """The steps `--only` names (by name or number), plus the ones that always run."""
+        wanted = set()
+        for item in only:
+            for name in filter(None, (s.strip() for s in item.split(","))):
+                if name.isdigit() and 1 <= int(name) <= TOTAL:
+                    name = STEP_NAMES[int(name) - 1]
+                if name not in STEP_NAMES:
+                    raise UsageError(f"--only {name}: unknown step; the steps are "
+                                     + ", ".join(STEP_NAMES))
+                wanted.add(name)
+        return [n for n in STEP_NAMES if n in wanted or n in ALWAYS]
+
+    def _check_lemond_flags(self) -> None:
+        """--sha256 (normalised to lower case) and --lemond-version."""
+        o = self.options
         if o.sha256 is not None:
             sha = o.sha256.strip().lower()
             if not re.fullmatch(r"[0-9a-f]{64}", sha):
@@ -193,22 +227,32 @@ class Installer:
         if version not in (None, LEMOND_VERSION) and o.sha256 is None:
             raise UsageError(f"--lemond-version {o.lemond_version} needs --sha256 "
                              f"(only {LEMOND_VERSION}'s hash is built in)")
+
+    def _check_target_flags(self) -> None:
+        """--port, --wait-timeout and --root."""
+        o = self.options
         if not 1 <= o.port <= 65535:
             raise UsageError(f"--port {o.port}: not a TCP port")
         if o.wait_timeout < 0:
             raise UsageError("--wait-timeout must not be negative")
         if o.root is not None and Path(o.root).exists() and not Path(o.root).is_dir():
             raise UsageError(f"--root {o.root}: not a directory")
-        if o.set or o.unset:
-            if "config" not in self.selected:
-                raise UsageError("--set/--unset are applied by the config step; "
-                                 "add `--only config` (or drop --only)")
-            defaults = lemond_config.load_defaults()
-            for item in o.set:
-                key, value = lemond_config.parse_set(item, defaults)
-                self.sets[key] = value
-            self.unsets = [lemond_config.check_unset(k.strip(), defaults) for k in o.unset]
-        for item in o.checkpoint:
+
+    def _parse_config_flags(self) -> None:
+        """--set/--unset, checked against lemond's defaults (applied by the config step)."""
+        o = self.options
+        if "config" not in self.selected:
+            raise UsageError("--set/--unset are applied by the config step; "
+                             "add `--only config` (or drop --only)")
+        defaults = lemond_config.load_defaults()
+        for item in o.set:
+            key, value = lemond_config.parse_set(item, defaults)
+            self.sets[key] = value
+        self.unsets = [lemond_config.check_unset(k.strip(), defaults) for k in o.unset]
+
+    def _parse_checkpoints(self) -> None:
+        """--checkpoint MODEL=org/repo[:VARIANT] (applied by the models step)."""
+        for item in self.options.checkpoint:
             name, sep, checkpoint = item.partition("=")
             if not sep or not name.strip() or not checkpoint.strip():
                 raise UsageError(f"--checkpoint {item!r}: expected MODEL=org/repo[:VARIANT]")
@@ -216,16 +260,17 @@ class Installer:
         if self.checkpoints and "models" not in self.selected:
             raise UsageError("--checkpoint is applied by the models step; "
                              "add `--only models` (or drop --only)")
-        if o.admin_password_file is not None:
-            try:
-                password = Path(o.admin_password_file).read_text().strip()
-            except OSError as exc:
-                raise UsageError(f"--admin-password-file {o.admin_password_file}: "
-                                 f"{exc.strerror}") from None
-            if len(password) < 8:
-                raise UsageError(f"--admin-password-file {o.admin_password_file}: the "
-                                 "password is shorter than 8 characters")
-            self.admin_password = password
+
+    @staticmethod
+    def _read_admin_password(path: Path | str) -> str:
+        try:
+            password = Path(path).read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"--admin-password-file {path}: {exc.strerror}") from None
+        if len(password) < 8:
+            raise UsageError(f"--admin-password-file {path}: the "
+                             "password is shorter than 8 characters")
+        return password
 
     # -- running ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -399,8 +444,23 @@ class Installer:
 
     # -- 1 ----------------------------------------------------------------------------------
     def step_preflight(self) -> str:
+        failures: list[str] = []
+        warnings: list[str] = []
+        self._check_host(failures, warnings)
+        self._check_disk_space(failures, warnings)
+        if self.ctx.root is None:
+            warnings += _service_access_problems()
+        # A local tarball can be checked before anything changes (in a dry run too:
+        # reading it changes nothing). A URL is only fetched by a real install's step 4.
+        if "lemond" in self.selected and self._needs_lemond():
+            problem = self._tarball_problem
+            if problem:
+                failures.append(problem)
+        return self._preflight_status(failures, warnings)
+
+    def _check_host(self, failures: list[str], warnings: list[str]) -> None:
+        """Root, systemd, and a machine the pinned lemond release runs on."""
         ctx, o = self.ctx, self.options
-        failures, warnings = [], []
         if ctx.root is None and not ctx.dry_run and os.geteuid() != 0:
             failures.append("not running as root: use `sudo .venv/bin/python manage.py "
                             "install` (or --dry-run to preview, --root DIR to install into "
@@ -415,6 +475,9 @@ class Installer:
             (warnings if o.tarball else failures).append(
                 message + (" (using your --tarball)" if o.tarball else
                            ": pass --tarball with a build for this machine"))
+
+    def _check_disk_space(self, failures: list[str], warnings: list[str]) -> None:
+        ctx = self.ctx
         for system_path, what in ((LEMONADE_DIR, "lemond"), (STATE_DIR, "hal0's state")):
             free = _free_bytes(ctx.path(system_path))
             if free < MIN_FREE:
@@ -424,25 +487,9 @@ class Installer:
         if MIN_FREE <= free < MODELS_FREE:
             warnings.append(f"{free / GIB:.0f} GiB free for models at {MODELS_DIR}; "
                             "models take several GiB each")
-        if ctx.root is None:
-            if not Path("/usr/bin/curl").exists():
-                warnings.append(f"/usr/bin/curl is missing: {LEMONADE_UNIT}'s ExecStop uses "
-                                "it (systemd then falls back to SIGTERM); install curl")
-            python = Path(os.path.realpath(sys.executable))
-            if not _others_can_use(Path(settings.BASE_DIR) / "manage.py"):
-                warnings.append(f"the {USER} user may not be able to read "
-                                f"{settings.BASE_DIR}: {API_UNIT} runs hal0 from there as "
-                                f"{USER} (put the project under /opt, world-readable)")
-            elif not _others_can_use(python, execute=True):
-                warnings.append(f"the {USER} user may not be able to run {python} "
-                                f"(the Python behind {sys.executable}); use a Python "
-                                "outside /root for the virtualenv")
-        # A local tarball can be checked before anything changes (in a dry run too:
-        # reading it changes nothing). A URL is only fetched by a real install's step 4.
-        if "lemond" in self.selected and self._needs_lemond():
-            problem = self._tarball_problem
-            if problem:
-                failures.append(problem)
+
+    def _preflight_status(self, failures: list[str], warnings: list[str]) -> str:
+        ctx = self.ctx
         for text in warnings:
             ctx.warn(text)
         if failures:
@@ -612,9 +659,6 @@ class Installer:
 
     # -- 6 ----------------------------------------------------------------------------------
     def step_models(self) -> str:
-        from providers.lemonade import catalog
-        from slots.seed import DEFAULT_SLOTS
-
         ctx = self.ctx
         changed = False
         state = self._overrides()
@@ -654,8 +698,6 @@ class Installer:
 
     # -- 7 ----------------------------------------------------------------------------------
     def step_units(self) -> str:
-        from installer import units
-
         ctx, o = self.ctx, self.options
         config, _ = self._config()
         lemond_port = int(config.get("port", 13305))

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 from django.conf import settings
 from django.template.loader import render_to_string
 
-from installer.context import (
+from installer.layout import (
     API_UNIT,
     DATABASE_FILE,
     ENV_FILE,

@@ -23,7 +23,9 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from installer import download, lemond_config, steps, usermodels
-from installer.context import LEMOND_SHA256, Options, Output, StepFailed
+from installer.context import Options, Output
+from installer.errors import StepFailed
+from installer.layout import LEMOND_SHA256
 from installer.steps import Installer
 from installer.units import env_content, parse_env, render_units
 from tests.harness import free_port

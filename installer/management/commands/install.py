@@ -8,7 +8,9 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from installer.context import LEMOND_VERSION, Options, Output, UsageError
+from installer.context import Options, Output
+from installer.errors import UsageError
+from installer.layout import LEMOND_VERSION
 from installer.steps import STEP_NAMES, Installer
 
 
