@@ -165,6 +165,49 @@ def llamacpp_args_problem(args: Any, name: str = "llamacpp_args") -> str | None:
 
 
 
+def value_fits_default(key: str, default: Any, value: Any) -> bool:
+    """Whether a config value has its default's type (and, for a few keys, a value lemond
+    accepts). `bool` is checked before `int`: in Python a bool is an int."""
+    if isinstance(default, list):
+        return _list_fits(default, value)
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return _int_fits(key, value)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return _str_fits(key, value)
+    return True
+
+
+def _list_fits(default: list, value: Any) -> bool:
+    if not isinstance(value, list):
+        return False
+    if default and all(isinstance(v, str) for v in default) and \
+            not all(isinstance(v, str) for v in value):
+        return False  # a list of names (telemetry.otlp.semantics)
+    if not default and not all(isinstance(v, dict) for v in value):
+        return False  # cloud_providers: provider objects
+    return True
+
+
+def _int_fits(key: str, value: Any) -> bool:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return False
+    if key == "max_loaded_models" and (value == 0 or value < -1):
+        return False
+    return not (key == "port" and not 0 < value < 65536)
+
+
+def _str_fits(key: str, value: Any) -> bool:
+    if key == "websocket_port":  # "auto" or a port number
+        return value == "auto" or (isinstance(value, int) and not isinstance(value, bool))
+    if not isinstance(value, str):
+        return False
+    return not (key == "log_level" and value not in LOG_LEVELS)
+
+
 class ConfigMixin:
     """The effective config and its validation."""
 
@@ -221,43 +264,19 @@ class ConfigMixin:
             if problem:
                 raise ApiError(400, {"error": f"Invalid value for {name}: {problem}"})
             if isinstance(default, dict):
-                if not isinstance(value, dict):
-                    raise bad
-                if not default:  # a free-form map (telemetry.otlp.headers): string values
-                    if not all(isinstance(v, str) for v in value.values()):
-                        raise bad
-                    continue
-                self.validate_config(value, default, f"{name}.")
-            elif isinstance(default, list):
-                if not isinstance(value, list):
-                    raise bad
-                if default and all(isinstance(v, str) for v in default) and \
-                        not all(isinstance(v, str) for v in value):
-                    raise bad  # a list of names (telemetry.otlp.semantics)
-                if not default and not all(isinstance(v, dict) for v in value):
-                    raise bad  # cloud_providers: provider objects
-            elif isinstance(default, bool):
-                if not isinstance(value, bool):
-                    raise bad
-            elif isinstance(default, int):
-                if not isinstance(value, int) or isinstance(value, bool):
-                    raise bad
-                if key == "max_loaded_models" and (value == 0 or value < -1):
-                    raise bad
-                if key == "port" and not 0 < value < 65536:
-                    raise bad
-            elif isinstance(default, float):
-                if not isinstance(value, (int, float)) or isinstance(value, bool):
-                    raise bad
-            elif isinstance(default, str):
-                if key == "websocket_port":
-                    if not (value == "auto" or (isinstance(value, int)
-                                                and not isinstance(value, bool))):
-                        raise bad
-                elif not isinstance(value, str):
-                    raise bad
-                elif key == "log_level" and value not in LOG_LEVELS:
-                    raise bad
+                self._validate_section(name, default, value, bad)
+            elif not value_fits_default(key, default, value):
+                raise bad
+
+    def _validate_section(self, name: str, default: dict, value: Any, bad: ApiError) -> None:
+        """A nested config object: its keys checked against the section's defaults."""
+        if not isinstance(value, dict):
+            raise bad
+        if not default:  # a free-form map (telemetry.otlp.headers): string values
+            if not all(isinstance(v, str) for v in value.values()):
+                raise bad
+            return
+        self.validate_config(value, default, f"{name}.")
 
     def normalize_config(self, changes: Any) -> Any:
         """lemond 11 (issue #1824) takes a backend option in its flat CLI form

@@ -84,20 +84,8 @@ class DownloadsMixin:
         body = parse_required_json(req.body)
         if not isinstance(body, dict):
             raise ApiError(400, {"error": "Request body must be a JSON object"})
-        name = body["model"] if "model" in body else body.get("model_name")
+        name = self.pull_name(body)
         stream = body.get("stream") is True
-        if not isinstance(name, str) or not name:
-            raise ApiError(400, {"error": "model_name is required", "code": "invalid_request"})
-        if self.naming_spec() and is_reserved_registration_name(name):
-            raise ApiError(400, {"error": "Model names with 'extra.' / 'builtin.' prefixes are "
-                                          "reserved, including as bare-name parts of a 'user.' "
-                                          "alias. Use 'user.<name>' for registration where "
-                                          "<name> does not begin with 'extra.' or 'builtin.'. "
-                                          f"Received: {name}"})
-        if (body.get("checkpoint") or body.get("recipe")) and not name.startswith("user."):
-            raise ApiError(400, {"error": "When providing 'checkpoint' or 'recipe', the model "
-                                          "name must include the `user.` prefix, for example "
-                                          f"`user.Phi-4-Mini-GGUF`. Received: {name}"})
         if stream and body.get("subscribe") is False and self.since(10, 6):
             return json_response(self.start_job(name, body))  # a snapshot, at once (§2.8)
         try:
@@ -118,6 +106,27 @@ class DownloadsMixin:
                 self.downloaded.add(cid)
                 self.log("Info", "ModelManager", f"Downloaded {cid}")
             return json_response({"status": "success", "model_name": name})
+        return self.pull_stream(cid, name, offline)
+
+    def pull_name(self, body: dict) -> str:
+        """The model a pull names (`model`, or `model_name`), checked as lemond checks it."""
+        name = body["model"] if "model" in body else body.get("model_name")
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, {"error": "model_name is required", "code": "invalid_request"})
+        if self.naming_spec() and is_reserved_registration_name(name):
+            raise ApiError(400, {"error": "Model names with 'extra.' / 'builtin.' prefixes are "
+                                          "reserved, including as bare-name parts of a 'user.' "
+                                          "alias. Use 'user.<name>' for registration where "
+                                          "<name> does not begin with 'extra.' or 'builtin.'. "
+                                          f"Received: {name}"})
+        if (body.get("checkpoint") or body.get("recipe")) and not name.startswith("user."):
+            raise ApiError(400, {"error": "When providing 'checkpoint' or 'recipe', the model "
+                                          "name must include the `user.` prefix, for example "
+                                          f"`user.Phi-4-Mini-GGUF`. Received: {name}"})
+        return name
+
+    def pull_stream(self, cid: str, name: str, offline: bool) -> Response:
+        """An SSE pull's answer: follow a running job, complete at once, or download."""
         if self.since(10, 7):
             job = self.jobs.get(f"model:{name}")
             if job is not None and job["status"] in ("downloading", "paused"):

@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from providers.lemonade.simulator.wire import json_response
+
 GIB = 1024.0 ** 3
 QUANT = re.compile(
     r"(?:^|[-._/])((?:UD[-_])?(?:Q\d+(?:_\d)?(?:_K)?(?:_(?:M|S|L|XL|XXL))?"
@@ -210,7 +212,6 @@ class ExtraModelsMixin:
 
     async def h_model_files(self, req: Any, model_id: str) -> Any:
         """GET /v1/models/{id}/files (v10.10+): each file of a model with its own size."""
-        from providers.lemonade.simulator.wire import json_response
         cid = self.resolve_name(model_id)
         if cid is None:
             raise self.not_found(model_id)

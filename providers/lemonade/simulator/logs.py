@@ -103,6 +103,18 @@ class LogsMixin:
                 continue
         return keys
 
+    @classmethod
+    def offered_credentials(cls, scope: dict, protocols: list[str]) -> list[str]:
+        """Keys a websocket upgrade offers: a bearer header, `?api_key=`, or subprotocols."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers") or []}
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        auth = headers.get("authorization", "")
+        offered = [auth[7:].strip()] if auth.lower().startswith("bearer ") else []
+        offered += query.get("api_key", [])
+        offered += cls.subprotocol_credentials(protocols)
+        return offered
+
     async def handle_websocket(self, scope, receive, send):
         message = await receive()
         if message["type"] != "websocket.connect":
@@ -112,82 +124,100 @@ class LogsMixin:
         if not self.ws_path_ok(path, int(server[1] or 0)):
             await self.refuse_websocket(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                   for k, v in scope.get("headers") or []}
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         keys = {k for k in (self.opts.api_key, self.opts.admin_api_key) if k}
-        auth = headers.get("authorization", "")
-        offered = [auth[7:].strip()] if auth.lower().startswith("bearer ") else []
-        offered += query.get("api_key", [])
         protocols = [str(p) for p in scope.get("subprotocols") or []]
-        offered += self.subprotocol_credentials(protocols)
-        authenticated = not keys or any(k in keys for k in offered)
+        offered = self.offered_credentials(scope, protocols)
+        session = LogSession(self.logs, keys, send)
+        session.authenticated = not keys or any(k in keys for k in offered)
         # Select lemond's application protocol when offered, never the credential.
         accept = {"type": "websocket.accept"}
         if WS_APP_PROTOCOL in protocols:
             accept["subprotocol"] = WS_APP_PROTOCOL
         await send(accept)
-
-        async def send_json(data: dict) -> None:
-            await send({"type": "websocket.send", "text": dumps(data)})
-
-        forwarder: asyncio.Task | None = None
-        queue: asyncio.Queue | None = None
         try:
             while True:
                 message = await receive()
                 if message["type"] == "websocket.disconnect":
                     return
-                raw = message.get("text") or (message.get("bytes") or b"").decode("utf-8",
-                                                                                    "replace")
-                try:
-                    data = json.loads(raw)
-                    kind = data.get("type") if isinstance(data, dict) else None
-                except ValueError:
-                    data, kind = {}, None
-                if kind == "auth":
-                    authenticated = not keys or data.get("token") in keys
-                    if authenticated:
-                        await send_json({"type": "auth.ok"})
-                    else:
-                        await send_json({"type": "error", "error": {
-                            "message": "Invalid or missing API key",
-                            "type": "authentication_error"}})
-                elif not authenticated:
-                    await send_json({"type": "error", "error": {
-                        "message": "Invalid or missing API key", "type": "authentication_error"}})
-                elif kind == "logs.subscribe":
-                    if forwarder is not None:
-                        forwarder.cancel()
-                        self.logs.subscribers.discard(queue)
-                    after = data.get("after_seq")
-                    queue = asyncio.Queue()
-                    # Subscribe before the snapshot so nothing falls between the two.
-                    self.logs.subscribers.add(queue)
-                    snapshot = [e for e in self.logs.entries
-                                if not isinstance(after, int) or e["seq"] > after]
-                    await send_json({"type": "logs.snapshot", "entries": snapshot})
-                    last = snapshot[-1]["seq"] if snapshot else (after or 0)
-                    forwarder = asyncio.ensure_future(self._forward_logs(queue, last, send_json))
-                elif kind == "logs.unsubscribe":
-                    if forwarder is not None:
-                        forwarder.cancel()
-                        forwarder = None
-                    self.logs.subscribers.discard(queue)
-                else:
-                    await send_json({"type": "error", "error": {
-                        "message": f"Unknown message type: {kind}",
-                        "type": "invalid_request_error"}})
+                await session.handle(*_ws_message(message))
         finally:
-            if forwarder is not None:
-                forwarder.cancel()
-            if queue is not None:
-                self.logs.subscribers.discard(queue)
+            session.close()
 
-    @staticmethod
-    async def _forward_logs(queue: asyncio.Queue, last: int, send_json) -> None:
+
+def _ws_message(message: dict) -> tuple[object, str | None]:
+    """A client message's JSON and its `type` (({}, None) when it is not JSON)."""
+    raw = message.get("text") or (message.get("bytes") or b"").decode("utf-8", "replace")
+    try:
+        data = json.loads(raw)
+        kind = data.get("type") if isinstance(data, dict) else None
+    except ValueError:
+        data, kind = {}, None
+    return data, kind
+
+
+def _auth_error() -> dict:
+    return {"type": "error", "error": {"message": "Invalid or missing API key",
+                                       "type": "authentication_error"}}
+
+
+class LogSession:
+    """One log websocket: whether it has authenticated, and its subscription (a queue on
+    the log ring and the task forwarding new entries)."""
+
+    def __init__(self, logs: LogBuffer, keys: set[str], send):
+        self.logs = logs
+        self.keys = keys
+        self.send = send
+        self.authenticated = False
+        self.forwarder: asyncio.Future | None = None
+        self.queue: asyncio.Queue | None = None
+
+    async def send_json(self, data: dict) -> None:
+        await self.send({"type": "websocket.send", "text": dumps(data)})
+
+    async def handle(self, data, kind: str | None) -> None:
+        if kind == "auth":
+            self.authenticated = not self.keys or data.get("token") in self.keys
+            await self.send_json({"type": "auth.ok"} if self.authenticated else _auth_error())
+        elif not self.authenticated:
+            await self.send_json(_auth_error())
+        elif kind == "logs.subscribe":
+            await self.subscribe(data.get("after_seq"))
+        elif kind == "logs.unsubscribe":
+            self.unsubscribe()
+        else:
+            await self.send_json({"type": "error", "error": {
+                "message": f"Unknown message type: {kind}",
+                "type": "invalid_request_error"}})
+
+    async def subscribe(self, after) -> None:
+        if self.forwarder is not None:
+            self.forwarder.cancel()
+            self.logs.subscribers.discard(self.queue)
+        queue: asyncio.Queue = asyncio.Queue()
+        self.queue = queue
+        # Subscribe before the snapshot so nothing falls between the two.
+        self.logs.subscribers.add(queue)
+        snapshot = [e for e in self.logs.entries
+                    if not isinstance(after, int) or e["seq"] > after]
+        await self.send_json({"type": "logs.snapshot", "entries": snapshot})
+        last = snapshot[-1]["seq"] if snapshot else (after or 0)
+        self.forwarder = asyncio.ensure_future(self._forward(queue, last))
+
+    def unsubscribe(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.cancel()
+            self.forwarder = None
+        self.logs.subscribers.discard(self.queue)
+
+    def close(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.cancel()
+        if self.queue is not None:
+            self.logs.subscribers.discard(self.queue)
+
+    async def _forward(self, queue: asyncio.Queue, last: int) -> None:
         while True:
             entry = await queue.get()
             if entry["seq"] > last:
-                await send_json({"type": "logs.entry", "entry": entry})
-
+                await self.send_json({"type": "logs.entry", "entry": entry})

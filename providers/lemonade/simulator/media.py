@@ -54,11 +54,7 @@ def mp3_bytes(frames: int = 10) -> bytes:
 
 def parse_multipart(body: bytes, content_type: str) -> dict[str, tuple[str | None, bytes]]:
     """The fields of a multipart/form-data body: name → (filename, content)."""
-    boundary = ""
-    for param in content_type.split(";")[1:]:
-        key, _, value = param.strip().partition("=")
-        if key.lower() == "boundary":
-            boundary = value.strip('"')
+    boundary = _multipart_boundary(content_type)
     if not boundary:
         return {}
     result: dict[str, tuple[str | None, bytes]] = {}
@@ -70,17 +66,30 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, tuple[str | Non
         head, _, content = part.partition(b"\r\n\r\n")
         if content.endswith(b"\r\n"):
             content = content[:-2]
-        name, filename = None, None
-        for line in head.decode("utf-8", "replace").split("\r\n"):
-            if line.lower().startswith("content-disposition"):
-                for item in line.split(";")[1:]:
-                    key, _, value = item.strip().partition("=")
-                    if key == "name":
-                        name = value.strip('"')
-                    elif key == "filename":
-                        filename = value.strip('"')
+        name, filename = _part_disposition(head)
         if name:
             result[name] = (filename, content)
     return result
 
 
+def _multipart_boundary(content_type: str) -> str:
+    boundary = ""
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary":
+            boundary = value.strip('"')
+    return boundary
+
+
+def _part_disposition(head: bytes) -> tuple[str | None, str | None]:
+    """A part's field name and filename, from its Content-Disposition header."""
+    name, filename = None, None
+    for line in head.decode("utf-8", "replace").split("\r\n"):
+        if line.lower().startswith("content-disposition"):
+            for item in line.split(";")[1:]:
+                key, _, value = item.strip().partition("=")
+                if key == "name":
+                    name = value.strip('"')
+                elif key == "filename":
+                    filename = value.strip('"')
+    return name, filename

@@ -317,27 +317,7 @@ class OptionsMixin:
             if key == "pinned":
                 raise ApiError(400, {"error": "'pinned' applies to a running model; use "
                                               "/v1/load or /internal/pin"})
-            if value is None or (key != "ctx_size" and is_empty(key, value)):
-                changes[key] = None
-                continue
-            expected = default_of(recipe, key)
-            if is_number(expected):
-                ok = is_number(value)
-            elif isinstance(expected, str):
-                ok = isinstance(value, str)
-            else:
-                ok = isinstance(value, bool)
-            if not ok:
-                raise ApiError(400, {"error": f"Invalid type for option '{key}'"})
-            if key == "ctx_size":
-                whole = isinstance(value, int) and value <= INT64_MAX
-                if not whole or value < -1 or value == 0:
-                    raise ApiError(400, {"error": "'ctx_size' must be a positive whole "
-                                                  "number, or -1 to size it automatically"})
-            elif isinstance(expected, int) and not isinstance(expected, bool) and \
-                    not isinstance(value, int):
-                raise ApiError(400, {"error": f"'{key}' must be a whole number"})
-            changes[key] = value
+            changes[key] = checked_option(recipe, key, value)
         merged = dict(saved)
         for key, value in changes.items():
             if value is None:
@@ -345,3 +325,28 @@ class OptionsMixin:
             else:
                 merged[key] = value
         return merged, dry_run
+
+
+def checked_option(recipe: str, key: str, value: Any) -> Any:
+    """A posted option's value to save, or None to clear the saved one (null or empty);
+    400 for a value of the wrong type or range."""
+    if value is None or (key != "ctx_size" and is_empty(key, value)):
+        return None
+    expected = default_of(recipe, key)
+    if is_number(expected):
+        ok = is_number(value)
+    elif isinstance(expected, str):
+        ok = isinstance(value, str)
+    else:
+        ok = isinstance(value, bool)
+    if not ok:
+        raise ApiError(400, {"error": f"Invalid type for option '{key}'"})
+    if key == "ctx_size":
+        whole = isinstance(value, int) and value <= INT64_MAX
+        if not whole or value < -1 or value == 0:
+            raise ApiError(400, {"error": "'ctx_size' must be a positive whole "
+                                          "number, or -1 to size it automatically"})
+    elif isinstance(expected, int) and not isinstance(expected, bool) and \
+            not isinstance(value, int):
+        raise ApiError(400, {"error": f"'{key}' must be a whole number"})
+    return value

@@ -97,6 +97,51 @@ def shlex_split(args: str) -> list[str]:
     return tokens
 
 
+class OptionLayers:
+    """Where a load option comes from, first hit wins: the load request (an explicit null
+    skips the saved value), the saved options, the catalogue entry's, then the default."""
+
+    def __init__(self, recipe: str, request: dict, saved: dict, builtin: dict, cfg: dict):
+        self.recipe = recipe
+        self.request = request
+        self.saved = saved
+        self.builtin = builtin
+        self.cfg = cfg  # the effective config (the defaults' layer)
+
+    def pick(self, key: str, default: Any) -> Any:
+        if key in self.request:
+            return default if self.request[key] is None else self.request[key]
+        if key in self.saved:
+            return self.saved[key]
+        return self.builtin.get(key, default)
+
+    def backend(self, key: str, section: str, auto: str) -> str:
+        """A backend option: the config section's backend by default, `auto` resolved."""
+        backend = self.pick(key, self.cfg[section]["backend"])
+        if backend == "auto":
+            return auto
+        problem = backend_problem(self.recipe, backend, key)
+        if problem:
+            raise invalid_request(problem)
+        return backend
+
+
+def sdcpp_load_options(layers: OptionLayers, image: dict) -> dict[str, Any]:
+    """sd-cpp's options; the image settings default to the catalogue's image defaults."""
+    cfg = layers.cfg
+    opts: dict[str, Any] = {
+        "sd-cpp_backend": layers.backend("sd-cpp_backend", "sdcpp", "vulkan"),
+        "sdcpp_args": layers.pick("sdcpp_args", cfg["sdcpp"]["args"]) or "",
+    }
+    for key in ("steps", "cfg_scale", "width", "height"):
+        opts[key] = layers.pick(key, image.get(key, cfg["sdcpp"][key]))
+    for key in ("sampling_method", "flow_shift"):
+        value = layers.pick(key, image.get(key))
+        if value is not None:
+            opts[key] = value
+    return opts
+
+
 class RegistryMixin:
     _names: tuple[dict[str, str], dict[str, str]] | None = None
 
@@ -255,63 +300,44 @@ class RegistryMixin:
         catalogue ← config. An explicit null ignores the saved value for this load only."""
         entry = self.catalog[cid]
         recipe = entry.get("recipe", "")
-        saved = self.saved_options.get(cid, {})
-        builtin = entry.get("recipe_options") or {}
-        cfg = self.config()
+        layers = OptionLayers(recipe, request, self.saved_options.get(cid, {}),
+                              entry.get("recipe_options") or {}, self.config())
+        cfg = layers.cfg
         image = entry.get("image_defaults") or {}
-
-        def pick(key: str, default: Any) -> Any:
-            if key in request:
-                return default if request[key] is None else request[key]
-            if key in saved:
-                return saved[key]
-            return builtin.get(key, default)
-
-        def backend_of(key: str, section: str, auto: str) -> str:
-            backend = pick(key, cfg[section]["backend"])
-            if backend == "auto":
-                return auto
-            problem = backend_problem(recipe, backend, key)
-            if problem:
-                raise invalid_request(problem)
-            return backend
-
         opts: dict[str, Any] = {}
         if "ctx_size" in RECIPE_OPTION_KEYS.get(recipe, ()):
-            ctx = pick("ctx_size", cfg["ctx_size"])
+            ctx = layers.pick("ctx_size", cfg["ctx_size"])
             problem = ctx_size_problem(ctx)
             if problem:
                 raise invalid_request(problem)
             opts["ctx_size"] = ctx
         if recipe == "llamacpp":
-            # `auto` picks vulkan on the AMD boxes hal0 targets
-            backend = backend_of("llamacpp_backend", "llamacpp", "vulkan")
-            args = pick("llamacpp_args", cfg["llamacpp"]["args"]) or ""
-            problem = llamacpp_args_problem(args)
-            if problem and self.since(11, 0):  # v10.x: the backend refuses them at start
-                raise invalid_request(problem)
-            opts["llamacpp_backend"] = backend
-            opts["llamacpp_args"] = str(args)
-            device = pick("llamacpp_device", None)
-            if device:
-                opts["llamacpp_device"] = device
+            opts.update(self.llamacpp_load_options(layers))
         elif recipe == "flm":
-            opts["flm_args"] = pick("flm_args", cfg["flm"]["args"]) or ""
+            opts["flm_args"] = layers.pick("flm_args", cfg["flm"]["args"]) or ""
         elif recipe == "vllm":
-            opts["vllm_backend"] = backend_of("vllm_backend", "vllm", "rocm")
-            opts["vllm_args"] = pick("vllm_args", cfg["vllm"]["args"]) or ""
+            opts["vllm_backend"] = layers.backend("vllm_backend", "vllm", "rocm")
+            opts["vllm_args"] = layers.pick("vllm_args", cfg["vllm"]["args"]) or ""
         elif recipe == "whispercpp":
-            opts["whispercpp_backend"] = backend_of("whispercpp_backend", "whispercpp", "cpu")
-            opts["whispercpp_args"] = pick("whispercpp_args", cfg["whispercpp"]["args"]) or ""
+            opts["whispercpp_backend"] = layers.backend("whispercpp_backend", "whispercpp",
+                                                        "cpu")
+            opts["whispercpp_args"] = layers.pick("whispercpp_args",
+                                                  cfg["whispercpp"]["args"]) or ""
         elif recipe == "sd-cpp":
-            opts["sd-cpp_backend"] = backend_of("sd-cpp_backend", "sdcpp", "vulkan")
-            opts["sdcpp_args"] = pick("sdcpp_args", cfg["sdcpp"]["args"]) or ""
-            for key in ("steps", "cfg_scale", "width", "height"):
-                opts[key] = pick(key, image.get(key, cfg["sdcpp"][key]))
-            for key in ("sampling_method", "flow_shift"):
-                value = pick(key, image.get(key))
-                if value is not None:
-                    opts[key] = value
+            opts.update(sdcpp_load_options(layers, image))
+        return opts
+
+    def llamacpp_load_options(self, layers: OptionLayers) -> dict[str, Any]:
+        # `auto` picks vulkan on the AMD boxes hal0 targets
+        backend = layers.backend("llamacpp_backend", "llamacpp", "vulkan")
+        args = layers.pick("llamacpp_args", layers.cfg["llamacpp"]["args"]) or ""
+        problem = llamacpp_args_problem(args)
+        if problem and self.since(11, 0):  # v10.x: the backend refuses them at start
+            raise invalid_request(problem)
+        opts: dict[str, Any] = {"llamacpp_backend": backend, "llamacpp_args": str(args)}
+        device = layers.pick("llamacpp_device", None)
+        if device:
+            opts["llamacpp_device"] = device
         return opts
 
     def backend_start_problem(self, recipe: str, options: dict) -> str | None:

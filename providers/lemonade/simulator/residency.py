@@ -184,41 +184,12 @@ class ResidencyMixin:
         entry = self.catalog[cid]
         recipe = entry.get("recipe", "")
         kind = catalog.model_type(entry)
-        if not self.since(10, 8):
-            pinned = None  # `pinned` in the body exists since v10.8; older lemond ignores it
-        elif pinned is None and isinstance(self.saved_options.get(cid, {}).get("pinned"), bool):
-            pinned = self.saved_options[cid]["pinned"]
-
+        pinned = self._pin_for_load(cid, pinned)
         options = self.resolve_options(cid, request)
-        existing = state.loaded.get(cid)
-        if existing is not None and self.since(10, 8) and not self.backend_alive(existing):
-            # The watchdog: a dead backend is evicted and loaded again, keeping its pin.
-            if pinned is None:
-                pinned = existing.pinned
-            self.log("Warning", "Router", f"Existing backend for {cid} is unavailable "
-                                          "(state=crashed), evicting before reload")
-            await self.evict(existing, "crashed", wait_busy=False)
-            existing = None
-        if existing is not None and existing.status != "loading":
-            if not explicit or existing.options == options:
-                self.touch(existing)
-                if pinned is not None:
-                    existing.pinned = pinned
-                self.log("Info", "Router", f"{cid} is already loaded with the same options")
-                return existing
-            if pinned is None:
-                pinned = existing.pinned  # an omitted pin keeps the existing state
-            self.log("Info", "Router", f"Options changed for {cid}; reloading")
-            await self.evict(existing, "reload")
-
-        if cid not in self.downloaded:
-            if self.config().get("offline"):
-                raise model_error("model_load_error",
-                                  f"Model '{cid}' is not downloaded and lemond is offline", cid)
-            self.log("Info", "ModelManager", f"Downloading {cid} before loading it")
-            await asyncio.sleep(self.opts.pull_delay)
-            self._check_generation(generation, cid)
-            self.downloaded.add(cid)
+        reused, pinned = await self._existing_load(cid, options, pinned, explicit)
+        if reused is not None:
+            return reused
+        await self._download_for_load(cid, generation)
 
         device = self.device_for(cid, recipe, options)
         await self._make_room(cid, kind, recipe, device)
@@ -261,6 +232,53 @@ class ResidencyMixin:
         self.log("Info", "Router", f"{binary} for {cid} is ready on port {model.backend_port} "
                                    f"(pid {model.pid})")
         return model
+
+    def _pin_for_load(self, cid: str, pinned: bool | None) -> bool | None:
+        """The pin a load asks for: the request's, else the saved option's (None: keep)."""
+        if not self.since(10, 8):
+            return None  # `pinned` in the body exists since v10.8; older lemond ignores it
+        if pinned is None and isinstance(self.saved_options.get(cid, {}).get("pinned"), bool):
+            return self.saved_options[cid]["pinned"]
+        return pinned
+
+    async def _existing_load(self, cid: str, options: dict, pinned: bool | None,
+                             explicit: bool) -> tuple[LoadedModel | None, bool | None]:
+        """What a model already loaded as `cid` means for this load: (the model to answer
+        with, or None to load; the pin). A crashed backend is evicted first, and so is a
+        model an explicit load asks for with other options (a reload)."""
+        existing = self.state.loaded.get(cid)
+        if existing is not None and self.since(10, 8) and not self.backend_alive(existing):
+            # The watchdog: a dead backend is evicted and loaded again, keeping its pin.
+            if pinned is None:
+                pinned = existing.pinned
+            self.log("Warning", "Router", f"Existing backend for {cid} is unavailable "
+                                          "(state=crashed), evicting before reload")
+            await self.evict(existing, "crashed", wait_busy=False)
+            existing = None
+        if existing is not None and existing.status != "loading":
+            if not explicit or existing.options == options:
+                self.touch(existing)
+                if pinned is not None:
+                    existing.pinned = pinned
+                self.log("Info", "Router", f"{cid} is already loaded with the same options")
+                return existing, pinned
+            if pinned is None:
+                pinned = existing.pinned  # an omitted pin keeps the existing state
+            self.log("Info", "Router", f"Options changed for {cid}; reloading")
+            await self.evict(existing, "reload")
+        return None, pinned
+
+    async def _download_for_load(self, cid: str, generation: int) -> None:
+        """A load of a model not downloaded yet downloads it first (unless offline)."""
+        if cid in self.downloaded:
+            return
+        if self.config().get("offline"):
+            raise model_error("model_load_error",
+                              f"Model '{cid}' is not downloaded and lemond is offline", cid)
+        self.log("Info", "ModelManager", f"Downloading {cid} before loading it")
+        await asyncio.sleep(self.opts.pull_delay)
+        self._check_generation(generation, cid)
+        self.downloaded.add(cid)
 
     async def _make_room(self, cid: str, kind: str, recipe: str, device: str) -> None:
         state = self.state

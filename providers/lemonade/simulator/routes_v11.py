@@ -62,18 +62,30 @@ def pull_source_problem(body: dict) -> str | None:
         if field in body and body[field] is not None and not isinstance(body[field], str):
             return f"'{field}' must be a string"
     try:
-        explicit = None
-        if isinstance(body.get("registry_source"), str):
-            explicit = registry(body["registry_source"])
-        source = body.get("source")
-        if isinstance(source, str):
-            if source.lower() not in REGISTRIES and source not in LOCAL_SOURCES:
-                return (f"Unsupported model source '{source}' (expected remote registry or "
-                        "local import type)")
-            if source.lower() in REGISTRIES:
-                explicit = registry(source)
+        explicit = named_registry(body)
     except ValueError as exc:
         return str(exc)
+    return checkpoint_registry_problem(body, explicit)
+
+
+def named_registry(body: dict) -> str | None:
+    """The registry a pull names by `registry_source` or `source` (which wins), or None;
+    ValueError for a source that is neither a registry nor a local import type."""
+    explicit = None
+    if isinstance(body.get("registry_source"), str):
+        explicit = registry(body["registry_source"])
+    source = body.get("source")
+    if isinstance(source, str):
+        if source.lower() not in REGISTRIES and source not in LOCAL_SOURCES:
+            raise ValueError(f"Unsupported model source '{source}' (expected remote registry "
+                             "or local import type)")
+        if source.lower() in REGISTRIES:
+            explicit = registry(source)
+    return explicit
+
+
+def checkpoint_registry_problem(body: dict, explicit: str | None) -> str | None:
+    """Checkpoint URLs must all point at one registry, the one the pull names if any."""
     checkpoints = body.get("checkpoints")
     slots = ([v for v in checkpoints.values() if isinstance(v, str)]
              if isinstance(checkpoints, dict) else

@@ -6,7 +6,11 @@ import argparse
 import errno
 import socket
 import sys
+from http import HTTPStatus
 from typing import Any
+
+from autobahn.websocket.types import ConnectionDeny
+from daphne.ws_protocol import WebSocketProtocol
 
 from providers.lemonade.simulator.app import Simulator
 from providers.lemonade.simulator.config import SimOptions
@@ -83,82 +87,75 @@ def check_host(host: str, allow_remote: bool) -> None:
                          "(pass --allow-remote to override)")
 
 
-def _denying_websocket_protocol():
+class DenyingWebSocketProtocol(WebSocketProtocol):
     """Daphne's websocket protocol plus ASGI's websocket denial response extension, so the
     simulator can answer an upgrade it refuses with a full HTTP response (as lemond's HTTP
     server answers the plain GET the upgrade also is) instead of Daphne's bare 403. A
     streamed denial (the ≤v10.0 SSE log stream) goes out chunked as it is produced."""
-    from http import HTTPStatus
 
-    from autobahn.websocket.types import ConnectionDeny
-    from daphne.ws_protocol import WebSocketProtocol
+    denial: dict | None = None
 
-    class DenyingWebSocketProtocol(WebSocketProtocol):
-        denial: dict | None = None
-
-        def handle_reply(self, message):
-            kind = message.get("type")
-            if kind == "websocket.http.response.start" and hasattr(self, "handshake_deferred"):
-                self.denial = {"status": int(message["status"]), "body": b"",
-                               "headers": list(message.get("headers") or []),
-                               "streaming": False}
-            elif kind == "websocket.http.response.body" and self.denial is not None:
-                chunk, more = message.get("body", b""), bool(message.get("more_body"))
-                denial = self.denial
-                if more and not denial["streaming"]:
-                    # A streamed body: send the head now and the body chunked as it comes;
-                    # no handshake timeout applies to an answered request.
-                    denial["streaming"] = True
-                    if self.openHandshakeTimeoutCall is not None:
-                        self.openHandshakeTimeoutCall.cancel()
-                        self.openHandshakeTimeoutCall = None
-                    self.sendData(self._denial_head(["Transfer-Encoding: chunked"]))
-                    chunk, denial["body"] = denial["body"] + chunk, b""
-                if denial["streaming"]:
-                    if chunk:
-                        self.sendData(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
-                    if not more:
-                        self.sendData(b"0\r\n\r\n")
-                        self._finish_denial()
-                else:
-                    denial["body"] += chunk
-                    if not more:
-                        self._finish_denial()
+    def handle_reply(self, message):
+        kind = message.get("type")
+        if kind == "websocket.http.response.start" and hasattr(self, "handshake_deferred"):
+            self.denial = {"status": int(message["status"]), "body": b"",
+                           "headers": list(message.get("headers") or []),
+                           "streaming": False}
+        elif kind == "websocket.http.response.body" and self.denial is not None:
+            chunk, more = message.get("body", b""), bool(message.get("more_body"))
+            denial = self.denial
+            if more and not denial["streaming"]:
+                # A streamed body: send the head now and the body chunked as it comes;
+                # no handshake timeout applies to an answered request.
+                denial["streaming"] = True
+                if self.openHandshakeTimeoutCall is not None:
+                    self.openHandshakeTimeoutCall.cancel()
+                    self.openHandshakeTimeoutCall = None
+                self.sendData(self._denial_head(["Transfer-Encoding: chunked"]))
+                chunk, denial["body"] = denial["body"] + chunk, b""
+            if denial["streaming"]:
+                if chunk:
+                    self.sendData(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                if not more:
+                    self.sendData(b"0\r\n\r\n")
+                    self._finish_denial()
             else:
-                super().handle_reply(message)
+                denial["body"] += chunk
+                if not more:
+                    self._finish_denial()
+        else:
+            super().handle_reply(message)
 
-        def _denial_head(self, extra: list[str]) -> bytes:
-            status = self.denial["status"]
-            head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
-            # framing is this method's: the length (or chunking) it gives, then close
-            head += [f"{k.decode('latin-1')}: {v.decode('latin-1')}"
-                     for k, v in self.denial["headers"]
-                     if k.lower() not in (b"content-length", b"transfer-encoding",
-                                          b"connection")]
-            head += [*extra, "Connection: close"]
-            return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+    def _denial_head(self, extra: list[str]) -> bytes:
+        status = self.denial["status"]
+        head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
+        # framing is this method's: the length (or chunking) it gives, then close
+        head += [f"{k.decode('latin-1')}: {v.decode('latin-1')}"
+                 for k, v in self.denial["headers"]
+                 if k.lower() not in (b"content-length", b"transfer-encoding",
+                                      b"connection")]
+        head += [*extra, "Connection: close"]
+        return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
 
-        def _finish_denial(self):
-            status = self.denial["status"]
-            self.handshake_deferred.errback(ConnectionDeny(
-                code=status, reason=HTTPStatus(status).phrase))
-            del self.handshake_deferred
-            self.server.protocol_disconnected(self)
+    def _finish_denial(self):
+        status = self.denial["status"]
+        self.handshake_deferred.errback(ConnectionDeny(
+            code=status, reason=HTTPStatus(status).phrase))
+        del self.handshake_deferred
+        self.server.protocol_disconnected(self)
 
-        def sendHttpErrorResponse(self, code, reason, responseHeaders=None):
-            if self.denial is None:
-                return super().sendHttpErrorResponse(code, reason, responseHeaders)
-            if not self.denial["streaming"]:  # a streamed denial is already on the wire
-                body = self.denial["body"]
-                self.sendData(self._denial_head([f"Content-Length: {len(body)}"]) + body)
-            return None
+    def sendHttpErrorResponse(self, code, reason, responseHeaders=None):
+        if self.denial is None:
+            return super().sendHttpErrorResponse(code, reason, responseHeaders)
+        if not self.denial["streaming"]:  # a streamed denial is already on the wire
+            body = self.denial["body"]
+            self.sendData(self._denial_head([f"Content-Length: {len(body)}"]) + body)
+        return None
 
-        def check_timeouts(self):
-            if self.denial is not None and self.denial["streaming"]:
-                return  # an HTTP answer in progress, not a websocket still connecting
-            super().check_timeouts()
-
-    return DenyingWebSocketProtocol
+    def check_timeouts(self):
+        if self.denial is not None and self.denial["streaming"]:
+            return  # an HTTP answer in progress, not a websocket still connecting
+        super().check_timeouts()
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -196,9 +193,10 @@ def run(host: str = "127.0.0.1", port: int | None = None, *, allow_remote: bool 
               flush=True)
         return 1
 
-    # daphne.server installs Twisted's asyncio reactor on import: import it before Twisted.
-    from daphne.server import Server
-    from twisted.internet import reactor
+    # daphne.server installs Twisted's asyncio reactor on import: import it before Twisted,
+    # and only here, in the process that serves, not in everything that imports the package.
+    from daphne.server import Server  # noqa: PLC0415 - installs a reactor (see above)
+    from twisted.internet import reactor  # noqa: PLC0415 - only after daphne.server
 
     app = Simulator(sim_options)
     interface = host.strip("[]").replace(":", r"\:")
@@ -208,7 +206,7 @@ def run(host: str = "127.0.0.1", port: int | None = None, *, allow_remote: bool 
     server = Server(application=app, endpoints=endpoints,
                     signal_handlers=True, verbosity=0, server_name="",
                     application_close_timeout=5)
-    denying = _denying_websocket_protocol()
+    denying = DenyingWebSocketProtocol
     create_application = server.create_application
 
     def create_with_extensions(protocol, scope):
