@@ -316,7 +316,10 @@ def test_streaming_chunks_arrive_before_upstream_finishes_and_in_order(hal0, gw_
     total = arrivals[-1]
     assert total > 0.5  # ~15 tokens, 50 ms apart
     assert len(arrivals) >= 5  # not buffered into one body
-    assert arrivals[0] < total / 3, (arrivals[0], total)
+    # the first chunk arrives while upstream still has most of its ~15 x 50 ms to go (a
+    # buffered relay would deliver everything at the end); measured from the first chunk,
+    # so a slow start on a loaded machine does not count against the relay
+    assert total - arrivals[0] >= 0.4, (arrivals[0], total)
 
 
 def test_disconnect_cancels_the_upstream_request(hal0, gw_sim):
