@@ -32,7 +32,7 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
+def served(tmp_path_factory):
     """One serve for the module: a simulator whose loads take long enough to see, a token,
     and a second node where nothing listens (dead and empty: folded to one line)."""
     ARTIFACTS.mkdir(exist_ok=True)
@@ -44,10 +44,16 @@ def site(tmp_path_factory):
         stack.manage("tokens", "create", "open-webui")
         stack.manage("shell", "-c", "from slots.models import Node\n"
                      f"Node.objects.create(name='spare', base_url='http://127.0.0.1:{free_port()}')")
-        yield stack.serve(), sim
+        yield stack.serve(), sim, stack
     finally:
         stack.stop()
         sim.stop()
+
+
+@pytest.fixture(scope="module")
+def site(served):
+    url, sim, _ = served
+    return url, sim
 
 
 @pytest.fixture(scope="module")
@@ -282,13 +288,17 @@ def test_a_request_that_cannot_reach_hal0_shows_a_banner(site, browser):
 
 
 def test_phone_tables_fit_touch_targets_and_a_quiet_console(site, browser):
-    url, _ = site
+    url, sim = site
     page = login(browser, url, width=390)
     problems: list[str] = []
     page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: problems.append(str(e)))
     for path in ("/tokens/", "/nodes/", "/", "/slots/chat/"):
-        page.goto(f"{url}{path}")
+        if path == "/slots/chat/":
+            with page.expect_websocket() as socket:
+                page.goto(f"{url}{path}")
+        else:
+            page.goto(f"{url}{path}")
         page.wait_for_load_state("networkidle")
         overflow = page.evaluate(
             "document.documentElement.scrollWidth - document.documentElement.clientWidth")
@@ -298,5 +308,31 @@ def test_phone_tables_fit_touch_targets_and_a_quiet_console(site, browser):
             .map(b => [b.textContent.trim(), b.getBoundingClientRect().height])
             .filter(([, h]) => h < 44)""")
         assert small == [], (path, small)
+    # the slot page hears pushes for other cards (and node headers, the dashboard's grid):
+    # none may log an htmx error (an out-of-band swap without a target)
+    page.wait_for_selector("#live-status.on")
+    model = "bge-reranker-v2-m3-GGUF"
+    with socket.value.expect_event(
+            "framereceived", lambda frame: 'id="slot-rerank"' in str(frame), timeout=10_000):
+        httpx.post(f"{sim.url}/v1/load", json={"model_name": model}, timeout=10)
+    with socket.value.expect_event(
+            "framereceived", lambda frame: 'id="slot-rerank"' in str(frame), timeout=10_000):
+        httpx.post(f"{sim.url}/v1/unload", json={"model_name": model}, timeout=5)
+    page.evaluate("1")  # let the page's console messages arrive
     assert problems == []
+    page.context.close()
+
+
+def test_with_hal0_stopped_the_page_says_so(served, browser):
+    """Last in the module: it stops the module's serve."""
+    from playwright.sync_api import expect
+
+    url, _, stack = served
+    page = login(browser, url)
+    banner = page.locator("#conn-banner")
+    stack.stop()
+    expect(banner).to_contain_text("The live connection to hal0 is lost", timeout=10_000)
+    expect(page.locator("#live-status")).to_have_text("reconnecting")
+    page.click("#act-rerank-pin")  # pin is legal in every state
+    expect(banner).to_contain_text("hal0 cannot be reached", timeout=10_000)
     page.context.close()

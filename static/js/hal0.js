@@ -168,6 +168,23 @@
   ["htmx:wsAfterMessage", "htmx:afterSwap", "htmx:oobAfterSwap", "htmx:afterSettle"]
     .forEach(function (name) { document.addEventListener(name, keepFocus); });
 
+  // --- pushes for what this page does not show ------------------------------------------------
+  // Every open page hears every push (one group): the slot page hears other slots' cards and
+  // the node headers, a page without the swap dialog hears download progress. htmx would log
+  // each as an error (no target for the out-of-band swap): skip a message none of whose
+  // fragments has a place here.
+  var OOB_ID = /<[a-z]+\s+id="([^"]+)"[^>]*\shx-swap-oob=/g;
+  document.addEventListener("htmx:wsBeforeMessage", function (event) {
+    var message = event.detail && event.detail.message;
+    if (typeof message !== "string") return;
+    var ids = [], match;
+    OOB_ID.lastIndex = 0;
+    while ((match = OOB_ID.exec(message))) ids.push(match[1]);
+    if (ids.length && ids.every(function (id) { return !document.getElementById(id); })) {
+      event.preventDefault();
+    }
+  });
+
   // --- hal0 unreachable -----------------------------------------------------------------------
   function banner(text) {
     var node = document.getElementById("conn-banner");
