@@ -29,7 +29,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
 from . import runtime, tokens
-from .actions import lifecycle
+from .actions import fit, lifecycle
 from .actions.errors import SlotError, envelope, get_slot
 from .jsonbody import NotAJsonObject, json_object
 from .models import Node, Slot
@@ -149,7 +149,8 @@ def slot_detail(request, name: str):
     return JsonResponse({**slot.as_json(), "queue": queue})  # this process's fair queue
 
 
-def _run_action(action: str, name: str, body: dict, actor) -> tuple[dict, int]:
+def _run_action(action: str, name: str, body: dict, actor, dry_run: bool = False
+                ) -> tuple[dict, int]:
     try:
         model = ""
         if action == "swap":
@@ -157,6 +158,8 @@ def _run_action(action: str, name: str, body: dict, actor) -> tuple[dict, int]:
             if not isinstance(model, str) or not model.strip():
                 return envelope("slot.config_error", 'swap needs {"model": "<model name>"}',
                                 name), 400
+        if dry_run:  # the fit check's plan, nothing done
+            return {"plan": fit.plan(name, model or None, action=action).as_json()}, 200
         slot = lifecycle.do_action(action, name, actor=actor, model=model)
         slot.refresh_from_db()
         return slot.as_json(), 200
@@ -181,12 +184,20 @@ async def slot_action(request, name: str, action: str):
             return error_response("api.bad_json", str(exc), 400, name)
     elif request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
         body = request.POST.dict()  # e.g. an htmx form posting model=...
+    dry_run = request.GET.get("dry_run")
+    if dry_run not in (None, "", "0", "1", "true", "false"):
+        return error_response("api.bad_request", "dry_run is 1 (answer the plan, do "
+                              "nothing) or 0.", 400, name)
+    dry_run = dry_run in ("1", "true")
+    if dry_run and action not in fit.ACTIONS:
+        return error_response("api.bad_request", f"dry_run answers the fit check of load "
+                              f"and swap; {action} has none.", 400, name)
     # On the runtime's action pool: a load takes minutes and must not hold Django's shared
     # sync thread, which every other sync view needs. The actor is a user or a token's
     # principal (recorded as "token:<name>").
     data, status = await sync_to_async(
         _run_action, thread_sensitive=False, executor=runtime.current().actions)(
-        action, name, body, request.principal)
+        action, name, body, request.principal, dry_run)
     return JsonResponse(data, status=status)
 
 

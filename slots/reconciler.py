@@ -47,7 +47,7 @@ from django.conf import settings
 from django.db import close_old_connections, connection
 from django.utils import timezone
 
-from providers.lemonade import versions
+from providers.lemonade import hardware, versions
 from providers.lemonade.client import Health, LoadedModel
 from providers.lemonade.errors import (
     LemonadeBadResponse,
@@ -266,7 +266,8 @@ class Reconciler:
                 async with asyncio.timeout(timeout):
                     calls = [client.health()]
                     if want_stats:
-                        calls += [client.system_stats(), client.stats()]
+                        calls += [client.system_stats(), client.stats(),
+                                  client.system_info()]
                     results = await asyncio.gather(*calls, return_exceptions=True)
         except TimeoutError:
             seen.error = f"lemond at {node.base_url} did not answer within {timeout:g} s"
@@ -281,7 +282,7 @@ class Reconciler:
         seen.health = health
         if want_stats:
             memory.stats_at = time.monotonic()
-            seen.system_stats = _rounded_system(results[1])
+            seen.system_stats = _rounded_system(results[1], results[3], health.version)
             seen.request_stats = _rounded_requests(results[2])
         return seen
 
@@ -591,12 +592,15 @@ def _number(value: Any, digits: int) -> float | None:
     return round(float(value), digits)
 
 
-def _rounded_system(data: Any) -> dict | None:
-    """CPU/RAM/VRAM rounded to what the header shows, so noise is not a write."""
+def _rounded_system(data: Any, info: Any = None, version: str = "") -> dict | None:
+    """CPU/RAM/VRAM in use rounded to what the header shows, so noise is not a write, plus
+    the totals of `/v1/system-info` (`hardware.totals`: RAM, VRAM, GTT, model disk)."""
     if not isinstance(data, dict):
         return None
     keys = {"cpu_percent": 0, "memory_gb": 1, "gpu_percent": 0, "vram_gb": 1, "npu_percent": 0}
-    return {k: _number(data.get(k), d) for k, d in keys.items() if k in data}
+    out = {k: _number(data.get(k), d) for k, d in keys.items() if k in data}
+    out.update(hardware.totals(info, version))  # an error or odd answer: no totals
+    return out
 
 
 def _rounded_requests(data: Any) -> dict | None:

@@ -8,9 +8,10 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
+from providers.lemonade.errors import LemonadeConflict
 from slots import runtime
 from slots.actions import config, lifecycle
-from slots.actions.errors import SlotError
+from slots.actions.errors import SlotError, error_code_for
 from slots.models import Node, Slot, SlotEvent
 
 pytestmark = pytest.mark.django_db
@@ -116,12 +117,18 @@ def sim11(lemond_sim_factory, db):
     return sim
 
 
-def test_pinned_pool_is_lemond_conflict(sim11):
+def test_pinned_pool_is_refused_before_lemond_refuses_it(sim11):
+    """lemond would answer 409 slots_pinned_error; the fit check says so first (#12)."""
     sim = sim11
     httpx.post(f"{sim.url}/v1/load", json={"model_name": "Qwen3-0.6B-GGUF", "pinned": True})
     with pytest.raises(SlotError) as exc:
         lifecycle.do_load_slot("chat", actor="cli")
-    assert exc.value.code == "lemond.conflict" and exc.value.http_status == 409
+    assert exc.value.code == "slot.wont_fit" and exc.value.http_status == 409
+    assert "every loaded llm model is pinned in lemond" in exc.value.message
+    assert "Qwen3-4B-Instruct-2507-GGUF" not in sim.state()["load_calls"]
+    # should lemond still answer 409 (a pin set meanwhile), it is a lemond.conflict
+    assert error_code_for(LemonadeConflict(409, "All loaded models of type standard/llm "
+                                                "are pinned.")) == "lemond.conflict"
 
 
 def test_pin_on_a_lemond_with_pins(sim11):

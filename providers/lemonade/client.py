@@ -324,6 +324,10 @@ class _Routes:
         return _Call("GET", "/v1/system-stats", parse=_as_dict)
 
     @staticmethod
+    def system_info() -> _Call:
+        return _Call("GET", "/v1/system-info", parse=_as_dict)
+
+    @staticmethod
     def pin(model_name: str, pinned: bool) -> _Call:
         return _Call("POST", "/internal/pin", parse=_as_dict,
                      json={"model_name": validate_model_name(model_name), "pinned": pinned})
@@ -455,6 +459,10 @@ class LemonadeClient(_Base):
     async def system_stats(self) -> dict:
         return await self._call(_Routes.system_stats())
 
+    async def system_info(self) -> dict:
+        """Hardware totals (`Physical Memory`, `devices`), `model_storage` from v10.9."""
+        return await self._call(_Routes.system_info())
+
     async def pin(self, model_name: str, pinned: bool = True) -> dict:
         """Pin/unpin a loaded model (lemond >= 10.8 only)."""
         return await self._call(_Routes.pin(model_name, pinned))
@@ -548,6 +556,10 @@ class SyncLemonadeClient(_Base):
 
     def system_stats(self) -> dict:
         return self._call(_Routes.system_stats())
+
+    def system_info(self) -> dict:
+        """Hardware totals (`Physical Memory`, `devices`), `model_storage` from v10.9."""
+        return self._call(_Routes.system_info())
 
     def pin(self, model_name: str, pinned: bool = True) -> dict:
         """Pin/unpin a loaded model (lemond >= 10.8 only)."""

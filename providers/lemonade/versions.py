@@ -79,6 +79,15 @@ class Capabilities:
     llamacpp_reserved: frozenset[str]
     # flm_args from 11.0: only `--flag value` pairs of an allowlist (flm_arg_resolver.cpp)
     flm_args_allowlist: bool
+    # /v1/system-info `model_storage {path, used_bytes, total_bytes, free_bytes}` (the disk
+    # lemond downloads models to): from v10.9.0 (server.cpp get_model_storage_stats).
+    model_storage: bool
+    # /v1/system-info `devices.amd_gpu[].integrated` (an APU, whose GPU also uses GTT):
+    # from v11.0.0 (system_info.cpp get_device_dict).
+    gpu_integrated_flag: bool
+    # No lemond up to v11.7.0 (nor its main branch of 2026-08) reports what one loaded model
+    # takes: health, /v1/stats and /metrics carry only node-wide figures. hal0 estimates it.
+    model_memory: bool = False
 
     @property
     def known(self) -> bool:
@@ -224,6 +233,8 @@ def for_version(text: str | None) -> Capabilities:
         ctx_size_auto=v >= (10, 8),
         llamacpp_reserved=_llamacpp_reserved(v),
         flm_args_allowlist=v >= (11, 0),
+        model_storage=v >= (10, 9),
+        gpu_integrated_flag=v >= (11, 0),
     )
 
 

@@ -27,6 +27,7 @@ class SlotError(Exception):
         "slot.disabled": 409,
         "slot.model_shared": 409,
         "slot.too_many": 409,
+        "slot.wont_fit": 409,
         "slot.spawn_failed": 502,
         "lemond.unavailable": 503,
         "lemond.timeout": 504,

@@ -28,6 +28,7 @@ from providers.lemonade.errors import LemonadeError, LemonadeNotLoaded
 from .. import runtime, states
 from ..models import EventActor, Slot, SlotEvent, State
 from ..serving import live_leases
+from . import fit
 from .audit import Actor, fail, ms_since, record
 from .errors import SlotError, disabled, get_slot, lemond_error
 
@@ -210,6 +211,8 @@ def do_load_slot(slot: Slot | str, *, actor: Actor, join_timeout: float | None =
     if _loaded_as_asked(slot, body):
         slot.refresh_from_db()
         return slot
+    if slot.state not in states.BUSY:  # a load in progress is joined, not planned again
+        fit.check(slot, action="load")
     from_state = _transition(slot, "load", State.LOADING, f"loading {slot.model_name}")
     if from_state is None:
         return _join(slot, join_timeout or settings.HAL0_LEMONADE_LOAD_TIMEOUT)
@@ -286,6 +289,7 @@ def do_swap_slot(slot: Slot | str, new_model: str, *, actor: Actor) -> Slot:
         raise SlotError("slot.config_error", "; ".join(exc.messages), slot.name,
                         fields=exc.message_dict) from None
     _require_enabled(slot)
+    fit.check(slot, new_model, action="swap")
     old_model = slot.model_name
     from_state = _transition(slot, "swap", State.LOADING, f"swapping {old_model} → {new_model}")
     assert from_state is not None

@@ -19,7 +19,9 @@ from django.db import connection
 from providers.lemonade.errors import LemonadeError
 
 from .. import runtime
+from ..capacity import Plan
 from ..models import Slot
+from . import fit
 from .audit import Actor, actor_name, ms_since, record
 
 log = logging.getLogger("hal0.actions")
@@ -60,6 +62,10 @@ async def _pull(slot: Slot, model: str, actor: str, progress: Progress) -> None:
     started = time.monotonic()
     outcome, message = "error", ""
     try:
+        # the fit check: a download that does not fit on lemond's model disk never starts
+        plan = await sync_to_async(_plan_download, thread_sensitive=False)(slot, model)
+        if plan.refusal:
+            raise _Refused(f"Refused: {plan.refusal}")
         async with slot.node.client() as client:
             async for event in client.pull(model):
                 if event.event == "error":
@@ -71,7 +77,7 @@ async def _pull(slot: Slot, model: str, actor: str, progress: Progress) -> None:
                     outcome, message = "complete", f"downloaded {model}"
     except asyncio.CancelledError:
         outcome, message = "cancelled", f"download of {model} cancelled"
-    except LemonadeError as exc:
+    except (LemonadeError, _Refused) as exc:
         message = str(exc)
     if outcome == "error":
         message = message or f"download of {model} ended without completing"
@@ -83,6 +89,17 @@ async def _pull(slot: Slot, model: str, actor: str, progress: Progress) -> None:
             code="" if outcome == "complete" else f"pull.{outcome}", message=message)
     except Exception:  # the slot may be gone; the download outcome was still shown
         log.exception("could not record the pull of %s", model)
+
+
+class _Refused(Exception):
+    """The fit check refused the download (its message says why)."""
+
+
+def _plan_download(slot: Slot, model: str) -> Plan:
+    try:
+        return fit.plan(slot, model, action="download")
+    finally:
+        connection.close()
 
 
 def _record_and_close(*args: Any, **kwargs: Any) -> None:

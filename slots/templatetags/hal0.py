@@ -5,7 +5,7 @@ from django.utils import timezone
 from django.utils.formats import date_format
 from django.utils.timesince import timesince
 
-from slots import runtime
+from slots import capacity, runtime
 
 register = template.Library()
 
@@ -77,3 +77,15 @@ def ms(value) -> str:
     if value is None or value == "":
         return "—"
     return f"{float(value):.0f} ms"
+
+
+@register.filter
+def gauges(node) -> list:
+    """The node's memory and disk bars (`slots.capacity.gauges`)."""
+    return capacity.gauges(node.system_stats)
+
+
+@register.filter
+def footprint(slot):
+    """What the slot's loaded model takes (an estimate), for its card."""
+    return capacity.slot_footprint(slot)

@@ -116,3 +116,13 @@ SIM_FLM_MODELS = {
 }
 
 
+
+# The simulated box: a 128 GB Strix Halo APU with 96 GB given to the GPU in the BIOS, so
+# Linux sees ~31 GB of RAM and the amdgpu driver's GTT defaults to half of that. lemond
+# reads MemTotal (/proc/meminfo) and mem_info_vram_total / mem_info_gtt_total (sysfs).
+MEM_TOTAL_GB = 31.26
+VRAM_TOTAL_GB = 96.0
+GTT_TOTAL_GB = 15.63
+DISK_TOTAL_BYTES = 2 * 1024 ** 4
+BASE_RAM_USED_GB = 6.2  # the OS and lemond itself
+BASE_VRAM_USED_GB = 0.4  # the desktop's framebuffer

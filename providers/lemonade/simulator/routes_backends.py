@@ -7,6 +7,12 @@ from __future__ import annotations
 
 import asyncio
 
+from providers.lemonade.simulator.constants import (
+    DISK_TOTAL_BYTES,
+    GTT_TOTAL_GB,
+    MEM_TOTAL_GB,
+    VRAM_TOTAL_GB,
+)
 from providers.lemonade.simulator.wire import (
     ApiError,
     Request,
@@ -79,19 +85,23 @@ class BackendsMixin:
         return recipes
 
     async def h_system_info(self, req: Request) -> Response:
-        used = int(sum(self.size_gb(c) for c in self.downloaded) * 1024 ** 3)
-        total = 2 * 1024 ** 4
-        info = {
+        """SystemInfoCache + handle_system_info: `Physical Memory` is MemTotal as
+        "%.2f GB"; each AMD GPU carries its VRAM and GTT totals (`vram_gb`,
+        `virtual_mem_gb`), `integrated` from v11.0; `model_storage` (the models' disk)
+        arrives in v10.9."""
+        gpu = {"name": GPU[0], "available": True}
+        if self.since(11, 0):
+            gpu["integrated"] = True
+        gpu.update({"vram_gb": VRAM_TOTAL_GB, "virtual_mem_gb": GTT_TOTAL_GB,
+                    "family": "gfx1151"})
+        info: dict = {
             "OS Version": "Linux-6.14.0-sim-x86_64-with-glibc2.41",
             "Processor": "AMD RYZEN AI MAX+ 395 w/ Radeon 8060S (simulated)",
-            "Physical Memory": "128.0 GB",
-            "model_storage": {"path": "/var/cache/huggingface/hub", "used_bytes": used,
-                              "total_bytes": total, "free_bytes": total - used},
+            "Physical Memory": f"{MEM_TOTAL_GB:.2f} GB",
             "devices": {
                 "cpu": {"name": "AMD RYZEN AI MAX+ 395 (simulated)", "cores": 16,
                         "threads": 32, "available": True, "family": "x86_64"},
-                "amd_gpu": [{"name": GPU[0], "vram_gb": 96.0, "available": True,
-                             "family": "gfx1151"}],
+                "amd_gpu": [gpu],
                 "nvidia_gpu": [],
                 "amd_npu": {"name": "AMD XDNA 2 NPU (simulated)", "power_mode": "default",
                             "available": True, "family": "XDNA2"},
@@ -100,6 +110,11 @@ class BackendsMixin:
         }
         if self.since(10, 6):
             info["no_fetch_executables"] = bool(self.config().get("no_fetch_executables"))
+        if self.since(10, 9):
+            used = int(sum(self.size_gb(c) for c in self.downloaded) * 1024 ** 3)
+            info["model_storage"] = {
+                "path": "/var/cache/huggingface/hub", "used_bytes": used,
+                "total_bytes": DISK_TOTAL_BYTES, "free_bytes": DISK_TOTAL_BYTES - used}
         return json_response(info)
 
     @staticmethod

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from providers.lemonade.simulator.constants import (
+    BASE_RAM_USED_GB,
+    BASE_VRAM_USED_GB,
+    MEM_TOTAL_GB,
+)
 from providers.lemonade.simulator.metrics import prometheus_text
 from providers.lemonade.simulator.wire import Request, Response, json_response
 
@@ -72,19 +77,31 @@ class StatusRoutes:
         return json_response(body)
 
     async def h_system_stats(self, req: Request) -> Response:
+        """handle_system_stats: `memory_gb` is RAM in use (MemTotal - MemAvailable, one
+        decimal); `vram_gb` is the busiest AMD GPU's memory in use, on an APU VRAM + GTT
+        (sysfs mem_info_*_used), null without one."""
         models = self.ready_models()
         busy = sum(m.busy for m in models)
         on_gpu = [m for m in models if "gpu" in m.device]
         on_npu = [m for m in models if "npu" in m.device]
+        in_ram = [m for m in models if "gpu" not in m.device]
         return json_response({
             "cpu_percent": round(3.0 + 11.0 * busy, 1),
-            "memory_gb": round(6.2 + sum(self.size_gb(m.name) for m in models
-                                         if m.device == "cpu"), 2),
+            "memory_gb": round(min(MEM_TOTAL_GB, BASE_RAM_USED_GB + sum(
+                self.resident_gb(m) for m in in_ram)), 1),
             "gpu_percent": round(min(99.0, 1.0 + 45.0 * sum(m.busy for m in on_gpu)), 1),
-            "vram_gb": round(0.4 + sum(self.size_gb(m.name) * 1.1 for m in on_gpu), 2),
+            "vram_gb": round(BASE_VRAM_USED_GB + sum(self.resident_gb(m) for m in on_gpu), 2),
             "npu_percent": (round(min(99.0, 30.0 * sum(m.busy for m in on_npu)), 1)
                             if on_npu else None),
         })
+
+    def resident_gb(self, model: Any) -> float:
+        """What one backend holds: its weights plus, for a text model, an f16 KV cache of
+        its context (~0.11 MB per token for the catalogue's small GGUFs)."""
+        ctx = model.shown_options().get("ctx_size")
+        kv = 0.11 * ctx / 1024 if model.type in ("llm", "embedding", "reranking") and \
+            isinstance(ctx, int) and ctx > 0 else 0.0
+        return self.size_gb(model.name) + kv
 
     async def h_metrics(self, req: Request) -> Response:
         return Response(200, prometheus_text(self).encode(), "text/plain; version=0.0.4")

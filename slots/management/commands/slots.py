@@ -1,7 +1,7 @@
 """`manage.py slots`: the operator's CLI over the same actions the dashboard uses.
 
     slots list [--json]            slots show NAME [--json]
-    slots load|unload|restart NAME slots swap NAME MODEL
+    slots load|unload|restart NAME slots swap NAME MODEL   (load/swap: --dry-run)
     slots pin|unpin NAME           slots export [-o FILE]
     slots import FILE [--dry-run]
 
@@ -19,7 +19,7 @@ from rich.table import Table
 
 import providers
 from slots import portability
-from slots.actions import lifecycle
+from slots.actions import fit, lifecycle
 from slots.actions.errors import SlotError, get_slot
 from slots.models import EventActor, Slot
 
@@ -39,11 +39,16 @@ class Command(BaseCommand):
             p = sub.add_parser(action, help=f"{action} a slot", called_from_command_line=True)
             p.add_argument("name")
             p.add_argument("--json", action="store_true", help="print the slot as JSON")
+            if action == "load":
+                p.add_argument("--dry-run", action="store_true",
+                               help="print the fit check (memory, evictions), load nothing")
         p = sub.add_parser("swap", help="serve another model (kept only if it loads)",
                            called_from_command_line=True)
         p.add_argument("name")
         p.add_argument("model")
         p.add_argument("--json", action="store_true")
+        p.add_argument("--dry-run", action="store_true",
+                       help="print the fit check (memory, evictions), swap nothing")
         p = sub.add_parser("export", help="every slot definition as JSON",
                            called_from_command_line=True)
         p.add_argument("-o", "--output", help="write to this file instead of stdout")
@@ -106,7 +111,9 @@ class Command(BaseCommand):
 
     # --- lifecycle ----------------------------------------------------------------------
     def lifecycle(self, action: str, name: str, json: bool = False, model: str | None = None,
-                  **_):
+                  dry_run: bool = False, **_):
+        if dry_run:
+            return self.plan(action, name, model, json=json)
         try:
             slot = lifecycle.do_action(action, name, actor=EventActor.CLI, model=model or "")
         except SlotError as exc:
@@ -119,8 +126,25 @@ class Command(BaseCommand):
             self.stdout.write(f"{slot.name}: {action} ok — state {slot.state}"
                               + (f", serving {slot.loaded_model}" if slot.loaded_model else ""))
 
-    def do_swap(self, name: str, model: str, json: bool = False, **_):
-        return self.lifecycle("swap", name, json=json, model=model)
+    def do_swap(self, name: str, model: str, json: bool = False, dry_run: bool = False, **_):
+        return self.lifecycle("swap", name, json=json, model=model, dry_run=dry_run)
+
+    def plan(self, action: str, name: str, model: str | None, json: bool = False) -> None:
+        """The fit check without acting; exit 1 when hal0 would refuse."""
+        try:
+            result = fit.plan(name, model, action=action)
+        except SlotError as exc:
+            self.stderr.write(_dumps(exc.envelope()))
+            sys.exit(1)
+        if json:
+            self.stdout.write(_dumps(result.as_json()))
+        else:
+            self.stdout.write(f"{name}: {action} {result.model} — {result.verdict} (dry run: "
+                              "nothing done)")
+            for line in result.lines():
+                self.stdout.write(f"  {line}")
+        if not result.ok:
+            sys.exit(1)
 
     # --- portability -------------------------------------------------------------------
     def do_export(self, output: str | None = None, **_):
