@@ -51,6 +51,7 @@ class SlotForm(QueueTimeoutOptional):
                 self.fields[name].help_text = "Only staff (or slots.manage_slots) change this."
         # validation writes the new values onto the instance; the action needs the old name
         self.original_name = self.instance.name
+        self.model_note = ""  # "could not check the model" after a save (see clean)
         # any enabled node (and the slot's current one, even if disabled since)
         current = self.instance.node_id if self.instance.pk else None
         self.fields["node"].queryset = Node.objects.filter(
@@ -61,6 +62,23 @@ class SlotForm(QueueTimeoutOptional):
         if self.instance.pk and self.instance.seeded:
             self.fields["name"].disabled = True
             self.fields["name"].help_text = "Seeded slots keep their name."
+
+    def clean(self) -> dict:
+        """The model must be one the node's lemond knows (a typo is refused naming the
+        closest names); when lemond cannot be asked the form says so and saves."""
+        data = super().clean()
+        self.model_note = ""
+        model, capability = data.get("model_name"), data.get("capability")
+        node = data.get("node") or (self.instance.node if self.instance.node_id else None)
+        unchanged = self.instance.pk and model == self.instance.model_name \
+            and capability == self.instance.capability
+        if not model or not capability or "model_name" in self.errors or unchanged:
+            return data
+        result = config.check_model(node or Node.local(), model, capability)
+        if result.error:
+            self.add_error("model_name", result.error)
+        self.model_note = result.note
+        return data
 
     def desired(self) -> dict:
         data = {f: self.cleaned_data.get(f) for f in Slot.DESIRED_FIELDS}

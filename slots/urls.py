@@ -13,6 +13,7 @@ urlpatterns = [
     path("nodes/<slug:name>/delete/", views.node_delete, name="node-delete"),
     path("tokens/", views.token_list, name="tokens"),
     path("tokens/<slug:name>/revoke/", views.token_revoke, name="token-revoke"),
+    path("models/pick/", views.model_pick, name="model-pick"),
     path("slots/<str:name>/", views.slot_detail, name="detail"),
     path("slots/<str:name>/delete/", views.slot_delete, name="delete"),
     path("slots/<str:name>/do/<str:action>/", views.slot_action, name="action"),

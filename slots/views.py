@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from urllib.parse import quote
 
@@ -18,6 +19,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.db import connection
 from django.db.models import Count
 from django.http import Http404, HttpResponse, HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect, render
@@ -29,9 +31,10 @@ from django.views.decorators.http import require_http_methods, require_POST
 from providers.lemonade import catalog
 from providers.lemonade.errors import LemonadeError
 
-from . import leases, live, metrics, runtime, states, tokens
-from .actions import config, lifecycle, pulls
+from . import capacity, leases, live, metrics, runtime, states, tokens
+from .actions import config, fit, lifecycle, pulls
 from .actions.errors import SlotError
+from .capacity import Plan
 from .consumers import LEVELS
 from .forms import NodeForm, SlotForm, TokenForm
 from .models import LEMOND_TYPE, ApiToken, Capability, Node, Slot, can_manage_slots
@@ -95,15 +98,18 @@ def dashboard(request):
 @require_http_methods(["GET", "POST"])
 def slot_detail(request, name):
     slot = get_object_or_404(Slot.objects.select_related("node"), name=name)
-    saved = False
+    saved, note = False, ""
     if request.method == "POST":
         form = SlotForm(request.POST, instance=Slot.objects.select_related("node").get(pk=slot.pk),
                         user=request.user)
         if form.is_valid():
             updated = form.save_through_actions(request.user)
+            note = form.model_note
             if updated is not None:
                 if updated.name != name:
                     messages.success(request, f"Saved {name} as {updated.name}.")
+                    if note:
+                        messages.warning(request, note)
                     target = reverse("slots:detail", args=[updated.name])
                     if request.htmx:
                         return HttpResponse(headers={"HX-Redirect": target})
@@ -112,7 +118,7 @@ def slot_detail(request, name):
                 form = SlotForm(instance=updated, user=request.user)
         if request.htmx:
             response = render(request, "slots/detail.html#slot-form",
-                              {"slot": slot, "form": form, "saved": saved})
+                              {"slot": slot, "form": form, "saved": saved, "note": note})
             if saved:
                 return toast(response, f"Saved {slot.name}.")
             return toast(response, "Not saved: see the form's errors.", "error")
@@ -121,7 +127,7 @@ def slot_detail(request, name):
     else:
         form = SlotForm(instance=slot, user=request.user)
     return render(request, "slots/detail.html", {
-        "slot": slot, "form": form, "saved": saved,
+        "slot": slot, "form": form, "saved": saved, "note": note,
         "events": slot.events.all()[:50],
         "chart": load_chart(slot),
         "traffic": metrics.slot_stats(slot.name, runtime.current().metrics.pending()),
@@ -170,6 +176,8 @@ def slot_create(request):
     form = SlotForm(request.POST if request.method == "POST" else None, user=request.user)
     if request.method == "POST" and form.is_valid():
         slot = form.save_through_actions(request.user)
+        if slot is not None and form.model_note:
+            messages.warning(request, form.model_note)  # saved, but lemond was not asked
         if slot is not None:  # open dashboards get the new card from the action
             messages.success(request, f"Created slot {slot.name}.")
             target = reverse("slots:detail", args=[slot.name])
@@ -216,6 +224,11 @@ async def slot_action(request, name, action):
     model = (request.POST.get("model") or "").strip()
     if action == "swap" and not model:
         return await _answer(request, name, "Pick a model to swap to.")
+    if action in ("load", "swap") and request.htmx and request.POST.get("confirmed") != "1":
+        # the confirm step: a load that evicts, may not fit or is refused shows its plan first
+        plan = await sync_to_async(_plan_or_none, thread_sensitive=False)(name, model, action)
+        if plan is not None and plan.verdict in ("refused", "warning"):
+            return await sync_to_async(_confirm)(request, name, action, model, plan)
     state = runtime.current()
     future = state.submit(lifecycle.do_action, action, name, actor=user, model=model)
     wrapped = asyncio.wrap_future(future)
@@ -230,8 +243,26 @@ async def slot_action(request, name, action):
             *_outcome(action, f, finished))))
         error, message = "", started
     return await _answer(request, name, error, message=message, with_card=bool(done),
-                         close_modal=action == "swap" and not error,
+                         close_modal=(action == "swap" or request.POST.get("confirmed") == "1")
+                         and not error,
                          level="error" if error else "success" if done else "info")
+
+
+def _plan_or_none(name: str, model: str, action: str) -> Plan | None:
+    try:
+        return fit.plan(name, model or None, action=action)
+    except SlotError:
+        return None  # no such slot: the action says so
+    finally:
+        connection.close()  # a worker thread of its own
+
+
+def _confirm(request, name: str, action: str, model: str, plan: Plan) -> HttpResponse:
+    """The fit verdict in the dialog, with "… anyway" unless hal0 refuses."""
+    slot = Slot.objects.select_related("node").get(name=name)
+    html = render_to_string("slots/_fit_confirm.html", {
+        "slot": slot, "action": action, "model": model, "plan": plan}, request=request)
+    return HttpResponse(html)
 
 
 def action_error(action: str, exc: BaseException | None) -> str:
@@ -292,7 +323,7 @@ def model_rows(rows: list[dict], capability: str, query: str, current: str) -> l
         model_id = row["id"]
         if not model_id or catalog.model_type(row) != pool:
             continue
-        if query and query not in model_id.lower():
+        if query and not _matches(row, query):
             continue
         fitting.append({
             "id": model_id, "downloaded": bool(row.get("downloaded")),
@@ -302,6 +333,9 @@ def model_rows(rows: list[dict], capability: str, query: str, current: str) -> l
             "recipe": row.get("recipe") if isinstance(row.get("recipe"), str) else "",
             "current": model_id == current,
             "dom_id": dom_id(model_id),
+            "entry": row,
+            "labels": [x for x in row.get("labels") or [] if isinstance(x, str)]
+            if isinstance(row.get("labels"), list) else [],
         })
     fitting.sort(key=lambda r: (not r["current"], not r["downloaded"], not r["suggested"],
                                 r["id"].lower()))
@@ -321,6 +355,37 @@ def _size_field(request) -> float | None:
         return None
 
 
+_SIZE_FILTER = re.compile(r"^([<>]=?)\s*([0-9]+(?:\.[0-9]+)?)\s*(?:gb)?$")
+
+
+def _matches(row: dict, query: str) -> bool:
+    """Every word of `query` matches: `<5` / `>=2gb` the size in GB, anything else a part
+    of the name, a label or the recipe."""
+    labels, recipe = row.get("labels"), row.get("recipe")
+    words = [row["id"], recipe if isinstance(recipe, str) else ""]
+    words += [x for x in (labels if isinstance(labels, list) else []) if isinstance(x, str)]
+    text = " ".join(words).lower()
+    size = row.get("size") if isinstance(row.get("size"), (int, float)) else None
+    for word in query.split():
+        bound = _SIZE_FILTER.match(word)
+        if bound:
+            op, limit = bound.group(1), float(bound.group(2))
+            if size is None or not {"<": size < limit, "<=": size <= limit,
+                                     ">": size > limit, ">=": size >= limit}[op]:
+                return False
+        elif word not in text:
+            return False
+    return True
+
+
+def _plan_rows(slot: Slot, rows: list[dict], health) -> None:
+    slots = list(Slot.objects.filter(node_id=slot.node_id))
+    for row in rows:
+        row["plan"] = capacity.compute(slot, row["id"], "swap", entry=row["entry"],
+                                       health=health, stats=slot.node.system_stats or {},
+                                       slots=slots)
+
+
 def dom_id(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in text)
 
@@ -328,18 +393,52 @@ def dom_id(text: str) -> str:
 @login_required
 async def swap_picker(request, name):
     slot = await _slot_or_404(name)
-    rows, error = [], ""
+    rows, error, health = [], "", None
     try:
         async with slot.node.client(settings.HAL0_PAGE_LEMOND_TIMEOUT_S) as client:
-            listed = await asyncio.wait_for(client.models(show_all=True),
-                                            settings.HAL0_PAGE_LEMOND_TIMEOUT_S)
+            listed, health = await asyncio.wait_for(
+                asyncio.gather(client.models(show_all=True), client.health()),
+                settings.HAL0_PAGE_LEMOND_TIMEOUT_S)
         rows = model_rows(listed, slot.capability, request.GET.get("q", ""), slot.model_name)
     except (LemonadeError, TimeoutError) as exc:
         error = f"Cannot list lemond's models: {exc or 'no answer in time'}"
-    context = {"slot": slot, "rows": rows[:PICKER_ROWS], "more": max(0, len(rows) - PICKER_ROWS),
+    shown = rows[:PICKER_ROWS]
+    if shown:  # each row's fit verdict, from one health read and the node's totals
+        await sync_to_async(_plan_rows)(slot, shown, health)
+    context = {"slot": slot, "rows": shown, "more": max(0, len(rows) - PICKER_ROWS),
                "error": error, "q": request.GET.get("q", ""),
                "pulling": {r["id"] for r in rows if pulls.pull_running(slot.node_id, r["id"])}}
     template = "slots/_swap_picker.html#rows" if "q" in request.GET else "slots/_swap_picker.html"
+    return await sync_to_async(render)(request, template, context)
+
+
+@login_required
+async def model_pick(request):
+    """The Model field's picker: the node's catalogue for a capability (the same rows as
+    Swap: filter by name, label or size, downloaded first, sizes in GB); "Use this" fills
+    the field. Takes the form's `capability`, `node` and `model_name`."""
+    capability = request.GET.get("capability") or ""
+    if capability not in Capability.values:
+        return HttpResponse("Choose the slot's capability first.", status=400)
+    node_id = request.GET.get("node") or ""
+    node = await Node.objects.filter(pk=int(node_id)).afirst() if node_id.isdigit() \
+        else await sync_to_async(Node.local)()
+    if node is None:
+        return HttpResponse("No such node.", status=400)
+    current = (request.GET.get("model_name") or "").strip()
+    query = request.GET.get("q", "")
+    rows, error = [], ""
+    try:
+        async with node.client(settings.HAL0_PAGE_LEMOND_TIMEOUT_S) as client:
+            listed = await asyncio.wait_for(client.models(show_all=True),
+                                            settings.HAL0_PAGE_LEMOND_TIMEOUT_S)
+        rows = model_rows(listed, capability, query, current)
+    except (LemonadeError, TimeoutError) as exc:
+        error = f"Cannot list lemond's models: {exc or 'no answer in time'}"
+    context = {"rows": rows[:PICKER_ROWS], "more": max(0, len(rows) - PICKER_ROWS),
+               "error": error, "q": query, "node": node, "capability": capability,
+               "label": Capability(capability).label, "current": current}
+    template = "slots/_model_pick.html#rows" if "q" in request.GET else "slots/_model_pick.html"
     return await sync_to_async(render)(request, template, context)
 
 
@@ -379,7 +478,8 @@ async def pull_start(request, name):
             runtime.current().live.send(toast_html(
                 words.format(model=model, message=data.get("message", "")), level))
 
-    pulls.do_start_pull(slot, model, actor=user, progress=progress)
+    pulls.do_start_pull(slot, model, actor=user, progress=progress,
+                        then_swap=request.POST.get("then") == "swap")
     return toast(HttpResponse(_pull_fragment(slot, model, "starting", {}, size)),
                  f"Downloading {model} for {slot.name}…", "info")
 

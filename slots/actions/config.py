@@ -7,7 +7,9 @@ the new card, or the whole grid when a card's place changed, after the commit.
 
 from __future__ import annotations
 
+import difflib
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
@@ -15,10 +17,12 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 
 import providers
+from providers.lemonade import catalog
 from providers.lemonade.errors import LemonadeError
+from providers.lemonade.names import resolution_forms
 
 from .. import runtime, states
-from ..models import Node, Slot, SlotEvent
+from ..models import LEMOND_TYPE, Capability, Node, Slot, SlotEvent
 from .audit import Actor, actor_name, record, record_node_change
 from .errors import SlotError, get_slot, unknown_fields
 from .lifecycle import model_wanted_elsewhere
@@ -58,6 +62,45 @@ def too_many_slots(count: int) -> SlotError | None:
         return None
     return SlotError("slot.too_many", f"hal0 keeps at most {cap} slots (HAL0_MAX_SLOTS); "
                      "delete some, or raise the limit.")
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """What lemond's catalogue says about a slot's model: `error` refuses the save,
+    `note` is shown beside a save that went ahead (lemond could not be asked)."""
+
+    error: str = ""
+    note: str = ""
+    suggestions: tuple[str, ...] = ()
+
+
+def check_model(node: Node, model: str, capability: str) -> ModelCheck:
+    """Is `model` in the node's catalogue (built-in, imported or a user model: lemond's
+    `/v1/models?show_all=true`)? If not, the closest names (difflib), those of the slot's
+    model type first. A model of another type is refused too (a chat slot cannot serve an
+    embedding model). lemond unreachable: no error, a note."""
+    try:
+        rows = providers.get().client(node).models(show_all=True)
+    except LemonadeError as exc:
+        return ModelCheck(note=f"Could not check {model!r} against lemond's catalogue ({exc}); "
+                               "saved anyway: a load will tell.")
+    kinds = {row["id"]: catalog.model_type(row) for row in rows
+             if isinstance(row.get("id"), str) and row["id"]}
+    found = next((form for form in resolution_forms(model) if form in kinds), None)
+    wanted = LEMOND_TYPE.get(Capability(capability)) if capability in Capability.values else None
+    if found is not None:
+        if wanted and kinds[found] not in (wanted, "collection"):
+            return ModelCheck(error=f"{model} is of type {kinds[found]}; a {capability} slot "
+                                    f"serves {wanted} models.")
+        return ModelCheck()
+    same = [name for name, kind in kinds.items() if kind == wanted]
+    close = difflib.get_close_matches(model, same, n=3, cutoff=0.6) or \
+        difflib.get_close_matches(model, list(kinds), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else \
+        " Pick one from the catalogue."
+    return ModelCheck(error=f"lemond on {node.name} does not know {model!r}: it is neither "
+                            f"in its catalogue nor one of its user models.{hint}",
+                      suggestions=tuple(close))
 
 
 def do_create_slot(data: dict[str, Any], *, actor: Actor) -> Slot:

@@ -21,7 +21,7 @@ from providers.lemonade.errors import LemonadeError
 from .. import runtime
 from ..capacity import Plan
 from ..models import Slot
-from . import fit
+from . import fit, lifecycle
 from .audit import Actor, actor_name, ms_since, record
 
 log = logging.getLogger("hal0.actions")
@@ -34,9 +34,11 @@ def pull_running(node_id: int, model: str) -> bool:
     return task is not None and not task.done()
 
 
-def do_start_pull(slot: Slot, model: str, *, actor: Actor, progress: Progress) -> bool:
+def do_start_pull(slot: Slot, model: str, *, actor: Actor, progress: Progress,
+                  then_swap: bool = False) -> bool:
     """Start downloading `model` on the slot's node (call from the event loop). `progress`
-    gets ("progress" | "complete" | "error" | "cancelled", data). False if one is running."""
+    gets ("progress" | "complete" | "error" | "cancelled", data). False if one is running.
+    `then_swap`: once downloaded, swap the slot to it ("Download & swap", one step)."""
     key = (slot.node_id, model)
     if pull_running(*key):
         return False
@@ -44,7 +46,8 @@ def do_start_pull(slot: Slot, model: str, *, actor: Actor, progress: Progress) -
     # A fresh context: the task outlives the request, whose thread-sensitive executor
     # (Django's per-request context) is gone by the time the download ends.
     task = asyncio.get_running_loop().create_task(
-        _pull(slot, model, actor_name(actor), progress), context=contextvars.Context())
+        _pull(slot, model, actor_name(actor), progress, then_swap),
+        context=contextvars.Context())
     pulls[key] = task
     task.add_done_callback(lambda _task: pulls.pop(key, None))
     return True
@@ -58,7 +61,8 @@ def do_cancel_pull(node_id: int, model: str) -> bool:
     return True
 
 
-async def _pull(slot: Slot, model: str, actor: str, progress: Progress) -> None:
+async def _pull(slot: Slot, model: str, actor: str, progress: Progress,
+                then_swap: bool = False) -> None:
     started = time.monotonic()
     outcome, message = "error", ""
     try:
@@ -89,6 +93,9 @@ async def _pull(slot: Slot, model: str, actor: str, progress: Progress) -> None:
             code="" if outcome == "complete" else f"pull.{outcome}", message=message)
     except Exception:  # the slot may be gone; the download outcome was still shown
         log.exception("could not record the pull of %s", model)
+    if then_swap and outcome == "complete":  # its own fit check runs in the swap
+        runtime.current().submit(lifecycle.do_action, "swap", slot.name, actor=actor,
+                                 model=model)
 
 
 class _Refused(Exception):

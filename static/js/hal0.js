@@ -80,7 +80,23 @@
       openDialog(target.querySelector("dialog"), source && source.id);
     }
   });
+  // a dialog sent out of band into #modal (the fit check's confirm step) opens the same way
+  document.addEventListener("htmx:oobAfterSwap", function (event) {
+    var target = event.detail && event.detail.target;
+    if (target && target.id === "modal") openDialog(target.querySelector("dialog"));
+  });
   document.addEventListener("hal0:closeModal", closeModal);
+  // the Model field's picker: "Use this" fills the field (focus goes back to Browse…)
+  document.addEventListener("click", function (event) {
+    var pick = event.target.closest && event.target.closest("[data-pick-model]");
+    if (!pick) return;
+    var field = document.getElementById("id_model_name");
+    if (field) {
+      field.value = pick.getAttribute("data-pick-model");
+      field.dispatchEvent(new Event("change", {bubbles: true}));
+    }
+    closeModal();
+  });
   // Keep Tab inside an open modal dialog (showModal makes the page inert, but Tab would
   // still leave for the browser's own controls).
   var FOCUSABLE = "a[href], button:not([disabled]), input:not([disabled]):not([type=hidden])," +

@@ -1,0 +1,122 @@
+"""Memory, capacity and the catalogue-backed Model field in a real browser (Chromium via
+Playwright) against one `manage.py serve` and one lemond simulator for the module.
+
+* the Model field refuses a typo naming the closest model, and its picker fills it in;
+* a load that would make lemond's LRU evict a pinned slot is refused, the reason shown in
+  the confirm step, and nothing is loaded;
+* the node header shows used/total memory and each loaded card what its model takes.
+
+Screenshots of the memory bars and the fit verdict go to docs/img/ (docs/dashboard.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.harness import CHROMIUM, HAVE_CHROMIUM, PASSWORD, Stack, chromium
+from tests.sim_fixtures import TEST_DEFAULTS, start_simulator
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS_IMG = ROOT / "docs" / "img"
+CHAT = "Qwen3-4B-Instruct-2507-GGUF"
+SMALL = "Qwen3-0.6B-GGUF"
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.browser,
+    pytest.mark.skipif(not HAVE_CHROMIUM,
+                       reason=f"{CHROMIUM} is missing (apt-get install -y chromium)"),
+]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """One serve + simulator (lemond 10.6: one model per type, no pins) for the module,
+    with `chat` loaded and pinned through the CLI."""
+    sim = start_simulator(**TEST_DEFAULTS)
+    stack = Stack(tmp_path_factory.mktemp("capacity"), HAL0_LEMONADE_URL=sim.url,
+                  HAL0_DEBUG="1", HAL0_LOG_LEVEL="WARNING", HAL0_STATS_EVERY_S="0.5")
+    try:
+        stack.setup(username="operator")
+        stack.manage("slots", "load", "chat")
+        stack.manage("slots", "pin", "chat")
+        yield stack.serve(), sim
+    finally:
+        stack.stop()
+        sim.stop()
+
+
+@pytest.fixture(scope="module")
+def page(stack):
+    url, _ = stack
+    with chromium() as browser:
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        page.goto(f"{url}/")
+        page.fill("input[name=username]", "operator")
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_url(f"{url}/")
+        yield page
+        context.close()
+
+
+def test_model_field_refuses_a_typo_and_its_picker_fills_it(stack, page):
+    from playwright.sync_api import expect
+
+    url, _ = stack
+    page.goto(f"{url}/new-slot/")
+    page.fill("#id_name", "chat2")
+    page.select_option("#id_capability", "chat")
+    page.select_option("#id_device", "gpu-vulkan")
+    page.fill("#id_model_name", SMALL + "F")
+    page.get_by_role("button", name="Create").click()
+    error = page.locator("#slot-form .field-error")
+    expect(error).to_contain_text(f"does not know '{SMALL}F'")
+    expect(error).to_contain_text(f"Did you mean {SMALL}")
+
+    page.get_by_role("button", name="Browse catalogue…").click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_contain_text("Pick a chat model on local")
+    dialog.get_by_label("Filter models").fill("<1")
+    dialog.get_by_role("button", name=f"Use {SMALL}", exact=True).click()
+    expect(page.locator("#id_model_name")).to_have_value(SMALL)
+    page.get_by_role("button", name="Create").click()
+    page.wait_for_url(f"{url}/slots/chat2/")
+
+
+def test_fit_check_refuses_a_load_that_would_evict_a_pinned_slot(stack, page):
+    from playwright.sync_api import expect
+
+    url, sim = stack
+    page.goto(f"{url}/")
+    page.wait_for_selector("#live-status.on", timeout=10_000)
+    node = page.locator("#node-local")
+    expect(node.locator(".gauge.gpu")).to_contain_text("/ 111.6 GB")  # VRAM + GTT
+    expect(node.locator(".gauge.ram")).to_contain_text("/ 31.3 GB")
+    expect(page.locator("#slot-chat .takes")).to_contain_text("estimate")
+    DOCS_IMG.mkdir(parents=True, exist_ok=True)
+    page.locator("#nodesection-local, #node-local").first.screenshot(
+        path=str(DOCS_IMG / "memory-bars.png"))
+
+    calls = sim.state()["load_calls"]
+    page.locator("#slot-chat2").get_by_role("button", name="Load", exact=True).click()
+    dialog = page.get_by_role("dialog")
+    verdict = dialog.get_by_test_id("fit-verdict")
+    expect(verdict).to_contain_text("Refused")
+    expect(verdict).to_contain_text(f"evict {CHAT} (pinned slot 'chat')")
+    expect(dialog.get_by_role("button", name="Load anyway")).to_have_count(0)
+    dialog.screenshot(path=str(DOCS_IMG / "fit-refused.png"))
+    dialog.get_by_role("button", name="Close", exact=True).click()
+    expect(page.locator("#slot-chat2 .badge")).to_have_text("offline")
+    assert sim.state()["load_calls"] == calls
+
+    # the swap picker shows each row's verdict before anything is clicked
+    page.locator("#slot-chat2").get_by_role("button", name="Swap…").click()
+    picker = page.get_by_role("dialog")
+    picker.get_by_label("Filter models").fill("qwen3-1.7b")
+    row = picker.locator("li", has_text="Qwen3-1.7B-GGUF").first
+    expect(row.get_by_test_id("fit-verdict")).to_contain_text("pinned slot 'chat'")
+    picker.screenshot(path=str(DOCS_IMG / "fit-picker.png"))
