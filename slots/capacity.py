@@ -174,6 +174,7 @@ class Plan:
     download_gb: float | None = None
     disk_free_gb: float | None = None
     refusal: str = ""
+    disk_refused: bool = False  # the download alone is refused (it does not fit on disk)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -320,6 +321,7 @@ def _plan_download(plan: Plan, entry: dict, stats: dict, version: str) -> None:
             "lemond has not reported its model disk yet"
         plan.notes.append(f"The disk was not checked: {reason}.")
     elif plan.download_gb > plan.disk_free_gb:
+        plan.disk_refused = True
         plan.refusal = (f"the download ({plan.download_gb:.1f} GB) does not fit on lemond's "
                         f"model disk ({plan.disk_free_gb:.1f} GB free).")
 

@@ -77,6 +77,8 @@ class SlotForm(QueueTimeoutOptional):
         result = config.check_model(node or Node.local(), model, capability)
         if result.error:
             self.add_error("model_name", result.error)
+            # kept, so the model's own clean() does not also call the model missing
+            self.cleaned_data["model_name"] = model
         self.model_note = result.note
         return data
 

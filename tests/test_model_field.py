@@ -47,16 +47,16 @@ def test_a_known_model_saves_and_an_unreachable_lemond_saves_with_a_note(admin_c
 def test_the_field_picker_filters_by_name_label_and_size(admin_client, node):
     page = admin_client.get("/slots/chat/").content.decode()
     assert "Browse catalogue…" in page and 'hx-include="#id_capability, #id_node' in page
-    html = admin_client.get("/models/pick/", {"capability": "chat", "model_name": CHAT}
+    html = admin_client.get("/catalogue/", {"capability": "chat", "model_name": CHAT}
                             ).content.decode()
     assert "Pick a chat model on local" in html
     # downloaded first, then the rest; every row says its size in GB
     assert html.index(CHAT) < html.index("not downloaded")
-    small = admin_client.get("/models/pick/", {"capability": "chat", "q": "qwen3 <1"}
+    small = admin_client.get("/catalogue/", {"capability": "chat", "q": "qwen3 <1"}
                              ).content.decode()
     assert 'data-pick-model="Qwen3-0.6B-GGUF"' in small and CHAT not in small
     assert "0.38 GB" in small
-    tools = admin_client.get("/models/pick/", {"capability": "embed", "q": "embeddings"}
+    tools = admin_client.get("/catalogue/", {"capability": "embed", "q": "embeddings"}
                              ).content.decode()
     assert 'data-pick-model="nomic-embed-text-v1-GGUF"' in tools
-    assert admin_client.get("/models/pick/", {"capability": "fly"}).status_code == 400
+    assert admin_client.get("/catalogue/", {"capability": "fly"}).status_code == 400
