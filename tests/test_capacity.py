@@ -173,3 +173,24 @@ def test_download_that_does_not_fit_on_disk_is_refused(sim, node):
     assert "Qwen3-8B-GGUF" not in sim.state().get("downloaded", [])
     event = SlotEvent.objects.get(slot_name="chat", action="pull")
     assert not event.ok and event.error_code == "pull.error"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_download_and_swap_in_one_step(sim, node, hal0_runtime):
+    chat = slot()
+
+    async def progress(phase, data):
+        pass
+
+    async def run():
+        pulls.do_start_pull(chat, "Qwen3-1.7B-GGUF", actor="cli", progress=progress,
+                            then_swap=True)
+        await asyncio.gather(*list(pulls.runtime.current().pulls.values()))
+
+    asyncio.run(run())
+    assert hal0_runtime.wait_idle(30)
+    swapped = slot()
+    assert (swapped.model_name, swapped.state) == ("Qwen3-1.7B-GGUF", "ready")
+    assert loaded(sim) == ["Qwen3-1.7B-GGUF"]
+    assert list(SlotEvent.objects.filter(slot_name="chat").values_list("action", flat=True)
+                [:2]) == ["swap", "pull"]
