@@ -189,7 +189,9 @@ class Plan:
             return "refused"
         if not self.checked:
             return "unknown"
-        return "warning" if self.warnings or self.evicts else "fits"
+        # replacing the slot's own model is what a swap is for: no reason to ask
+        others = [e for e in self.evicts if not e.get("own")]
+        return "warning" if self.warnings or others else "fits"
 
     @property
     def free_after_gb(self) -> float | None:

@@ -102,7 +102,7 @@ def test_fit_check_refuses_a_load_that_would_evict_a_pinned_slot(stack, page):
         path=str(DOCS_IMG / "memory-bars.png"))
 
     calls = sim.state()["load_calls"]
-    page.locator("#slot-chat2").get_by_role("button", name="Load", exact=True).click()
+    page.locator("#slot-chat2").get_by_role("button", name="Load chat2", exact=True).click()
     dialog = page.get_by_role("dialog")
     verdict = dialog.get_by_test_id("fit-verdict")
     expect(verdict).to_contain_text("Refused")
@@ -110,17 +110,18 @@ def test_fit_check_refuses_a_load_that_would_evict_a_pinned_slot(stack, page):
     expect(dialog.get_by_role("button", name="Load anyway")).to_have_count(0)
     dialog.screenshot(path=str(DOCS_IMG / "fit-refused.png"))
     dialog.get_by_text("Close", exact=True).click()
+    expect(dialog).to_have_count(0)  # closed, focus back on the Load button
     expect(page.locator("#slot-chat2 .badge")).to_have_text("offline")
     assert sim.state()["load_calls"] == calls
 
     # the swap picker shows each row's verdict before anything is clicked
-    page.locator("#slot-chat2").get_by_role("button", name="Swap…").click()
+    page.locator("#act-chat2-swap").click()
     picker = page.get_by_role("dialog")
     picker.get_by_label("Filter models").fill("qwen3-1.7b")
     expect(picker.locator("li", has_text="Bonsai")).to_have_count(0)  # filtered
     row = picker.locator("li", has_text="Qwen3-1.7B-GGUF").first
     expect(row.get_by_test_id("fit-verdict")).to_contain_text("pinned slot 'chat'")
     # downloading alone evicts nothing: only "Download & swap" is refused
-    expect(row.get_by_role("button", name="Download", exact=True)).to_be_enabled()
-    expect(row.get_by_role("button", name="Download & swap")).to_be_disabled()
+    expect(row.locator("[id^=pullbtn-]")).to_be_enabled()
+    expect(row.locator("[id^=pullswap-]")).to_be_disabled()
     picker.screenshot(path=str(DOCS_IMG / "fit-picker.png"))
