@@ -23,6 +23,7 @@ one per event loop, since a redis-py asyncio connection is bound to its loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -60,10 +61,13 @@ class Verdict:
     refused: Window | None = None
 
 
+# a cache of immutable items, one per limit value in use (bounded)
+@functools.lru_cache(maxsize=1024)
 def _requests(limit: int) -> RateLimitItem:
     return RateLimitItemPerMinute(limit, namespace="hal0-rpm")
 
 
+@functools.lru_cache(maxsize=1024)
 def _tokens(limit: int) -> RateLimitItem:
     return RateLimitItemPerMinute(limit, namespace="hal0-tpm")
 
