@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -445,3 +446,33 @@ def test_a_real_client_that_disconnects_while_queued_leaves_the_queue(served):
     wait_for(lambda: queue()["active"] == 0, timeout=30)
     metrics = httpx.get(f"{url}/metrics", headers=headers, timeout=30).text
     assert 'hal0_slot_queue_depth{slot="chat"} 0' in metrics
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_queue_that_builds_up_is_pushed_to_open_dashboards(slot):
+    """The card's queue line follows the queue by itself (one push per burst), through the
+    same channel group the dashboard's websocket listens on."""
+    from channels.layers import get_channel_layer
+
+    Slot.objects.filter(pk=slot.pk).update(max_concurrency=1, queue_timeout_s=60)
+    routes.invalidate_routes()
+    raw = _token("pushed")
+    state = runtime.current()
+    state.live.viewer_joined()  # a dashboard is open in this process
+
+    async def scenario():
+        layer = get_channel_layer()
+        channel = await layer.new_channel()
+        await layer.group_add(live.GROUP, channel)
+        held = [asyncio.ensure_future(_call(raw, {"delay": 1.0})) for _ in range(3)]
+        while True:  # the slot's card comes too (ready -> serving): wait for the queue line
+            html = (await asyncio.wait_for(layer.receive(channel), 30))["html"].strip()
+            if html.startswith('<p id="slot-queue-talk"'):
+                break
+        await asyncio.gather(*held)
+        return html
+
+    html = async_to_sync(scenario)()
+    assert 'hx-swap-oob="true"' in html and "/1 serving" in html
+    # one or two wait behind the one served (the push comes 0.5 s after the first change)
+    assert re.search(r'data-testid="queue-depth">[12]<', html), html
