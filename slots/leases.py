@@ -4,7 +4,9 @@ The reconciler takes one lease per lemond node (`reconciler:<node>`), so that wi
 hal0 processes (two `serve --no-reconciler` and one or more `manage.py reconcile`, or several
 `serve` each with its reconciler) exactly one of them polls a node and writes what it sees.
 A holder renews its lease every few seconds; a holder that dies (SIGKILL, power loss) stops
-renewing and another process takes the lease over once it has expired.
+renewing and another process takes the lease over once it has expired. The same rows
+record which process owns a slot's busy state (`busy:<slot pk>`, slots.busy) and which
+gateway processes serve a slot (`serving:…`, slots.serving).
 
 * Acquire and renew are one conditional UPDATE (`expires_at < now OR holder = me`), atomic
   in PostgreSQL and SQLite alike, and an INSERT for a lease that does not exist yet (the
@@ -74,6 +76,31 @@ def acquire(name: str, holder: str, ttl: float) -> bool:
         return bool(Lease.objects.filter(name=name, holder=current)
                     .update(holder=holder, expires_at=_expiry(ttl)))
     return False
+
+
+def take(name: str, holder: str, ttl: float) -> None:
+    """Take the lease `name` whoever holds it. Only for a caller that has already won what
+    the lease stands for, in the same transaction (a busy slot's compare-and-swap): an
+    earlier holder's row is left over from an action that ended or died."""
+    if not Lease.objects.filter(name=name).update(holder=holder, expires_at=_expiry(ttl)):
+        Lease.objects.create(name=name, holder=holder, expires_at=_expiry(ttl))
+
+
+def renew(names: list[str], holder: str, ttl: float) -> int:
+    """Extend the leases `holder` still holds among `names`; returns how many."""
+    return Lease.objects.filter(name__in=names, holder=holder).update(expires_at=_expiry(ttl))
+
+
+def gone(names: list[str]) -> dict[str, str]:
+    """Of the leases `names`, those whose holder is gone (name -> holder): expired, or held
+    by a process of this host that no longer runs (known at once, without the TTL)."""
+    me = new_holder_id()
+    expired = models.ExpressionWrapper(models.Q(expires_at__lt=Now()),
+                                       output_field=models.BooleanField())
+    rows = Lease.objects.filter(name__in=names).annotate(expired=expired) \
+        .values_list("name", "holder", "expired")
+    return {name: holder for name, holder, is_expired in rows
+            if is_expired or _dead_local_holder(holder, me)}
 
 
 def release(names: list[str], holder: str) -> int:

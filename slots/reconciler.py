@@ -10,6 +10,8 @@ then, in one database pass per node:
 * a slot hal0 believed loaded whose model is gone is recorded `evicted`, with the likely
   reason (see `_eviction_reason`);
 * a model lemond serves that a not-loaded slot wants is `adopted` onto that slot;
+* a slot left busy by a process that is gone (slots.busy: SIGKILL, OOM) is settled at once
+  from what lemond has, and recorded `interrupted`;
 * keep-loaded and pinned slots lemond dropped are reloaded (`restored`) with backoff, but
   only while their type pool has room: hal0 never evicts a model to restore another, and
   when more keep-loaded slots share a pool than `max_loaded_models` allows it shows a
@@ -56,7 +58,7 @@ from providers.lemonade.errors import (
 )
 from providers.lemonade.names import find_published
 
-from . import idle, leases, live, runtime, states
+from . import busy, idle, leases, live, runtime, states
 from .actions import lifecycle
 from .actions.audit import record_node_observation, record_observation
 from .models import LEMOND_TYPE, Capability, Node, Slot, SlotEvent, State
@@ -325,10 +327,15 @@ class Reconciler:
         # the names lemond *publishes* (user.X as X): look slots up with `_entry`.
         previous = memory.models
         restore: list[tuple[Slot, str]] = []
+        orphans = busy.orphaned([slot.pk for slot in slots if slot.state in states.BUSY])
         for slot in slots:
             try:
-                outcome = self._reconcile_slot(slot, loaded, previous, restarted, seen, health,
-                                               memory)
+                if slot.pk in orphans:
+                    outcome = self._settle_interrupted(slot, orphans[slot.pk], loaded, health,
+                                                       memory)
+                else:
+                    outcome = self._reconcile_slot(slot, loaded, previous, restarted, seen,
+                                                   health, memory)
             except Exception:
                 log.exception("reconciling slot %s failed", slot.name)
                 continue
@@ -384,6 +391,19 @@ class Reconciler:
                 return ""
             return self._restore_reason(slot, loaded, health, memory, "")
         return ""
+
+    def _settle_interrupted(self, slot: Slot, owner: str, loaded: dict[str, LoadedModel],
+                            health: Health, memory: NodeMemory) -> str:
+        """The process running the slot's action is gone: settle the slot from what lemond
+        has (`interrupted`); a keep-loaded slot left offline is restored like an evicted
+        one. Returns a restore reason, or ''."""
+        entry = health.find(slot.model_name)
+        if not lifecycle.settle_interrupted(slot, owner, entry) or slot.is_loaded or entry:
+            return ""  # moved meanwhile, adopted, or lemond is still loading it
+        if not (slot.enabled and (slot.keep_loaded or slot.pinned)):
+            return ""
+        self.restores.setdefault(slot.pk, Backoff())
+        return self._restore_reason(slot, loaded, health, memory, "interrupted")
 
     def _restore_reason(self, slot: Slot, loaded: dict[str, LoadedModel], health: Health,
                         memory: NodeMemory, reason: str) -> str:

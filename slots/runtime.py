@@ -8,7 +8,8 @@
   cache misses and the reconciler's database pass, so neither queues behind the other on
   asgiref's single shared thread). Their threads are daemons: one may wait minutes on
   lemond, and an exiting process records that action as interrupted instead of waiting;
-* the actions running in this process (what `stop` records as interrupted);
+* the actions running in this process (what `stop` records as interrupted) and the busy
+  leases that tell other processes they are running (`slots.busy`);
 * the serving tracker (`slots.serving`): in-flight counts, serving leases, the mirror;
 * the metrics buffer and its writer (`slots.metrics`), and tokens' last-used stamps;
 * the live pages' side (`slots.live`): the websockets' loop, viewers, pushes in flight;
@@ -38,7 +39,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections, connection
 
-from . import admission, live, metrics, ratelimits, tokens
+from . import admission, busy, live, metrics, ratelimits, tokens
 from .actions.errors import SlotError
 from .serving import ServingTracker
 
@@ -138,6 +139,7 @@ class Runtime:
             else None
         self.pending: set[Future] = set()
         self.running: dict[int, RunningAction] = {}
+        self.busy = busy.BusyClaims()
         self.live = live.Live()
         self.serving = ServingTracker(self.live)
         self.token_stamps = tokens.TokenStamps()
@@ -175,6 +177,8 @@ class Runtime:
             entry.interrupt("hal0 stopped")
             log.warning("slot %s: %s interrupted by shutdown; lemond finishes it by itself",
                         entry.slot_name, entry.action)
+        # recorded: the busy states are settled, nobody need wait for this process
+        self.busy.close()
         for task in self.pulls.values():
             task.cancel()
         self.metrics.stop()

@@ -1,6 +1,6 @@
 """A slot's observed states and the rules between them: which action is legal from which
 state, which states count as loaded or busy, which actions load a model, and when a busy
-state is stale (left by a process that died mid-action).
+state is stale (left by a process that died mid-action, when slots.busy cannot tell).
 
 Everything that asks one of these questions asks it here: the actions, the reconciler, the
 gateway, the pages and the templates (through `Slot`).
@@ -64,5 +64,7 @@ def stale_after() -> timedelta:
 
 def is_stale(state: str, since: datetime, now: datetime | None = None) -> bool:
     """A busy state older than any action could take: its action died with its process,
-    nobody will finish it, so it may be taken over (and the reconciler may correct it)."""
+    nobody will finish it, so it may be taken over (and the reconciler may correct it).
+    The last fallback: a busy state whose owner (slots.busy) is known to be gone is
+    settled at once; this covers busy states with no owner recorded."""
     return state in BUSY and since < (now or timezone.now()) - stale_after()

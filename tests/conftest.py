@@ -172,3 +172,39 @@ def _seeded_slots(request, hal0_runtime):
 
 # Far below SQLite's 20 s busy timeout, far above an action that is not blocked.
 BLOCKED_ACTION_S = 5.0
+
+
+@pytest.fixture
+def busy_owner(db):
+    """Put a slot in a busy state owned (slots.busy) by the process `pid` on `host` (this
+    host by default), as an action of that process would: busy_owner("chat", pid).
+    `dead_pid()` gives the pid of a process that has exited."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from slots import busy, leases
+    from slots.models import Lease, Slot
+
+    def own(name: str, pid: int, *, state: str = "loading", host: str | None = None,
+            expires_in: float = 60.0) -> str:
+        host = host or leases.new_holder_id().split(":")[0]
+        holder = f"{host}:{pid}:test"
+        slot = Slot.objects.get(name=name)
+        Slot.objects.filter(pk=slot.pk).update(state=state, state_message=f"{state} it",
+                                               state_changed_at=timezone.now())
+        Lease.objects.update_or_create(name=busy.lease_name(slot.pk), defaults={
+            "holder": holder, "expires_at": timezone.now() + timedelta(seconds=expires_in)})
+        return holder
+
+    return own
+
+
+@pytest.fixture
+def dead_pid():
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid

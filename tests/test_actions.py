@@ -1,6 +1,8 @@
 """Slot actions against the real simulator: transitions, events, errors → envelopes,
 swap safety, joining concurrent loads."""
 
+import os
+import subprocess
 import threading
 
 import httpx
@@ -12,7 +14,7 @@ from providers.lemonade.errors import LemonadeConflict
 from slots import runtime
 from slots.actions import config, lifecycle
 from slots.actions.errors import SlotError, error_code_for
-from slots.models import Node, Slot, SlotEvent
+from slots.models import Lease, Node, Slot, SlotEvent
 
 pytestmark = pytest.mark.django_db
 
@@ -423,3 +425,89 @@ def test_loading_a_slot_loaded_with_the_same_options_is_a_no_op(node, sim):
     lifecycle.do_unload_slot("chat", actor="cli")
     lifecycle.do_load_slot("chat", actor="cli")
     assert sim.state()["load_calls_total"] == calls + 2
+
+
+# --- a busy state whose process is gone (#14 Medium 4) ------------------------------------------
+
+def events(name="chat") -> list[tuple[str, str, str, bool]]:
+    return [(e.action, e.from_state, e.to_state, e.ok)
+            for e in SlotEvent.objects.filter(slot_name=name).order_by("created_at", "id")]
+
+
+def test_a_load_left_by_a_dead_process_is_settled_and_loaded_at_once(node, sim, busy_owner,
+                                                                     dead_pid):
+    """A SIGKILLed process's load: the next load does not join it (it used to wait the
+    whole join timeout, then fail); it settles the slot from lemond (nothing loaded:
+    offline, `interrupted`) and loads."""
+    busy_owner("chat", dead_pid)
+    assert lifecycle.do_load_slot("chat", actor="cli", join_timeout=5).state == "ready"
+    assert events() == [("interrupted", "loading", "offline", True),
+                        ("load", "offline", "ready", True)]
+    message = SlotEvent.objects.get(action="interrupted").message
+    assert f":{dead_pid}:" in message and "does not have" in message
+    assert sim.state()["load_calls"]["Qwen3-4B-Instruct-2507-GGUF"] == 1
+    assert not Lease.objects.filter(name__startswith="busy:").exists()  # released after
+
+
+def test_an_unload_left_by_a_dead_process_is_no_longer_refused(node, sim, busy_owner,
+                                                               dead_pid):
+    """`unload` of a slot a dead process left `unloading` was 409 until the stale rule; now
+    the slot is settled from lemond's truth (it still has the model: adopted) and unloaded."""
+    httpx.post(f"{sim.url}/v1/load", json={"model_name": "Qwen3-4B-Instruct-2507-GGUF"},
+               timeout=10).raise_for_status()
+    busy_owner("chat", dead_pid, state="unloading")
+    assert lifecycle.do_unload_slot("chat", actor="cli").state == "offline"
+    assert events() == [("interrupted", "unloading", "ready", True),
+                        ("unload", "ready", "offline", True)]
+    assert health(sim)["all_models_loaded"] == []
+
+
+@pytest.mark.parametrize("wait", ["load", "gateway"])
+def test_a_joiner_stops_waiting_when_the_loads_process_dies(node, sim, busy_owner, wait):
+    """Requests joining another process's load (a `load` click, a gateway request) used to
+    wait for a load nobody runs any more once that process was killed. They notice its
+    death, settle the slot and load it themselves."""
+    owner = subprocess.Popen(["sleep", "60"])
+    busy_owner("chat", owner.pid)
+
+    def die():
+        owner.kill()
+        owner.wait()  # reaped: a zombie's pid still answers kill(pid, 0)
+
+    threading.Timer(0.5, die).start()
+    try:
+        if wait == "load":
+            chat = lifecycle.do_load_slot("chat", actor="cli", join_timeout=15)
+        else:
+            chat = lifecycle.do_ensure_loaded("chat", 15)
+    finally:
+        die()
+    assert chat.state == "ready"
+    assert [e[0] for e in events()] == ["interrupted", "load"]
+
+
+def test_a_busy_slot_of_a_live_process_is_joined_not_taken(node, sim, busy_owner):
+    busy_owner("chat", os.getpid())  # alive: its load is running
+    with pytest.raises(SlotError) as exc:
+        lifecycle.do_load_slot("chat", join_timeout=0.3, actor="cli")
+    assert exc.value.code == "lemond.timeout"
+    assert slot().state == "loading" and events() == []
+
+
+def test_an_action_owns_its_busy_state_while_it_runs(node, sim):
+    """The lease that says who runs a busy state is taken with the transition and given
+    back once the outcome is recorded."""
+    seen = []
+    real_load = lifecycle.providers.get().load
+
+    def load(chat, **kwargs):
+        seen.append(list(Lease.objects.filter(name__startswith="busy:")
+                         .values_list("name", "holder")))
+        return real_load(chat, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lifecycle.providers.get(), "load", load)
+        lifecycle.do_load_slot("chat", actor="cli")
+    [[(name, holder)]] = seen
+    assert name == f"busy:{slot().pk}" and f":{os.getpid()}:" in holder
+    assert not Lease.objects.filter(name__startswith="busy:").exists()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import socket
 import time
+from datetime import timedelta
 
 import httpx
 import pytest
@@ -15,11 +17,12 @@ from channels.testing import WebsocketCommunicator
 from django.db import connection
 from django.template.loader import render_to_string
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from hal0site.asgi import application
 from slots import reconciler, runtime
 from slots.actions import errors, lifecycle
-from slots.models import Node, Slot, SlotEvent, State
+from slots.models import Lease, Node, Slot, SlotEvent, State
 from slots.reconciler import Reconciler
 from tests.harness import async_wait_for
 
@@ -420,3 +423,57 @@ async def test_failed_restores_are_retried_with_growing_spacing(node, sim, setti
     for gap, wait in zip(gaps, (0.3, 0.6, 1.2), strict=True):
         assert 0.8 * wait <= gap <= wait + 1.5, (gaps, wait)
     assert gaps[2] > gaps[0], gaps
+
+
+# --- busy states whose process is gone (#14 Medium 4) --------------------------------------------
+
+@pytest.mark.django_db
+def test_a_slot_left_loading_by_a_dead_process_is_settled_from_lemond(node, sim, busy_owner,
+                                                                      dead_pid):
+    """The dead process's load finished in lemond: the reconciler adopts the model at once
+    (it used to leave the slot `loading` for the load timeout plus a minute)."""
+    lemond(sim, "/v1/load", model_name=CHAT_MODEL)
+    busy_owner("chat", dead_pid)
+    poll(Reconciler())
+    chat = slot("chat")
+    assert chat.state == State.READY and chat.loaded_model == CHAT_MODEL
+    event = last_event("chat")
+    assert (event.action, event.from_state, event.to_state) == ("interrupted", "loading",
+                                                                "ready")
+    assert f":{dead_pid}:" in event.message and "adopted" in event.message
+    assert not Lease.objects.filter(name__startswith="busy:").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_keep_loaded_slot_whose_restore_died_is_restored(node, sim, busy_owner, dead_pid):
+    Slot.objects.filter(name="chat").update(keep_loaded=True)
+    busy_owner("chat", dead_pid)
+    reconciler = Reconciler()
+    poll(reconciler)
+    assert last_event("chat").action == "interrupted"
+    reconciler.restores[slot("chat").pk].future.result(timeout=10)
+    assert slot("chat").state == State.READY and last_event("chat").action == "restored"
+
+
+@pytest.mark.django_db
+def test_another_hosts_busy_slot_is_settled_once_its_lease_expires(node, sim, busy_owner):
+    """A process on another box is known dead only when it stops renewing its lease."""
+    busy_owner("chat", 1, host="another-box")
+    reconciler = Reconciler()
+    poll(reconciler)
+    assert slot("chat").state == State.LOADING  # its lease is alive: its load runs
+    Lease.objects.filter(name__startswith="busy:").update(
+        expires_at=timezone.now() - timedelta(seconds=1))
+    poll(reconciler)
+    chat = slot("chat")
+    assert chat.state == State.OFFLINE and "another-box:1:" in chat.state_message
+    assert last_event("chat").action == "interrupted"
+
+
+@pytest.mark.django_db
+def test_a_busy_slot_of_a_live_process_is_left_to_it(node, sim, busy_owner):
+    lemond(sim, "/v1/load", model_name=CHAT_MODEL)
+    busy_owner("chat", os.getpid())
+    poll(Reconciler())
+    assert slot("chat").state == State.LOADING
+    assert not SlotEvent.objects.filter(slot_name="chat").exists()

@@ -156,3 +156,88 @@ def test_sigterm_during_a_restore_exits_at_once_and_records_it(short_grace, lemo
     assert took < 6
     state, message = chat_state(stack)
     assert state == "error" and "restore interrupted (hal0 stopped)" in message
+
+
+# --- a serve killed mid-action (#14 Medium 4) --------------------------------------------------
+
+def busy_leases(stack: Stack) -> list[tuple[str, str]]:
+    return [(name, holder) for name, holder in leases(stack.tmp_path / "hal0.sqlite3")
+            if name.startswith("busy:")]
+
+
+def chat_events(stack: Stack, action: str) -> list[tuple[str, str, str]]:
+    """The chat slot's audit rows of `action`: (from_state, to_state, message), oldest first."""
+    with contextlib.closing(sqlite3.connect(stack.tmp_path / "hal0.sqlite3", timeout=10)) as conn:
+        return conn.execute("SELECT from_state, to_state, message FROM slots_slotevent "
+                            "WHERE slot_name = 'chat' AND action = ? ORDER BY id",
+                            (action,)).fetchall()
+
+
+def sigkill_during_a_load(stack: Stack, url: str) -> tuple[int, str]:
+    """Start a load in the stack's serve (at `url`, `procs[-1]`) and SIGKILL serve while
+    lemond is still loading (an OOM kill: nothing runs at exit). Returns serve's pid and
+    the model."""
+    serve = stack.procs[-1]
+    client = login(url)
+    response = client.post("/slots/chat/do/load/", headers={"HX-Request": "true"})
+    assert response.status_code == 200
+    client.close()
+    wait_for(lambda: chat_state(stack)[0] == "loading", timeout=10)
+    [(_, holder)] = busy_leases(stack)  # the busy state's owner: this serve
+    assert f":{serve.pid}:" in holder
+    stack.kill(serve)
+    assert chat_state(stack)[0] == "loading"  # nothing was recorded at the kill
+    model = json.loads(stack.manage("slots", "show", "chat", "--json").stdout)["model_name"]
+    return serve.pid, model
+
+
+def test_a_sigkilled_serve_leaves_no_slot_loading_after_the_next_start(tmp_path, lemond_sim):
+    """#14 Medium 4: serve is SIGKILLed (an OOM kill) while lemond loads a model, and lemond
+    finishes the load. The next serve settles the slot at once from lemond's truth: ready
+    (the model adopted), with an `interrupted` audit row, the dead process's lease gone and
+    the slot usable (unload was 409). It used to stay `loading` for the whole load timeout
+    (15 min) plus a minute."""
+    stack = Stack(tmp_path, HAL0_LEMONADE_URL=lemond_sim.url)
+    stack.setup()
+    lemond_sim.configure(load_delay=3)
+    try:
+        pid, model = sigkill_during_a_load(stack, stack.serve())
+        wait_for(lambda: model in lemond_sim.state()["loaded_names"], timeout=30)
+        assert chat_state(stack)[0] == "loading"  # lemond has it; the dead serve never said so
+        stack.serve()
+        wait_for(lambda: chat_state(stack)[0] == "ready", timeout=30)
+        [(from_state, to_state, message)] = chat_events(stack, "interrupted")
+        assert (from_state, to_state) == ("loading", "ready")
+        assert f":{pid}:" in message and "adopted" in message, message
+        assert busy_leases(stack) == []
+        assert lemond_sim.state()["load_calls"][model] == 1  # adopted, not loaded again
+        stack.manage("slots", "unload", "chat")
+        assert chat_state(stack)[0] == "offline"
+    finally:
+        stack.stop()
+
+
+def test_another_running_process_settles_a_killed_serves_load(tmp_path, lemond_sim):
+    """With another process running (`manage.py reconcile`, polling lemond for every hal0
+    process), a SIGKILL of serve mid-load is settled by that process without any restart:
+    lemond has not finished, so the slot goes offline with an `interrupted` row instead of
+    `loading` nobody runs, and is adopted once lemond has the model."""
+    stack = Stack(tmp_path, HAL0_LEMONADE_URL=lemond_sim.url)
+    stack.setup()
+    lemond_sim.configure(load_delay=8)
+    try:
+        reconcile = stack.start("reconcile", name="reconcile")
+        wait_for(lambda: (("reconciler:local", reconcile.pid) in [
+            (name, int(holder.split(":")[1])) for name, holder in leases(
+                tmp_path / "hal0.sqlite3")]), timeout=30)  # it polls lemond; serve's waits
+        pid, model = sigkill_during_a_load(stack, stack.serve())
+        wait_for(lambda: chat_events(stack, "interrupted"), timeout=30)
+        [(from_state, to_state, message)] = chat_events(stack, "interrupted")
+        assert from_state == "loading" and f":{pid}:" in message, message
+        if to_state == "offline":  # settled before lemond finished: adopted when it has
+            assert f"does not have {model}" in message
+            wait_for(lambda: chat_events(stack, "adopted"), timeout=30)
+        wait_for(lambda: chat_state(stack)[0] == "ready", timeout=30)
+        assert busy_leases(stack) == []
+    finally:
+        stack.stop()

@@ -70,6 +70,11 @@ class LoadedModel:
     last_use_ms: float | None = None
     raw: dict = field(default_factory=dict)
 
+    @property
+    def up(self) -> bool:
+        """Loaded and serving (lemond >= 10.8 also lists models still loading)."""
+        return self.status in (None, "ready", "in_use")
+
 
 @dataclass(frozen=True)
 class Health:

@@ -5,6 +5,11 @@ outside any transaction, and records its outcome (`audit.record` / `audit.fail`)
 that finds another load running joins it (`_join`) and shares its outcome. What this
 process is running is registered on the runtime, so a process that stops mid-action
 records it as interrupted rather than leaving the slot busy.
+
+A busy state belongs to the process running its action (a `busy:<slot>` lease taken with
+the transition, slots.busy). When that process is gone (SIGKILL, OOM), whoever meets the
+slot next settles it from lemond's truth and records `interrupted` (`settle_interrupted`):
+an action that would be refused or would join the dead load, and the reconciler.
 """
 
 from __future__ import annotations
@@ -23,18 +28,20 @@ from django.db.models import Q
 from django.utils import timezone
 
 import providers
+from providers.lemonade.client import LoadedModel
 from providers.lemonade.errors import LemonadeError, LemonadeNotLoaded
 
-from .. import runtime, states
+from .. import busy, leases, runtime, states
 from ..models import EventActor, Slot, SlotEvent, State
 from ..serving import live_leases
 from . import fit
-from .audit import Actor, fail, ms_since, record
+from .audit import Actor, fail, ms_since, record, record_observation
 from .errors import SlotError, disabled, get_slot, lemond_error
 
 log = logging.getLogger("hal0.actions")
 
 JOIN_POLL_S = 0.1
+OWNER_CHECK_S = 1.0  # how often a joiner asks whether the load's process is still alive
 
 
 def assert_outside_transaction() -> None:
@@ -60,6 +67,8 @@ def _transition(slot: Slot, action: str, to_state: str, message: str) -> str | N
         if row is None:
             raise SlotError("slot.not_found", f"Slot {slot.name!r} was deleted.", slot.name)
         current, since = row["state"], row["state_changed_at"]
+        if current in states.BUSY and _settle_if_orphaned(slot, current, since):
+            continue  # its process is gone: settled from lemond's truth, look again
         stale = states.is_stale(current, since)
         if action == "load" and current in (State.LOADING, State.PULLING) and not stale:
             return None
@@ -68,10 +77,12 @@ def _transition(slot: Slot, action: str, to_state: str, message: str) -> str | N
                 "slot.illegal_transition",
                 f"Cannot {action} slot {slot.name!r} while it is {current}.", slot.name,
             )
-        moved = Slot.objects.filter(pk=slot.pk, state=current, state_changed_at=since).update(
-            state=to_state, state_message=message, error_code="",
-            state_changed_at=timezone.now(),
-        )
+        with transaction.atomic():  # the busy state and its owner, together
+            moved = Slot.objects.filter(pk=slot.pk, state=current, state_changed_at=since) \
+                .update(state=to_state, state_message=message, error_code="",
+                        state_changed_at=timezone.now())
+            if moved:
+                runtime.current().busy.claim(slot.pk)
         if moved:
             slot.state = to_state
             runtime.current().live.broadcast_slot_on_commit(slot.pk)
@@ -80,23 +91,30 @@ def _transition(slot: Slot, action: str, to_state: str, message: str) -> str | N
                     f"Slot {slot.name!r} is changing too fast to {action}; try again.", slot.name)
 
 
-def _join(slot: Slot, timeout: float) -> Slot:
+def _join(slot: Slot, timeout: float) -> Slot | None:
     """Wait for the load another caller started (a load, restore, or a restart/swap
-    reloading), and share its outcome: the audit event it writes when it ends."""
+    reloading), and share its outcome: the audit event it writes when it ends. None when
+    there is nothing to wait for after all: the process running it is gone (the slot was
+    settled from lemond's truth, by us or another process); the caller loads it itself."""
     since = timezone.now()
     deadline = time.monotonic() + timeout
+    owner_checked = time.monotonic()
     while time.monotonic() < deadline:
         event = (SlotEvent.objects.filter(slot_id=slot.pk, created_at__gte=since,
                                           action__in=states.LOAD_ACTIONS)
                  .order_by("created_at", "id").first())
-        state = Slot.objects.filter(pk=slot.pk).values_list("state", flat=True).first()
-        if state is None:
+        row = Slot.objects.filter(pk=slot.pk).values("state", "state_changed_at").first()
+        if row is None:
             raise SlotError("slot.not_found", f"Slot {slot.name!r} was deleted.", slot.name)
+        state = row["state"]
         if event is None and state not in states.BUSY:
             # it ended before we started looking: its outcome is the state it left
             event = SlotEvent.objects.filter(slot_id=slot.pk).order_by("-created_at", "-id") \
-                .first() if state == State.ERROR else None
-            if event is None or event.ok:
+                .first()
+            if event is not None and event.action == "interrupted" and \
+                    state not in states.LOADED:
+                return None  # its process died, and nobody loads it any more
+            if state != State.ERROR or event is None or event.ok:
                 slot.refresh_from_db()
                 return slot
         if event is not None:
@@ -105,9 +123,62 @@ def _join(slot: Slot, timeout: float) -> Slot:
                                 event.message or "the load it joined failed", slot.name)
             slot.refresh_from_db()
             return slot
+        if time.monotonic() - owner_checked >= OWNER_CHECK_S:
+            owner_checked = time.monotonic()
+            if _settle_if_orphaned(slot, state, row["state_changed_at"]):
+                return None
         time.sleep(JOIN_POLL_S)
     raise SlotError("lemond.timeout", f"Gave up waiting for slot {slot.name!r} to load.",
                     slot.name)
+
+
+# --- a busy state whose process is gone -----------------------------------------------------
+
+def _settle_if_orphaned(slot: Slot, state: str, since: Any) -> bool:
+    """If the process running the slot's busy state (`state` since `since`) is gone,
+    settle the slot from lemond's truth; True when it was gone (settled by us, or by
+    another process meanwhile: the caller looks again either way)."""
+    owner = busy.orphaned([slot.pk]).get(slot.pk)
+    if owner is None:
+        return False
+    status = providers.get().status(slot)
+    seen = Slot.objects.select_related("node").filter(pk=slot.pk, state=state,
+                                                      state_changed_at=since).first()
+    if seen is not None:
+        settle_interrupted(seen, owner, status.entry,
+                           unreachable="" if status.reachable else status.error)
+    return True
+
+
+def settle_interrupted(slot: Slot, owner: str, entry: LoadedModel | None, *,
+                       unreachable: str = "") -> bool:
+    """Settle a busy slot whose process (`owner`, a holder id) is gone, from lemond's entry
+    for the slot's model: ready (adopted) when lemond has it up, offline when it does not
+    (a load lemond is still finishing is adopted by the reconciler once it is up), error
+    when lemond cannot be asked. Records `interrupted` and drops the dead owner's lease.
+    Compare-and-swap on the slot as read: False when it moved meanwhile."""
+    model = slot.model_name
+    why = (f"interrupted while {slot.state_message or slot.state}: the hal0 process "
+           f"running it ({owner}) is gone")
+    fields: dict[str, Any]
+    if unreachable:
+        why += f"; lemond cannot be asked ({unreachable}), its state shows after the next poll"
+        fields = {"state": State.ERROR, "error_code": "lemond.unavailable",
+                  "state_message": why[:1000]}
+    elif entry is not None and entry.up:
+        why += f"; lemond has {model} loaded: adopted"
+        fields = {"state": State.READY, "loaded_model": model, "loaded_options": {},
+                  "error_code": "", "state_message": "", "lemond_entry": entry.raw}
+    else:
+        why += f"; lemond {'is still loading' if entry else 'does not have'} {model}"
+        fields = {"state": State.OFFLINE, "loaded_model": "", "loaded_options": {},
+                  "error_code": "", "state_message": why[:1000], "lemond_entry": {}}
+    with transaction.atomic():  # the slot settled and its dead owner's lease gone, together
+        if not record_observation(slot, "interrupted", message=why, **fields):
+            return False
+        leases.release([busy.lease_name(slot.pk)], owner)
+    log.warning("slot %s: %s", slot.name, why)
+    return True
 
 
 def _record_interrupted(slot: Slot, action: str, from_state: str, actor: Actor,
@@ -131,6 +202,8 @@ def _recorded(slot: Slot, action: str, from_state: str, actor: Actor) -> Iterato
     Yields the monotonic start time."""
     started = time.monotonic()
     running = runtime.current().running
+    claims = runtime.current().busy
+    claim = claims.holder_of(slot.pk)  # taken by the transition just before
     entry = runtime.RunningAction(
         slot_name=slot.name, action=action,
         interrupt=functools.partial(_record_interrupted, slot, action, from_state, actor,
@@ -146,6 +219,8 @@ def _recorded(slot: Slot, action: str, from_state: str, actor: Actor) -> Iterato
     finally:
         if running.get(slot.pk) is entry:
             del running[slot.pk]
+        if claim is not None:  # recorded: the slot is settled, its busy state is over
+            claims.release(slot.pk, claim)
 
 
 def _ready(model: str, elapsed_ms: int, options: dict | None = None) -> dict[str, Any]:
@@ -213,9 +288,14 @@ def do_load_slot(slot: Slot | str, *, actor: Actor, join_timeout: float | None =
         return slot
     if slot.state not in states.BUSY:  # a load in progress is joined, not planned again
         fit.check(slot, action="load")
-    from_state = _transition(slot, "load", State.LOADING, f"loading {slot.model_name}")
-    if from_state is None:
-        return _join(slot, join_timeout or settings.HAL0_LEMONADE_LOAD_TIMEOUT)
+    deadline = time.monotonic() + (join_timeout or settings.HAL0_LEMONADE_LOAD_TIMEOUT)
+    while (from_state := _transition(slot, "load", State.LOADING,
+                                     f"loading {slot.model_name}")) is None:
+        joined = _join(slot, max(0.1, deadline - time.monotonic()))
+        if joined is not None:
+            return joined
+        # the load it joined died with its process: plan and load it here
+        fit.check(slot, action="load")
     with _recorded(slot, "load", from_state, actor) as started:
         try:
             provider.load(slot)
@@ -403,6 +483,9 @@ def do_ensure_loaded(slot: Slot | str, timeout: float | None = None, *,
         idle_unloading = serving.is_idle_unloading(slot)
         if slot.is_loaded and slot.loaded_model in ("", slot.model_name) and not idle_unloading:
             return slot
+        if slot.state == State.UNLOADING and _settle_if_orphaned(slot, slot.state,
+                                                                 slot.state_changed_at):
+            continue  # the unload's process is gone: settled, look again
         if slot.state == State.UNLOADING or idle_unloading:
             if time.monotonic() >= deadline:
                 raise SlotError("lemond.timeout", f"Slot {slot.name!r} is still unloading.",
