@@ -229,7 +229,7 @@ def test_another_running_process_settles_a_killed_serves_load(tmp_path, lemond_s
         reconcile = stack.start("reconcile", name="reconcile")
         wait_for(lambda: (("reconciler:local", reconcile.pid) in [
             (name, int(holder.split(":")[1])) for name, holder in leases(
-                tmp_path / "hal0.sqlite3")]), timeout=30)  # it polls lemond; serve's waits
+                tmp_path / "hal0.sqlite3")]), timeout=60)  # it polls lemond; serve's waits
         pid, model = sigkill_during_a_load(stack, stack.serve())
         wait_for(lambda: chat_events(stack, "interrupted"), timeout=30)
         [(from_state, to_state, message)] = chat_events(stack, "interrupted")
