@@ -173,16 +173,18 @@ def chat_events(stack: Stack, action: str) -> list[tuple[str, str, str]]:
                             (action,)).fetchall()
 
 
-def sigkill_during_a_load(stack: Stack, url: str) -> tuple[int, str]:
+def sigkill_during_a_load(stack: Stack, url: str, lemond_sim) -> tuple[int, str]:
     """Start a load in the stack's serve (at `url`, `procs[-1]`) and SIGKILL serve while
-    lemond is still loading (an OOM kill: nothing runs at exit). Returns serve's pid and
-    the model."""
+    lemond is loading (an OOM kill: nothing runs at exit). Returns serve's pid and the
+    model."""
     serve = stack.procs[-1]
     client = login(url)
     response = client.post("/slots/chat/do/load/", headers={"HX-Request": "true"})
     assert response.status_code == 200
     client.close()
     wait_for(lambda: chat_state(stack)[0] == "loading", timeout=10)
+    # killed once lemond has the request (a loaded box may take a while to send it)
+    wait_for(lambda: lemond_sim.state()["in_flight_loads"], timeout=30)
     [(_, holder)] = busy_leases(stack)  # the busy state's owner: this serve
     assert f":{serve.pid}:" in holder
     stack.kill(serve)
@@ -199,9 +201,9 @@ def test_a_sigkilled_serve_leaves_no_slot_loading_after_the_next_start(tmp_path,
     (15 min) plus a minute."""
     stack = Stack(tmp_path, HAL0_LEMONADE_URL=lemond_sim.url)
     stack.setup()
-    lemond_sim.configure(load_delay=3)
+    lemond_sim.configure(load_delay=6)
     try:
-        pid, model = sigkill_during_a_load(stack, stack.serve())
+        pid, model = sigkill_during_a_load(stack, stack.serve(), lemond_sim)
         wait_for(lambda: model in lemond_sim.state()["loaded_names"], timeout=30)
         assert chat_state(stack)[0] == "loading"  # lemond has it; the dead serve never said so
         stack.serve()
@@ -215,6 +217,7 @@ def test_a_sigkilled_serve_leaves_no_slot_loading_after_the_next_start(tmp_path,
         assert chat_state(stack)[0] == "offline"
     finally:
         stack.stop()
+        print(stack.logs())  # shown when the test fails
 
 
 def test_another_running_process_settles_a_killed_serves_load(tmp_path, lemond_sim):
@@ -230,7 +233,7 @@ def test_another_running_process_settles_a_killed_serves_load(tmp_path, lemond_s
         wait_for(lambda: (("reconciler:local", reconcile.pid) in [
             (name, int(holder.split(":")[1])) for name, holder in leases(
                 tmp_path / "hal0.sqlite3")]), timeout=60)  # it polls lemond; serve's waits
-        pid, model = sigkill_during_a_load(stack, stack.serve())
+        pid, model = sigkill_during_a_load(stack, stack.serve(), lemond_sim)
         wait_for(lambda: chat_events(stack, "interrupted"), timeout=30)
         [(from_state, to_state, message)] = chat_events(stack, "interrupted")
         assert from_state == "loading" and f":{pid}:" in message, message
@@ -241,3 +244,4 @@ def test_another_running_process_settles_a_killed_serves_load(tmp_path, lemond_s
         assert busy_leases(stack) == []
     finally:
         stack.stop()
+        print(stack.logs())  # shown when the test fails
