@@ -6,11 +6,14 @@ Playwright) against one `manage.py serve` and one lemond simulator for the modul
   the confirm step, and nothing is loaded;
 * the node header shows used/total memory and each loaded card what its model takes.
 
-Screenshots of the memory bars and the fit verdict go to docs/img/ (docs/dashboard.md).
+Screenshots of the memory bars and the fit verdict go to test-artifacts/; with
+HAL0_DOCS_SCREENSHOTS=1 to docs/img/ (docs/dashboard.md), so a test run leaves the
+tracked images alone.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,8 @@ from tests.harness import CHROMIUM, HAVE_CHROMIUM, PASSWORD, Stack, chromium
 from tests.sim_fixtures import TEST_DEFAULTS, start_simulator
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS_IMG = ROOT / "docs" / "img"
+DOCS_IMG = ROOT / ("docs/img" if os.environ.get("HAL0_DOCS_SCREENSHOTS") == "1"
+                   else "test-artifacts")
 CHAT = "Qwen3-4B-Instruct-2507-GGUF"
 SMALL = "Qwen3-0.6B-GGUF"
 
