@@ -137,7 +137,8 @@ class SlotEventAdmin(admin.ModelAdmin):
 class ApiTokenForm(forms.ModelForm):
     class Meta:
         model = ApiToken
-        fields = ["name", "slots", "listed", "rpm_limit", "tpm_limit", "expires_at"]
+        fields = ["name", "slots", "listed", "may_manage", "rpm_limit", "tpm_limit",
+                  "expires_at"]
 
     def clean_slots(self):
         value = tokens.parse_slots(self.cleaned_data.get("slots", ""))
@@ -154,17 +155,20 @@ class ApiTokenAdmin(admin.ModelAdmin):
     """Adding a token generates it and shows it once; only its hash is stored."""
 
     form = ApiTokenForm
-    list_display = ("name", "prefix", "slots", "listed", "rpm_limit", "tpm_limit", "status",
-                    "expires_at", "last_used_at", "created_at", "created_by")
+    list_display = ("name", "prefix", "slots", "listed", "may_manage", "rpm_limit",
+                    "tpm_limit", "status", "expires_at", "last_used_at", "created_at",
+                    "created_by")
+    list_filter = ("may_manage",)
     search_fields = ("name", "prefix")
     readonly_fields = ("prefix", "created_at", "last_used_at", "revoked_at", "created_by")
     actions = ["revoke_selected"]
 
     def get_fields(self, request, obj=None):
         if obj is None:
-            return ["name", "slots", "listed", "rpm_limit", "tpm_limit", "expires_at"]
-        return ["name", "prefix", "slots", "listed", "rpm_limit", "tpm_limit", "expires_at",
-                "created_at", "created_by", "last_used_at", "revoked_at"]
+            return ["name", "slots", "listed", "may_manage", "rpm_limit", "tpm_limit",
+                    "expires_at"]
+        return ["name", "prefix", "slots", "listed", "may_manage", "rpm_limit", "tpm_limit",
+                "expires_at", "created_at", "created_by", "last_used_at", "revoked_at"]
 
     @admin.display(description="status")
     def status(self, token):
@@ -177,6 +181,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
     def save_model(self, request, obj, form, change):
         if not change:
             row, raw = tokens.create_token(obj.name, slots=obj.slots, listed=obj.listed,
+                                           may_manage=obj.may_manage,
                                            rpm_limit=obj.rpm_limit, tpm_limit=obj.tpm_limit,
                                            expires_at=obj.expires_at,
                                            created_by=request.user.get_username())

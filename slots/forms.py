@@ -115,6 +115,11 @@ class TokenForm(forms.Form):
         help_text="What its model list (GET /v1/models) shows: slot names or capabilities, "
                   "e.g. chat for Open WebUI's model picker; empty = every slot it may use. "
                   "It may still use the others by name.")
+    may_manage = forms.BooleanField(
+        required=False, label="May load and unload",
+        help_text="Clients with this token may load and unload its slots (POST /models/load "
+                  "and /models/unload, llama.cpp's router API), e.g. Open WebUI's or pi's "
+                  "load buttons. Off: they only use the slots, loaded on demand.")
     rpm_limit = forms.IntegerField(
         required=False, min_value=1, max_value=2**31 - 1, label="Requests per minute",
         help_text="Past it the gateway answers 429 (OpenAI's rate_limit_exceeded). "

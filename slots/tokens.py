@@ -46,6 +46,7 @@ class Principal:
     allowed: tuple[str, ...]
     expires_at: datetime | None
     listed: tuple[str, ...] = ()  # slot names or capabilities GET /v1/models shows
+    may_manage: bool = False  # may load and unload its slots (POST /models/load, /unload)
     rpm_limit: int | None = None  # requests per minute (None: unlimited)
     tpm_limit: int | None = None  # input + output tokens per minute (None: unlimited)
 
@@ -122,8 +123,8 @@ def parse_slots(value: str | list[str] | tuple[str, ...] | None) -> str:
 
 
 def create_token(name: str, *, slots: str | list[str] | None = None,
-                 listed: str | list[str] | None = None, rpm_limit: int | None = None,
-                 tpm_limit: int | None = None,
+                 listed: str | list[str] | None = None, may_manage: bool = False,
+                 rpm_limit: int | None = None, tpm_limit: int | None = None,
                  expires_days: float | None = None, expires_at: datetime | None = None,
                  created_by: str = "") -> tuple[ApiToken, str]:
     """Create a token; returns (row, raw token). The raw token is not stored anywhere."""
@@ -132,7 +133,7 @@ def create_token(name: str, *, slots: str | list[str] | None = None,
         expires_at = timezone.now() + timedelta(days=expires_days)
     token = ApiToken(name=name, prefix=raw[: len(PREFIX) + 6], key_hash=hash_token(raw),
                      slots=parse_slots(slots), listed=parse_slots(listed),
-                     rpm_limit=rpm_limit, tpm_limit=tpm_limit,
+                     may_manage=may_manage, rpm_limit=rpm_limit, tpm_limit=tpm_limit,
                      expires_at=expires_at, created_by=created_by)
     token.full_clean()
     token.save()
@@ -153,6 +154,7 @@ def revoke_token(name: str) -> ApiToken:
 def _principal(token: ApiToken) -> Principal:
     return Principal(id=token.pk, name=token.name, allowed=tuple(token.allowed_slots),
                      expires_at=token.expires_at, listed=tuple(token.listed_names),
+                     may_manage=token.may_manage,
                      rpm_limit=token.rpm_limit, tpm_limit=token.tpm_limit)
 
 

@@ -630,7 +630,8 @@ def token_list(request):
     if request.method == "POST" and form.is_valid():
         row, raw = tokens.create_token(
             form.cleaned_data["name"], slots=form.cleaned_data["slots"],
-            listed=form.cleaned_data["listed"], expires_days=form.cleaned_data["expires_days"],
+            listed=form.cleaned_data["listed"], may_manage=form.cleaned_data["may_manage"],
+            expires_days=form.cleaned_data["expires_days"],
             rpm_limit=form.cleaned_data["rpm_limit"], tpm_limit=form.cleaned_data["tpm_limit"],
             created_by=request.user.get_username())
         created = {"name": row.name, "token": raw}

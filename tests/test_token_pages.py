@@ -37,6 +37,20 @@ def test_create_shows_the_token_once_and_it_works(admin_client):
     assert raw not in later and row.prefix in later
 
 
+def test_may_manage_is_set_in_the_form_and_shown_in_the_list(admin_client):
+    admin_client.post("/tokens/", {"name": "reader"})
+    response = admin_client.post("/tokens/", {"name": "webui", "may_manage": "on"})
+    raw = response.content.decode().split('<code class="token">')[1].split("</code>")[0]
+    assert tokens.authenticate(raw).may_manage is True
+    assert ApiToken.objects.get(name="reader").may_manage is False
+    page = admin_client.get("/tokens/").content.decode()
+    assert "May load and unload" in page  # the form's checkbox
+    row = page.split('id="token-webui"')[1].split("</tr>")[0]
+    other = page.split('id="token-reader"')[1].split("</tr>")[0]
+    assert '<td data-label="loads/unloads">yes</td>' in row
+    assert '<td data-label="loads/unloads">no</td>' in other
+
+
 @pytest.mark.parametrize("data,message", [
     ({"name": "bad name!"}, "Enter a valid"),
     ({"name": "t", "slots": "chat,nope"}, "No slot named &#x27;nope&#x27;."),

@@ -121,6 +121,22 @@ def test_cli_create_prints_only_the_token_on_stdout(db):
     assert tokens.authenticate(raw).name == "ci"
 
 
+def test_cli_may_manage_is_off_unless_asked(db):
+    plain = run("create", "reader")[0].strip()
+    raw, err = run("create", "webui", "--slots", "chat", "--may-manage")
+    assert "may load and unload" in err
+    assert tokens.authenticate(plain).may_manage is False
+    assert tokens.authenticate(raw.strip()).may_manage is True
+    out, _ = run("list")
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert "MANAGES" in out.splitlines()[0]
+    assert rows["webui"][4] == "yes" and rows["reader"][4] == "no"
+    import json
+
+    listed = {r["name"]: r["may_manage"] for r in json.loads(run("list", "--json")[0])}
+    assert listed == {"reader": False, "webui": True}
+
+
 def test_cli_refuses_unknown_slots_and_duplicate_names(db):
     with pytest.raises(CommandError, match="no slot named nope"):
         run("create", "ci", "--slots", "chat,nope")
@@ -172,6 +188,24 @@ def test_admin_add_shows_the_token_once(admin_client):
     assert tokens.authenticate(raw).name == "webui"
     again = admin_client.get(f"/admin/slots/apitoken/{token.pk}/change/").content.decode()
     assert raw not in again
+
+
+def test_admin_sets_and_edits_may_manage(admin_client):
+    admin_client.post("/admin/slots/apitoken/add/",
+                      {"name": "webui", "may_manage": "on", "expires_at_0": "",
+                       "expires_at_1": ""})
+    token = ApiToken.objects.get(name="webui")
+    assert token.may_manage is True
+    listing = admin_client.get("/admin/slots/apitoken/?may_manage__exact=1").content.decode()
+    assert "webui" in listing
+    raw = tokens.create_token("agent")[1]
+    assert tokens.authenticate(raw).may_manage is False
+    agent = ApiToken.objects.get(name="agent")
+    response = admin_client.post(f"/admin/slots/apitoken/{agent.pk}/change/",
+                                 {"name": "agent", "may_manage": "on", "expires_at_0": "",
+                                  "expires_at_1": ""})
+    assert response.status_code == 302
+    assert tokens.authenticate(raw).may_manage is True  # the cache was cleared at once
 
 
 def test_admin_refuses_unknown_slots(admin_client):

@@ -1,6 +1,7 @@
 """`manage.py tokens`: API tokens for the OpenAI gateway and the JSON API.
 
-    tokens create NAME [--slots a,b] [--list chat] [--rpm N] [--tpm N] [--expires-days N]
+    tokens create NAME [--slots a,b] [--list chat] [--may-manage] [--rpm N] [--tpm N]
+                       [--expires-days N]
                                                           prints the token once, on stdout
     tokens list [--json]
     tokens revoke NAME
@@ -36,6 +37,9 @@ class Command(BaseCommand):
         p.add_argument("--list", dest="listed", default="", metavar="SLOTS_OR_CAPABILITIES",
                        help="what GET /v1/models shows it, e.g. `chat` for a model picker "
                             "(default: every slot it may use; it may still use the others)")
+        p.add_argument("--may-manage", action="store_true",
+                       help="may load and unload its slots (POST /models/load and "
+                            "/models/unload, as llama.cpp's router takes them)")
         p.add_argument("--rpm", default=None, metavar="N",
                        help="at most N requests per minute (default: unlimited)")
         p.add_argument("--tpm", default=None, metavar="N",
@@ -52,7 +56,8 @@ class Command(BaseCommand):
         return getattr(self, f"do_{subcommand}")(**options)
 
     def do_create(self, name: str, slots: str, listed: str, expires_days: float | None,
-                  rpm: str | None = None, tpm: str | None = None, **_):
+                  may_manage: bool = False, rpm: str | None = None, tpm: str | None = None,
+                  **_):
         rpm_limit, tpm_limit = _limit("--rpm", rpm), _limit("--tpm", tpm)
         wanted = tokens.parse_slots(slots)
         if wanted:
@@ -69,6 +74,7 @@ class Command(BaseCommand):
                                "another name)")
         try:
             token, raw = tokens.create_token(name, slots=wanted, listed=listed,
+                                             may_manage=may_manage,
                                              rpm_limit=rpm_limit, tpm_limit=tpm_limit,
                                              expires_days=expires_days, created_by="cli")
         except ValidationError as exc:
@@ -77,6 +83,8 @@ class Command(BaseCommand):
         scope = token.slots or "all slots"
         if token.listed:
             scope += f", listing {token.listed}"
+        if token.may_manage:
+            scope += ", may load and unload"
         if token.rpm_limit:
             scope += f", {token.rpm_limit} requests/min"
         if token.tpm_limit:
@@ -93,10 +101,11 @@ class Command(BaseCommand):
         if not rows:
             self.stdout.write("no tokens (create one: manage.py tokens create NAME)")
             return
-        header = ("NAME", "PREFIX", "SLOTS", "LISTS", "RPM", "TPM", "STATUS", "EXPIRES",
-                  "LAST USED")
+        header = ("NAME", "PREFIX", "SLOTS", "LISTS", "MANAGES", "RPM", "TPM", "STATUS",
+                  "EXPIRES", "LAST USED")
         table = [header] + [(r["name"], r["prefix"] + "…", r["slots"] or "all",
-                             r["listed"] or "all", r["rpm_limit"] or "-", r["tpm_limit"] or "-",
+                             r["listed"] or "all", "yes" if r["may_manage"] else "no",
+                             r["rpm_limit"] or "-", r["tpm_limit"] or "-",
                              r["status"],
                              r["expires_at"] or "never", r["last_used_at"] or "never")
                             for r in rows]
@@ -126,8 +135,8 @@ class Command(BaseCommand):
             return value.isoformat(timespec="seconds") if value else None
 
         return {"name": token.name, "prefix": token.prefix, "slots": token.slots,
-                "listed": token.listed, "rpm_limit": token.rpm_limit,
-                "tpm_limit": token.tpm_limit,
+                "listed": token.listed, "may_manage": token.may_manage,
+                "rpm_limit": token.rpm_limit, "tpm_limit": token.tpm_limit,
                 "status": status, "expires_at": stamp(token.expires_at),
                 "created_at": stamp(token.created_at), "last_used_at": stamp(token.last_used_at),
                 "created_by": token.created_by}
