@@ -26,6 +26,7 @@ class SlotError(Exception):
         "slot.config_error": 400,
         "slot.disabled": 409,
         "slot.model_shared": 409,
+        "slot.pinned": 409,
         "slot.too_many": 409,
         "slot.wont_fit": 409,
         "slot.spawn_failed": 502,

@@ -309,11 +309,24 @@ def do_load_slot(slot: Slot | str, *, actor: Actor, join_timeout: float | None =
     return slot
 
 
-def do_unload_slot(slot: Slot | str, *, actor: Actor, action: str = "unload") -> Slot:
+def _refuse_kept_loaded(slot: Slot) -> None:
+    """A client may not unload what the operator asked hal0 to keep loaded."""
+    if slot.pinned or slot.keep_loaded:
+        why = "pinned" if slot.pinned else "keep-loaded"
+        raise SlotError("slot.pinned",
+                        f"Slot {slot.name!r} is {why}: hal0 keeps it loaded. Unpin it (or "
+                        "clear keep-loaded) in hal0 first.", slot.name)
+
+
+def do_unload_slot(slot: Slot | str, *, actor: Actor, action: str = "unload",
+                   keep_pinned: bool = False) -> Slot:
     """Stop serving the slot's model. Idempotent: a model lemond does not have is success.
     Refused (`slot.model_shared`, nothing changed) while another enabled slot on the node
-    serves the same model."""
+    serves the same model, and with `keep_pinned` (a gateway client asking) for a pinned or
+    keep-loaded slot (`slot.pinned`)."""
     slot = get_slot(slot)
+    if keep_pinned:
+        _refuse_kept_loaded(slot)
     model = slot.loaded_model or slot.model_name
     _refuse_shared_unload(slot, model)
     from_state = _transition(slot, "unload", State.UNLOADING, f"unloading {model}")

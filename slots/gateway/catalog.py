@@ -65,17 +65,28 @@ def context_length(ctx_size: int | None, lemond_entry: dict | None) -> int | Non
         else None
 
 
+def status(state: str, message: str = "") -> dict:
+    """llama.cpp's `status` object for a slot state. A failed slot says so twice: `value`
+    "failed" (what hal0 promises its clients) and llama.cpp's own `failed: true` (its
+    router reports a failed load as `unloaded` + `failed`; pi and others read the flag),
+    with the error message (llama.cpp has only an exit code)."""
+    value = STATUS_VALUE.get(state, "unloaded")
+    if value != "failed":
+        return {"value": value}
+    return {"value": value, "failed": True, "message": message or "the last action failed"}
+
+
 def model_entry(route, aliases: list[str]) -> dict:
     """One slot as a `/v1/models` entry. `route` is the gateway's routing snapshot."""
-    status = STATUS_VALUE.get(route.state, "unloaded")
+    slot_status = status(route.state, route.state_message)
     length = route.context_length
     return {
         "id": route.name, "object": "model", "created": route.created, "owned_by": "hal0",
         "name": f"{route.name} — {route.model_name} ({route.device})",
         "capability": route.capability, "model": route.model_name,
         "loaded_model": route.loaded_model or None,
-        "state": "loaded" if status == "loaded" else "not-loaded",
-        "status": {"value": status},
+        "state": "loaded" if slot_status["value"] == "loaded" else "not-loaded",
+        "status": slot_status,
         "slot_state": route.state,
         "context_length": length, "max_model_len": length,
         "aliases": aliases, "default": route.is_default, "enabled": route.enabled,

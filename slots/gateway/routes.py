@@ -4,6 +4,7 @@ cached for HAL0_GATEWAY_ROUTE_CACHE_S (a documented cache: `_cache`)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from django.conf import settings
@@ -42,6 +43,7 @@ class Route:
     created: int = 0  # the slot's creation time (unix seconds): stable for clients
     max_concurrency: int | None = None  # None: no queue (slots.admission)
     queue_timeout_s: int = 30
+    state_message: str = ""  # what the last action or observation said (a failure's why)
 
     def upstream_url(self, endpoint: str) -> str:
         """lemond's URL for a gateway endpoint: `/v1/rerank` goes to the rerank route the
@@ -114,6 +116,18 @@ class RouteTable:
         target = settings.HAL0_MODEL_ALIASES.get(model.lower()) if follow_aliases else None
         return self.resolve(target, capability, follow_aliases=False) if target else None
 
+    def resolve_allowed(self, model: str | None, capability: str | None,
+                        allows: Callable[[str], bool]) -> Route | None:
+        """`resolve`, except that a token scoped to a slot reaches it by the slot's own name
+        where that name leads elsewhere (a key scoped to the seeded `embed` slot, while
+        `embed` follows is_default to another slot). `allows(slot_name)` is the token's."""
+        route = self.resolve(model, capability)
+        named = self.by_name.get(model) if model else None
+        if route is not None and named is not None and not allows(route.name) \
+                and allows(named.name):
+            return named
+        return route
+
     def aliases_of(self, route: Route) -> list[str]:
         """The OpenAI names that lead to `route` (GET /v1/models shows them)."""
         targets = {route.name}
@@ -135,6 +149,7 @@ def _load_routes() -> RouteTable:
             upstream=node.base_url.rstrip("/") + caps.api_prefix + "/v1",
             api_key=node.api_key, rerank_route=caps.rerank_route,
             device=slot.device, created=int(slot.created_at.timestamp()),
+            state_message=slot.state_message,
             context_length=catalog.context_length(slot.ctx_size, slot.lemond_entry),
             max_concurrency=slot.max_concurrency, queue_timeout_s=slot.queue_timeout_s))
     return RouteTable.build(routes)
