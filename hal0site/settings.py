@@ -318,6 +318,9 @@ HAL0_GATEWAY_READ_TIMEOUT_S = env_float("HAL0_GATEWAY_READ_TIMEOUT_S", 600.0)
 HAL0_GATEWAY_RETRY_AFTER_S = int(env_float("HAL0_GATEWAY_RETRY_AFTER_S", 5))
 # The slot routing table is cached this long per process (edits show up within it).
 HAL0_GATEWAY_ROUTE_CACHE_S = env_float("HAL0_GATEWAY_ROUTE_CACHE_S", 1.0)
+# GET /models/sse sends a `: ping` comment after this long without an event (proxies and
+# clients keep the stream open; a revoked key's stream ends at the next one).
+HAL0_GATEWAY_SSE_PING_S = max(0.1, env_float("HAL0_GATEWAY_SSE_PING_S", 15.0))
 # A slot goes serving -> ready this long after its last in-flight request ends, so
 # back-to-back requests do not write the state twice each.
 HAL0_SERVING_LINGER_S = env_float("HAL0_SERVING_LINGER_S", 0.5)

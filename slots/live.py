@@ -1,8 +1,11 @@
 """Live pages: what goes out on the dashboard websocket group, and who is watching.
 
-Every push is HTML: the same partials the pages render (`slots/_slot_card.html`,
-`slots/_node.html`, …), marked for an htmx out-of-band swap by element id. Nothing here
-talks to lemond.
+Every push to the dashboards is HTML: the same partials the pages render
+(`slots/_slot_card.html`, `slots/_node.html`, …), marked for an htmx out-of-band swap by
+element id. The same pushes also go, as data, to a second group (`MODELS_GROUP`: a slot's
+name, state and message) that the gateway's `GET /models/sse` streams to API clients
+(`slots.gateway.router`); with the in-memory layer only while this process has such
+listeners. Nothing here talks to lemond.
 
 Pushes can start on any thread (actions run on worker threads). The in-memory channel
 layer is not thread-safe, so a push from a foreign thread is handed to the event loop that
@@ -31,6 +34,9 @@ from .models import Node, Slot
 log = logging.getLogger("hal0.live")
 
 GROUP = "dashboard"
+MODELS_GROUP = "models"  # the gateway's /models/sse listeners: slot states as data
+
+Message = tuple[str, dict[str, Any]]  # (group, channel-layer message)
 
 
 def render_slot_card(slot: Slot) -> str:
@@ -88,6 +94,7 @@ class Live:
         self._home_loop: asyncio.AbstractEventLoop | None = None
         self._pending: set[asyncio.Task] = set()  # pushes scheduled from async code
         self._viewers = 0
+        self._watchers = 0  # GET /models/sse listeners in this process
         self._viewers_lock = threading.Lock()
         # where the cards sat when this process last pushed the grid or looked
         self._layout_seen: tuple | None = None
@@ -110,29 +117,53 @@ class Live:
         """Dashboards connected to this process."""
         return self._viewers
 
+    def watcher_joined(self) -> None:
+        with self._viewers_lock:
+            self._watchers += 1
+
+    def watcher_left(self) -> None:
+        with self._viewers_lock:
+            self._watchers = max(0, self._watchers - 1)
+
+    def _for_watchers(self, message: dict[str, Any]) -> list[Message]:
+        """`message` for the /models/sse listeners, unless none can hear it: with the
+        in-memory layer only this process's listeners can."""
+        if local_layer() and not self._watchers:
+            return []
+        return [(MODELS_GROUP, message)]
+
     # --- pushing ---------------------------------------------------------------------------
-    def send(self, html: str) -> None:
-        """Push an HTML fragment to every open dashboard. Never raises: a broken channel
-        layer must not fail the action that triggered the push."""
-        layer = get_channel_layer()
-        if layer is None or not html:
+    def send(self, html: str, *also: Message) -> None:
+        """Push an HTML fragment to every open dashboard (and `also` these messages to their
+        groups, in the same hop). Never raises: a broken channel layer must not fail the
+        action that triggered the push."""
+        if not html:
             return
-        message = {"type": "push.html", "html": html}
+        self._publish([(GROUP, {"type": "push.html", "html": html}), *also])
+
+    def _publish(self, messages: list[Message]) -> None:
+        layer = get_channel_layer()
+        if layer is None or not messages:
+            return
+
+        async def deliver() -> None:
+            for group, message in messages:
+                await layer.group_send(group, message)
+
         try:
             try:
                 running = asyncio.get_running_loop()
             except RuntimeError:
                 running = None
             if running is not None:  # called from async code: schedule, don't block the loop
-                task = running.create_task(layer.group_send(GROUP, message))
+                task = running.create_task(deliver())
                 self._pending.add(task)
                 task.add_done_callback(self._pending.discard)
                 return
             # the loop that started this thread if it was sync_to_async, else the websockets'
             loop = _caller_loop() or self._home_loop
             if loop is not None and loop.is_running() and not loop.is_closed():
-                future = asyncio.run_coroutine_threadsafe(layer.group_send(GROUP, message),
-                                                          loop)
+                future = asyncio.run_coroutine_threadsafe(deliver(), loop)
                 try:
                     future.result(timeout=5)
                 finally:
@@ -145,18 +176,20 @@ class Live:
                 # on a loop of our own.
                 if not isinstance(layer, InMemoryChannelLayer):
                     async def bounded() -> None:
-                        await asyncio.wait_for(layer.group_send(GROUP, message), 5)
+                        await asyncio.wait_for(deliver(), 5)
 
                     async_to_sync(bounded, force_new_loop=True)()
             else:  # a management command: no server loop in this process
-                async_to_sync(layer.group_send)(GROUP, message)
+                async_to_sync(deliver)()
         except Exception:  # e.g. Redis down: the dashboard catches up on its next load
             log.exception("could not push a dashboard update")
 
     def broadcast_slot(self, slot_id: int) -> None:
         slot = Slot.objects.select_related("node").filter(pk=slot_id).first()
         if slot is not None:
-            self.send(render_slot_card(slot))
+            self.send(render_slot_card(slot), *self._for_watchers(
+                {"type": "slot.status", "slot": slot.name, "state": slot.state,
+                 "message": slot.state_message}))
 
     def broadcast_slot_on_commit(self, slot_id: int) -> None:
         transaction.on_commit(lambda: self.broadcast_slot(slot_id))
@@ -171,13 +204,15 @@ class Live:
 
     def broadcast_removed_on_commit(self, name: str) -> None:
         transaction.on_commit(
-            lambda: self.send(f'<div id="slot-{name}" hx-swap-oob="delete"></div>'))
+            lambda: self.send(f'<div id="slot-{name}" hx-swap-oob="delete"></div>',
+                              *self._for_watchers({"type": "slot.removed", "slot": name})))
 
     def push_layout(self) -> None:
         """Re-send the dashboard's whole grid to open dashboards: a card's place changed,
         not just its content (a slot created, renamed, moved to another node or capability;
         a node added or removed), whichever way the change was made (page, API, CLI,
-        admin)."""
+        admin). API clients on /models/sse hear `models.reload`."""
+        self._publish(self._for_watchers({"type": "models.reload"}))
         if local_layer() and not self.viewers():
             return  # no dashboard in this process can hear it (a CLI command): don't render
         context = layout_context()

@@ -75,6 +75,12 @@ def _start(tmp_path, sim, **env: str) -> Gateway:
     tokens = {"all": stack.manage("tokens", "create", "all").stdout.strip(),
               "picker": stack.manage("tokens", "create", "open-webui", "--list", "chat")
               .stdout.strip()}
+    # llama.cpp-router clients that may load and unload: every slot, or `writer` only
+    tokens.update(json.loads(stack.manage("shell", "-c", (
+        "import json\nfrom slots import tokens as t\n"
+        "print(json.dumps({'manager': t.create_token('manager', may_manage=True)[1], "
+        "'writer-manager': t.create_token('writer-manager', slots='writer', "
+        "may_manage=True)[1]}))")).stdout.splitlines()[-1]))
     return Gateway(stack, stack.serve("--access-log"), tokens)
 
 
@@ -334,7 +340,8 @@ def test_a_token_lists_less_than_it_may_use(gw):
     ("GET", "/v1/nope", 404, "not_found"),
     ("POST", "/v1/chat/nope", 404, "not_found"),
     ("GET", "/v1/", 404, "not_found"),
-    ("GET", "/models", 404, "not_found"),
+    ("GET", "/models/nope", 404, "model_not_found"),
+    ("GET", "/models/load", 405, "method_not_allowed"),
     ("GET", "/v1/chat/completions", 405, "method_not_allowed"),
     ("DELETE", "/v1/models", 405, "method_not_allowed"),
     ("PUT", "/v1/responses", 405, "method_not_allowed"),
@@ -355,6 +362,104 @@ def test_unknown_paths_still_need_a_token(gw):
     response = httpx.get(f"{gw.base}/nope")
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+# --- llama.cpp router clients (pi, Open WebUI's load buttons, Letta Code) -----------------
+
+class RouterClient:
+    """What a llama.cpp-router client does, configured as one would configure it for
+    llama-server: the server's root URL (no /v1) and a key."""
+
+    def __init__(self, url: str, key: str):
+        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"},
+                                 timeout=30)
+
+    def models(self) -> dict[str, dict]:
+        response = self.http.get("/models")
+        response.raise_for_status()
+        return {m["id"]: m for m in response.json()["data"]}
+
+    def load(self, model: str) -> httpx.Response:
+        return self.http.post("/models/load", json={"model": model})
+
+    def unload(self, model: str) -> httpx.Response:
+        return self.http.post("/models/unload", json={"model": model})
+
+    def events(self):
+        """The /models/sse stream's data events, as they arrive."""
+        with self.http.stream("GET", "/models/sse") as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    yield json.loads(line[6:])
+
+    def chat(self, model: str) -> str:
+        response = self.http.post("/v1/chat/completions", json={
+            "model": model, "messages": [{"role": "user", "content": "Hi"}]})
+        response.raise_for_status()
+        return response.json()["choices"][0]["message"]["content"]
+
+
+def _until(events, model: str, status: str) -> dict:
+    return next(e for e in events
+                if e["model"] == model and e["event"] == "model_status"
+                and e["data"]["status"] == status)
+
+
+def test_router_client_lists_loads_waits_on_sse_chats_and_unloads(gw, clients_sim):
+    client = RouterClient(gw.url, gw.tokens["writer-manager"])
+    if client.models()["writer"]["status"]["value"] != "unloaded":
+        assert client.unload("writer").json() == {"success": True}
+    listed = client.models()
+    assert set(listed) == {"writer"}  # the slots this key may use, nothing else
+    assert listed["writer"]["status"] == {"value": "unloaded"}
+    events = client.events()
+    snapshot = next(events)
+    assert snapshot == {"model": "writer", "event": "model_status",
+                        "data": {"status": "unloaded"}}
+    assert client.load("writer").json() == {"success": True}
+    _until(events, "writer", "loaded")
+    assert client.models()["writer"]["status"] == {"value": "loaded"}
+    assert "Qwen3-0.6B-GGUF" in clients_sim.state()["loaded_names"]
+    assert client.chat("writer").strip()
+    assert client.unload("writer").json() == {"success": True}
+    _until(events, "writer", "unloaded")
+    events.close()  # the client hangs up: hal0 finishes the stream
+    assert "Qwen3-0.6B-GGUF" not in clients_sim.state()["loaded_names"]
+    line, _ = wait_for(lambda: next((ln for ln in gw.stack.logs().splitlines()
+                                     if '"GET /models/sse' in ln), None), 10)
+    assert '"GET /models/sse" 499 ' in line  # ended by the client leaving (nginx's code)
+
+
+def test_router_client_is_refused_without_may_manage_or_outside_its_slots(gw, clients_sim):
+    reader = RouterClient(gw.url, gw.tokens["all"])
+    assert reader.models()["chat"]["status"]["value"] in ("loaded", "unloaded")
+    refused = reader.load("chat")
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "manage_not_allowed"
+    outside = RouterClient(gw.url, gw.tokens["writer-manager"]).load("chat")
+    assert outside.status_code == 403
+    assert outside.json()["error"]["code"] == "slot_not_allowed"
+    assert clients_sim.state()["loaded_names"] == []  # nothing was loaded
+
+
+def test_openai_sdk_drives_the_router_endpoints_with_its_error_classes(gw, clients_sim):
+    """The `openai` package against /v1/models/load and /unload (its generic post): success,
+    and its own exception classes for the refusals."""
+    import openai
+
+    manager = gw.openai("manager")
+    assert manager.post("/models/load", body={"model": "embed"}, cast_to=object) == {
+        "success": True}
+    assert manager.models.retrieve("embed").model_dump()["status"] == {"value": "loaded"}
+    assert manager.post("/models/unload", body={"model": "embed"}, cast_to=object) == {
+        "success": True}
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        gw.openai().post("/models/load", body={"model": "embed"}, cast_to=object)
+    assert refused.value.code == "manage_not_allowed"
+    with pytest.raises(openai.NotFoundError):
+        manager.post("/models/load", body={"model": "gpt-17"}, cast_to=object)
 
 
 # --- CORS, in a real browser -----------------------------------------------------------------

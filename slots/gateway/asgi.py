@@ -42,7 +42,13 @@ from django.http import HttpResponse
 
 from .. import tokens
 from . import views
-from .endpoints import MODELS, MODELS_PREFIX, PREFIX, body_cap, handles, too_large_message
+from .endpoints import (
+    MODELS_PREFIX,
+    ROOT_MODELS_PREFIX,
+    body_cap,
+    handles,
+    too_large_message,
+)
 from .proxy import bearer_token, internal_error, openai_error
 
 log = logging.getLogger("hal0.gateway")
@@ -154,12 +160,13 @@ def _error(status: int, message: str, code: str) -> HttpResponse:
 
 async def _dispatch(request):
     path = request.path_info
-    if path.startswith(MODELS_PREFIX):
-        return await views.VIEWS[PREFIX + MODELS](request, path[len(MODELS_PREFIX):])
     view = views.VIEWS.get(path)
-    if view is None:
-        return await views.not_served(request, path.removeprefix("/v1").removeprefix("/"))
-    return await view(request)
+    if view is not None:
+        return await view(request)
+    for prefix in (MODELS_PREFIX, ROOT_MODELS_PREFIX):  # /v1/models/<id>, /models/<id>
+        if path.startswith(prefix):
+            return await views.models(request, path[len(prefix):])
+    return await views.not_served(request, path.removeprefix("/v1").removeprefix("/"))
 
 
 async def _call_view(request):

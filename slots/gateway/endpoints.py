@@ -31,10 +31,23 @@ MB = 1024 * 1024
 LISTINGS = (MODELS, "audio/voices", "audio/models")
 MODELS_PREFIX = PREFIX + MODELS + "/"
 
+# llama.cpp's router API, next to OpenAI's (slots.gateway.router): endpoint -> what it does.
+# llama-server serves these at the root, so hal0 serves them at the root and under /v1/
+# alike (a client's base URL may have /v1 or not), and GET /models too.
+ROOT = "/"
+ROUTER_ENDPOINTS: dict[str, str] = {
+    "models/load": "load",  # POST {"model": ...} -> {"success": true}
+    "models/unload": "unload",
+    "models/sse": "events",  # GET: model status changes, server-sent
+}
+ROOT_MODELS = ROOT + MODELS  # GET /models, llama.cpp's listing
+ROOT_MODELS_PREFIX = ROOT_MODELS + "/"
+
 
 def handles(path: str) -> bool:
     """Every path under /v1/ is the gateway's (unknown ones answer OpenAI-shaped JSON), and
-    so is /models, where a client whose base URL lacks its /v1 lands."""
+    so are /models and /models/... (llama.cpp's router API, at the root as llama-server
+    serves it)."""
     return path.startswith(("/v1/", "/models/")) or path in ("/v1", "/models")
 
 

@@ -14,8 +14,16 @@ from django.views.decorators.csrf import csrf_exempt
 
 from .. import metrics, runtime
 from ..models import Capability
-from . import catalog
-from .endpoints import ENDPOINTS, METRICS_PATH, MODELS, PREFIX
+from . import catalog, router
+from .endpoints import (
+    ENDPOINTS,
+    METRICS_PATH,
+    MODELS,
+    PREFIX,
+    ROOT,
+    ROOT_MODELS,
+    ROUTER_ENDPOINTS,
+)
 from .proxy import _principal, _proxy, internal_error, openai_error
 from .routes import invalidate_routes, route_table
 
@@ -95,7 +103,7 @@ async def audio_models(request):
 
 @csrf_exempt
 async def not_served(request, endpoint: str = ""):
-    """Any other path under /v1/ (or /models): OpenAI-shaped JSON, never Django's HTML.
+    """Any other path under /v1/: OpenAI-shaped JSON, never Django's HTML.
     Still behind the token, like every API answer."""
     _, denied = await _principal(request)
     if denied:
@@ -105,9 +113,7 @@ async def not_served(request, endpoint: str = ""):
         return openai_error(501, f"hal0 does not offer {what} (/v1/{endpoint}); "
                                  "see docs/gateway.md for what it serves.",
                             type_="invalid_request_error", code="not_supported")
-    hint = " (hal0's OpenAI API is under /v1/: use http://<host>:<port>/v1 as the base URL)" \
-        if request.path_info.startswith("/models") else ""
-    return openai_error(404, f"Unknown path {request.path_info!r}{hint}.", code="not_found")
+    return openai_error(404, f"Unknown path {request.path_info!r}.", code="not_found")
 
 
 # --- /metrics ------------------------------------------------------------------------------------
@@ -136,18 +142,28 @@ async def prometheus(request):
 
 
 
-# the views by path, for the fast path; /v1/models/<id> goes to the models view
+# the views by path, for the fast path; /v1/models/<id> and /models/<id> go to the models view
 VIEWS: dict[str, View] = {
     PREFIX + MODELS: models,
+    ROOT_MODELS: models,  # llama.cpp's listing path
     PREFIX + "audio/voices": audio_voices,
     PREFIX + "audio/models": audio_models,
     **{PREFIX + endpoint: gateway_view(endpoint) for endpoint in ENDPOINTS},
+    **{prefix + endpoint: router.VIEWS[what] for endpoint, what in ROUTER_ENDPOINTS.items()
+       for prefix in (PREFIX, ROOT)},
 }
+
+
+def _url_name(url: str) -> str:
+    rest = url.removeprefix(PREFIX) if url.startswith(PREFIX) else "root-" + url[1:]
+    return "gateway-" + rest.replace("/", "-")
+
 
 urlpatterns: list[URLPattern] = [
     # django-stubs type views as sync; Django serves async views as they are
-    *[path(url[1:], view, name=f"gateway-{url[len(PREFIX):].replace('/', '-')}")  # type: ignore[arg-type]
+    *[path(url[1:], view, name=_url_name(url))  # type: ignore[arg-type]
       for url, view in VIEWS.items()],
     path(f"{PREFIX[1:]}{MODELS}/<path:model_id>", models, name="gateway-model"),
+    path(f"{ROOT_MODELS[1:]}/<path:model_id>", models, name="gateway-root-model"),
     path(METRICS_PATH[1:], prometheus, name="metrics"),
 ]
