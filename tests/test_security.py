@@ -104,8 +104,8 @@ PUBLIC = {"login", "logout", "admin:login", "admin:logout", "slots:api-health", 
 
 
 def kind(route: str, name: str) -> str:
-    if route.startswith("v1/") or route == "metrics":
-        return "token"  # the gateway: bearer tokens, CSRF-exempt by design
+    if route.startswith(("v1/", "models/")) or route in ("models", "metrics"):
+        return "token"  # the gateway (and llama.cpp's /models API): bearer tokens, no CSRF
     if name in PUBLIC:
         return "public"
     if route.startswith("api/"):
@@ -227,7 +227,7 @@ def test_gateway_ignores_session_cookies(world):
     for path, name, route in urls(world):
         if kind(route, name) != "token" or route == "metrics":
             continue
-        method = client.get if route.startswith("v1/models") else client.post
+        method = client.get if route.startswith(("v1/models", "models")) else client.post
         response = method(path, json.dumps({"model": "chat"}), content_type="application/json") \
             if method == client.post else method(path)
         assert response.status_code == 401, path
@@ -235,12 +235,14 @@ def test_gateway_ignores_session_cookies(world):
 
 
 def test_only_token_authenticated_views_are_csrf_exempt(world):
-    """Views that skip Django's CSRF middleware: the gateway (tokens only) and the JSON API
-    (which checks CSRF itself for sessions: see the walk above). Nothing else."""
+    """Views that skip Django's CSRF middleware: the gateway (tokens only, llama.cpp's
+    /models API at the root included) and the JSON API (which checks CSRF itself for
+    sessions: see the walk above). Nothing else."""
     exempt = {route for route, _, p in walk() if getattr(p.callback, "csrf_exempt", False)}
     assert exempt, "the gateway should be CSRF-exempt"
     for route in exempt:
-        assert route.startswith(("v1/", "api/")) or route == "metrics", route
+        assert route.startswith(("v1/", "api/", "models/")) \
+            or route in ("metrics", "models"), route
 
 
 @pytest.mark.django_db(transaction=True)  # actions run on a worker thread
