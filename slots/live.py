@@ -223,6 +223,10 @@ class Live:
         self.send(html.replace('id="layout"', 'id="layout" hx-swap-oob="true"', 1))
 
     def push_layout_on_commit(self) -> None:
+        # Taken note of now, inside the transaction (which sees its own writes): the
+        # reconciler's watcher looking between the commit and this push must not take the
+        # change for another process's and push the grid a second time.
+        self._layout_seen = layout_fingerprint()
         transaction.on_commit(self.push_layout)
 
     def layout_moved(self) -> bool:
