@@ -267,12 +267,14 @@ elif not SECURE_SSL_REDIRECT:
 # but style *attributes* are allowed (a card group's `--cards` width, the admin's state
 # badges): with img-src/font-src/connect-src limited to 'self' an injected style attribute
 # cannot reach another origin. connect-src 'self' covers the same-origin ws:/wss: socket.
+# media-src blob: plays the "Try it" panel's speech, which arrives by POST (static/js/try.js).
 CONTENT_SECURITY_POLICY = "; ".join([
     "default-src 'self'",
     "script-src 'self'",
     "style-src 'self'",
     "style-src-attr 'unsafe-inline'",
     "img-src 'self' data:",
+    "media-src 'self' blob:",
     "font-src 'self'",
     "connect-src 'self'",
     "object-src 'none'",
@@ -336,7 +338,7 @@ HAL0_SHUTDOWN_GRACE_S = env_float("HAL0_SHUTDOWN_GRACE_S", 5.0)
 HAL0_TOKEN_CACHE_S = env_float("HAL0_TOKEN_CACHE_S", 10.0)
 # Request metrics: kept this many hours, written in batches every few seconds.
 HAL0_METRICS_RETENTION_H = env_float("HAL0_METRICS_RETENTION_H", 24.0)
-HAL0_METRICS_FLUSH_S = env_float("HAL0_METRICS_FLUSH_S", 2.0)
+HAL0_METRICS_FLUSH_S = env_float("HAL0_METRICS_FLUSH_S", 0.5)
 
 
 def _model_aliases() -> dict[str, str]:

@@ -23,7 +23,7 @@ from django.template.loader import render_to_string
 
 from providers.lemonade import logs as lemond_logs
 
-from . import live, runtime
+from . import activity, live, runtime
 from .jsonbody import NotAJsonObject, json_object
 from .models import Node, Slot, can_manage_slots
 
@@ -54,12 +54,21 @@ class DashboardConsumer(AsyncWebsocketConsumer):
         await self.accept()
         self.counted = True
         pages.viewer_joined()
-        await self.send(text_data=await self.resync(_query(self.scope).get("slot")))
+        slot_name = _query(self.scope).get("slot")
+        # a slot page also hears its slot's stats after each metrics batch (slots.activity)
+        self.slot_group = activity.slot_group(slot_name) if slot_name else None
+        if self.slot_group:
+            await self.channel_layer.group_add(self.slot_group, self.channel_name)
+            pages.page_watcher(True)
+        await self.send(text_data=await self.resync(slot_name))
 
     async def disconnect(self, code):
         if getattr(self, "counted", False):
             self.counted = False
             runtime.current().live.viewer_left()
+            if self.slot_group:
+                runtime.current().live.page_watcher(False)
+                await self.channel_layer.group_discard(self.slot_group, self.channel_name)
         await self.channel_layer.group_discard(live.GROUP, self.channel_name)
 
     async def push_html(self, event):
@@ -73,6 +82,41 @@ class DashboardConsumer(AsyncWebsocketConsumer):
         if slot_name:
             slots = slots.filter(name=slot_name)
         return render_to_string("slots/_resync.html", {"slots": slots, "nodes": nodes})
+
+
+class ActivityConsumer(AsyncWebsocketConsumer):
+    """The Activity page: each metrics batch's rows this user may see and the page's
+    filters (`?slot=`, `?status=`) select, newest first, on top of the table."""
+
+    async def connect(self):
+        if not _authenticated(self.scope):
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        query = _query(self.scope)
+        user = self.scope["user"]
+        self.staff, self.username = user.is_staff, user.get_username()
+        self.slot, self.status = query.get("slot", ""), query.get("status", "")
+        pages = runtime.current().live
+        pages.bind_loop()
+        await self.channel_layer.group_add(activity.GROUP, self.channel_name)
+        await self.accept()
+        self.counted = True
+        pages.page_watcher(True)
+        await self.send(text_data=render_to_string("slots/_live_status.html",
+                                                   {"live": True, "oob": True}))
+
+    async def disconnect(self, code):
+        if getattr(self, "counted", False):
+            self.counted = False
+            runtime.current().live.page_watcher(False)
+        await self.channel_layer.group_discard(activity.GROUP, self.channel_name)
+
+    async def activity_rows(self, event):
+        rows = [activity.from_data(data) for data in event["rows"]
+                if activity.shown_to(self.staff, self.username, data, self.slot, self.status)]
+        if rows:
+            await self.send(text_data=render_to_string("slots/_activity_rows.html",
+                                                       {"rows": rows, "oob": True}))
 
 
 # --- lemond logs -----------------------------------------------------------------------------

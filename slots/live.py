@@ -95,6 +95,7 @@ class Live:
         self._pending: set[asyncio.Task] = set()  # pushes scheduled from async code
         self._viewers = 0
         self._watchers = 0  # GET /models/sse listeners in this process
+        self._page_watchers = 0  # Activity and slot pages (they do not speed up polling)
         self._viewers_lock = threading.Lock()
         # where the cards sat when this process last pushed the grid or looked
         self._layout_seen: tuple | None = None
@@ -132,7 +133,25 @@ class Live:
             return []
         return [(MODELS_GROUP, message)]
 
+    def page_watcher(self, joined: bool) -> None:
+        """An Activity page or a slot page's stats opened (True) or closed (False)."""
+        with self._viewers_lock:
+            self._page_watchers = max(0, self._page_watchers + (1 if joined else -1))
+
+    def page_watching(self) -> int:
+        """Activity and slot pages connected to this process."""
+        return self._page_watchers
+
     # --- pushing ---------------------------------------------------------------------------
+    def send_message(self, group: str, message: dict[str, Any]) -> None:
+        """Send one channel-layer message to another page's group (never raises)."""
+        self._publish([(group, message)])
+
+    def send_to(self, group: str, html: str) -> None:
+        """Push an HTML fragment to another page's group (a slot page's stats)."""
+        if html:
+            self._publish([(group, {"type": "push.html", "html": html})])
+
     def send(self, html: str, *also: Message) -> None:
         """Push an HTML fragment to every open dashboard (and `also` these messages to their
         groups, in the same hop). Never raises: a broken channel layer must not fail the

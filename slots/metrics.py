@@ -25,7 +25,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from . import tokens
@@ -54,13 +54,15 @@ class RequestSample:
     tokens_out: int | None = None
     tokens_per_s: float | None = None
     stream: bool = False
+    token_name: str = ""  # the API token's name, or "user:<name>" for a dashboard session
 
     def row(self) -> RequestMetric:
         return RequestMetric(
             slot_name=self.slot_name[:32], endpoint=self.endpoint[:40], status=self.status,
             started_at=self.started_at, latency_ms=self.latency_ms, ttft_ms=self.ttft_ms,
             tokens_in=self.tokens_in, tokens_out=self.tokens_out,
-            tokens_per_s=self.tokens_per_s, stream=self.stream)
+            tokens_per_s=self.tokens_per_s, stream=self.stream,
+            token_name=self.token_name[:64])
 
 
 class Counters:
@@ -118,8 +120,11 @@ class MetricsBuffer:
     """
 
     def __init__(self, *, serving: ServingTracker, stamps: tokens.TokenStamps,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 on_written: Callable[[list[RequestMetric]], None] | None = None):
         self.counters = Counters()
+        # told each batch after its commit (the Activity page's live rows, slots.activity)
+        self._on_written = on_written
         self._serving = serving
         self._stamps = stamps
         self._clock = clock
@@ -159,8 +164,9 @@ class MetricsBuffer:
         with self._lock:
             batch, self._samples = self._samples, []
         if batch:
+            rows = [o.row() for o in batch]
             try:
-                RequestMetric.objects.bulk_create([o.row() for o in batch], batch_size=500)
+                RequestMetric.objects.bulk_create(rows, batch_size=500)
             except Exception:
                 with self._lock:  # keep them for the next try, before what came meanwhile
                     self._samples[:0] = batch
@@ -168,6 +174,9 @@ class MetricsBuffer:
                 raise
             with self._lock:
                 self.counters.written += len(batch)
+            if self._on_written is not None:
+                on_written = self._on_written
+                transaction.on_commit(lambda: on_written(rows))
         self._stamps.flush()
         self.prune_if_due(now)
         return len(batch)

@@ -7,4 +7,5 @@ from . import consumers
 websocket_urlpatterns = [
     path("ws/slots/", consumers.DashboardConsumer.as_asgi()),
     path("ws/logs/", consumers.LogsConsumer.as_asgi()),
+    path("ws/activity/", consumers.ActivityConsumer.as_asgi()),
 ]

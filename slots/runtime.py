@@ -39,7 +39,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections, connection
 
-from . import admission, busy, live, metrics, ratelimits, tokens
+from . import activity, admission, busy, live, metrics, ratelimits, tokens
 from .actions.errors import SlotError
 from .serving import ServingTracker
 
@@ -143,7 +143,9 @@ class Runtime:
         self.live = live.Live()
         self.serving = ServingTracker(self.live)
         self.token_stamps = tokens.TokenStamps()
-        self.metrics = metrics.MetricsBuffer(serving=self.serving, stamps=self.token_stamps)
+        self.metrics = metrics.MetricsBuffer(
+            serving=self.serving, stamps=self.token_stamps,
+            on_written=lambda rows: activity.push_batch(self.live, rows, self.metrics.pending()))
         self.pulls: dict[tuple[int, str], asyncio.Task] = {}
         # slot pk -> the load gateway requests for it wait on (one per slot per process)
         self.gateway_loads_running: dict[int, asyncio.Future] = {}

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import api, views
+from . import api, trying, views
 
 app_name = "slots"
 
@@ -21,6 +21,8 @@ urlpatterns = [
     path("slots/<str:name>/pull/", views.pull_start, name="pull"),
     path("slots/<str:name>/pull/cancel/", views.pull_cancel, name="pull-cancel"),
     path("slots/<str:name>/lemond/", views.lemond_model, name="lemond-model"),
+    path("slots/<str:name>/try/<path:endpoint>", trying.try_endpoint, name="try"),  # type: ignore[arg-type]  # an async view
+    path("activity/", views.activity_page, name="activity"),
     path("api/health", api.health, name="api-health"),
     path("api/slots/", api.slot_list, name="api-list"),
     path("api/slots/<str:name>/", api.slot_detail, name="api-detail"),

@@ -13,7 +13,7 @@ import asyncio
 import json
 import re
 import time
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -31,7 +31,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 from providers.lemonade import catalog
 from providers.lemonade.errors import LemonadeError
 
-from . import capacity, leases, live, metrics, runtime, states, tokens
+from . import activity, capacity, leases, live, metrics, runtime, states, tokens, trying
 from .actions import config, fit, lifecycle, pulls
 from .actions.errors import SlotError
 from .capacity import Plan
@@ -131,9 +131,33 @@ def slot_detail(request, name):
         "events": slot.events.all()[:50],
         "chart": load_chart(slot),
         "traffic": metrics.slot_stats(slot.name, runtime.current().metrics.pending()),
+        "trend": activity.trend(slot.name),
+        "try_endpoint": trying.PANEL_ENDPOINTS.get(slot.capability),
         "lemond_entry": json.dumps(readable_entry(slot), indent=2, sort_keys=True)
         if slot.lemond_entry else "",
         "live_url": f"/ws/slots/?slot={quote(slot.name)}",
+    })
+
+
+@login_required
+def activity_page(request):
+    """The last gateway requests this user may see, newest first; new ones arrive on the
+    page's socket (`/ws/activity/`, with the same filters)."""
+    slot = request.GET.get("slot", "")
+    status = request.GET.get("status", "")
+    status = status if status in activity.STATUSES else ""
+    slots = list(Slot.objects.order_by("name").only("pk", "name", "max_concurrency"))
+    names = {s.name for s in slots}
+    slot = slot if slot in names else ""
+    admission = runtime.current().admission
+    queues = [(s.name, stats) for s in slots
+              if (stats := admission.stats(s.pk, s.max_concurrency)) is not None]
+    filters = {k: v for k, v in (("slot", slot), ("status", status)) if v}
+    return render(request, "slots/activity.html", {
+        "rows": activity.recent(request.user, slot, status), "slots": slots,
+        "slot": slot, "status": status, "statuses": activity.STATUSES, "queues": queues,
+        "flush_s": settings.HAL0_METRICS_FLUSH_S,
+        "live_url": "/ws/activity/" + (f"?{urlencode(filters)}" if filters else ""),
     })
 
 

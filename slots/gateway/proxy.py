@@ -180,11 +180,12 @@ class Flight:
     """One request in flight for a slot: counted as serving until `finish()`."""
 
     __slots__ = ("charge", "done", "endpoint", "gate", "granted_at", "route", "started",
-                 "started_at", "stream", "ttft_ms")
+                 "started_at", "stream", "token_name", "ttft_ms")
 
     def __init__(self, route: Route, endpoint: str, started: float, started_at,
-                 charge: Callable[[int], None] | None = None):
+                 charge: Callable[[int], None] | None = None, token_name: str = ""):
         self.route = route
+        self.token_name = token_name  # who asked: the Activity page shows it
         self.endpoint = endpoint
         self.started = started
         self.started_at = started_at
@@ -219,7 +220,8 @@ class Flight:
             started_at=self.started_at, latency_ms=round(latency_ms, 3),
             ttft_ms=round(ttft_ms, 3) if ttft_ms is not None else None,
             tokens_in=usage.get("tokens_in"), tokens_out=tokens_out,
-            tokens_per_s=round(tps, 2) if tps is not None else None, stream=self.stream))
+            tokens_per_s=round(tps, 2) if tps is not None else None, stream=self.stream,
+            token_name=self.token_name))
 
 
 def _carries_data(chunk: bytes) -> bool:
@@ -441,18 +443,25 @@ async def _proxy(request, endpoint: str):
     return limits.stamp(response, verdict)
 
 
+async def serve_session(request, endpoint: str, principal: tokens.Principal, slot_name: str):
+    """A logged-in browser's request from a slot page's "Try it" panel (`slots.trying`): the
+    same path as `/v1` after the bearer check, with the session standing in for the token
+    and the page's slot for the body's `model`. Recorded in the metrics like any other."""
+    return await _serve(request, endpoint, principal, time.perf_counter(), slot=slot_name)
+
+
 async def _serve(request, endpoint: str, principal: tokens.Principal, started: float,
-                 charge: Callable[[int], None] | None = None):
+                 charge: Callable[[int], None] | None = None, *, slot: str | None = None):
     multipart = endpoint in MULTIPART_ENDPOINTS
     try:
         if multipart:
             model, data, raw = _multipart_model(request, endpoint), None, b""
         else:
             model, data, raw = _json_request(request)
-        route = await _route_for(principal, model, endpoint)
+        route = await _route_for(principal, slot or model, endpoint)
     except _Refused as refused:
         return refused.response
-    flight = Flight(route, endpoint, started, timezone.now(), charge)
+    flight = Flight(route, endpoint, started, timezone.now(), charge, principal.name)
     runtime.current().metrics.ensure_flusher()
     try:
         if not route.serves_its_model or runtime.current().serving.is_idle_unloading(route.pk):
