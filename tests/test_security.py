@@ -73,6 +73,7 @@ def param_value(param: str, route: str, world: dict) -> str:
         "pk": str(world["node"].pk), "node_id": str(world["node"].pk),
         "node_pk": str(world["node"].pk), "node": world["node"].name,
         "node_name": world["node"].name, "slot": "chat", "slot_name": "chat",
+        "endpoint": "chat/completions",  # a slot page's "Try it" panel
     }
     if param not in values:
         pytest.fail(f"the URL walk has no value for <{param}> in {route!r}: add one to "
