@@ -236,6 +236,10 @@
       status.className = "live off";
       status.textContent = "reconnecting";
     }
+    // Each failed reconnect closes again: keep what the banner already says (a failed
+    // request's "cannot be reached" says more than the socket's repeat).
+    var node = document.getElementById("conn-banner");
+    if (node && !node.hidden && node.textContent) return;
     banner(text);
   }
   var leaving = false;
