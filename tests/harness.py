@@ -333,3 +333,18 @@ def chromium():
             yield browser
         finally:
             browser.close()
+
+
+def browser_login(browser, url: str, username: str = "operator", *, width: int = 1280,
+                  color_scheme: str = "light"):
+    """A new browser context logged in to hal0 at `url` through the login form; returns its
+    page, on the dashboard. Close it with `page.context.close()`."""
+    context = browser.new_context(viewport={"width": width, "height": 900},
+                                  color_scheme=color_scheme)
+    page = context.new_page()
+    page.goto(f"{url}/accounts/login/")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{url}/")
+    return page

@@ -16,7 +16,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import CHROMIUM, HAVE_CHROMIUM, PASSWORD, Stack, chromium, free_port, wait_for
+from tests.harness import (
+    CHROMIUM,
+    HAVE_CHROMIUM,
+    Stack,
+    browser_login,
+    chromium,
+    free_port,
+    wait_for,
+)
 from tests.sim_fixtures import start_simulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,14 +71,7 @@ def browser():
 
 
 def login(browser, url: str, width: int = 1280, color_scheme: str = "light"):
-    context = browser.new_context(viewport={"width": width, "height": 900},
-                                  color_scheme=color_scheme)
-    page = context.new_page()
-    page.goto(f"{url}/accounts/login/")
-    page.fill("input[name=username]", "operator")
-    page.fill("input[name=password]", PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{url}/")
+    page = browser_login(browser, url, width=width, color_scheme=color_scheme)
     page.wait_for_selector("#live-status.on", timeout=10_000)
     return page
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import CHROMIUM, HAVE_CHROMIUM, PASSWORD, Stack, chromium
+from tests.harness import CHROMIUM, HAVE_CHROMIUM, Stack, browser_login, chromium
 from tests.sim_fixtures import TEST_DEFAULTS, start_simulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,15 +56,9 @@ def stack(tmp_path_factory):
 def page(stack):
     url, _ = stack
     with chromium() as browser:
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
-        page = context.new_page()
-        page.goto(f"{url}/")
-        page.fill("input[name=username]", "operator")
-        page.fill("input[name=password]", PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_url(f"{url}/")
+        page = browser_login(browser, url)
         yield page
-        context.close()
+        page.context.close()
 
 
 def test_model_field_refuses_a_typo_and_its_picker_fills_it(stack, page):

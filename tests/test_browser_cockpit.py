@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import CHROMIUM, HAVE_CHROMIUM, PASSWORD, Stack, chromium, wait_for
+from tests.harness import CHROMIUM, HAVE_CHROMIUM, Stack, browser_login, chromium, wait_for
 from tests.sim_fixtures import start_simulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,15 +55,9 @@ def site(tmp_path_factory):
 def page(site):
     url, _ = site
     with chromium() as browser:
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
-        tab = context.new_page()
-        tab.goto(f"{url}/accounts/login/")
-        tab.fill("input[name=username]", "operator")
-        tab.fill("input[name=password]", PASSWORD)
-        tab.click("button[type=submit]")
-        tab.wait_for_url(f"{url}/")
+        tab = browser_login(browser, url)
         yield tab
-        context.close()
+        tab.context.close()
 
 
 def _wav(seconds: float = 0.5) -> bytes:
