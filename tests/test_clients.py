@@ -215,9 +215,12 @@ def test_openai_errors_are_its_own_error_classes(gw):
     assert unsupported.value.body["code"] == "not_supported"
 
 
-def test_access_log_records_a_stream_the_client_cancelled(gw):
+def test_access_log_records_a_stream_the_client_cancelled(gw, clients_sim):
     """`serve --access-log` logs requests when their response completes; a stream the
     client walked away from is logged too, with nginx's 499."""
+    # A reply long enough to outlast the hang-up: the default one is over in ~30 ms, which a
+    # slow machine's client can take to close, and then the stream completed with 200.
+    clients_sim.configure(reply_length=2000)
     body = {"model": "chat", "stream": True, "max_tokens": 2000,
             "messages": [{"role": "user", "content": "A long story please"}]}
     with httpx.stream("POST", f"{gw.base}/chat/completions?cancel=me", json=body,

@@ -9,8 +9,10 @@ injected with the simulator's fault routes, and each test checks:
   take its 2 s timeout or the 30 s hang. The issue's 200 ms target is a speed target, so
   `bench/faults.py` measures it (p50/p99 per fault, docs/benchmarks.md) from the timings
   these tests print;
-* the state shown matches lemond's within 2 s of lemond's recovery (measured: the slots'
-  states against the simulator's loaded and loading models, and each node's reachability);
+* the state shown comes to match lemond's after lemond's recovery (the slots' states against
+  the simulator's loaded and loading models, and each node's reachability). The 2 s target
+  is a speed target: the tests print the time and `bench/faults.py` measures it, while the
+  tests allow 10 s, so that a slow or busy CI machine fails only on a state that stays wrong;
 * no "Traceback" in hal0's or the simulators' output;
 * `slots export` is byte-for-byte what it was before the fault: no slot definition lost
   or changed.
@@ -38,7 +40,7 @@ pytestmark = pytest.mark.e2e
 PAGES = ("/", "/slots/chat/", "/api/slots/", "/api/health")
 PAGE_BLOCK_S = 1.0  # far below any wait on lemond (HAL0_LEMONADE_TIMEOUT 2 s, hang 30 s)
 PAGE_ROUNDS = int(os.environ.get("HAL0_FAULT_PAGE_ROUNDS", "2"))  # bench/faults.py: more
-TRUTH_BUDGET_S = 2.0
+TRUTH_BUDGET_S = 10.0  # the 2 s target is bench/faults.py's (see above)
 LOADED = ("ready", "serving")
 MODELS = {"chat": "Qwen3-4B-Instruct-2507-GGUF", "embed": "nomic-embed-text-v1-GGUF",
           "rerank": "bge-reranker-v2-m3-GGUF", "pin11": "Qwen3-0.6B-GGUF"}

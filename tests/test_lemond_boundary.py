@@ -202,7 +202,8 @@ def test_the_sync_client_reuses_its_connection(counting_lemond):
     for _ in range(20):
         assert client_for(url).sync.health().version == "10.6.0"
     assert len(peers) == 1
-    assert threading.active_count() == threads
+    # No thread per call; `<=` because a thread left by an earlier test may end meanwhile.
+    assert threading.active_count() <= threads
 
 
 async def test_async_clients_of_a_node_share_one_pool(counting_lemond):
