@@ -13,8 +13,10 @@ import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -99,6 +101,10 @@ def fresh_postgres_database():
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+# Stack.setup()'s migrated databases, by admin username, for this test process.
+_TEMPLATES: dict[str, Path] = {}
+
+
 class Stack:
     """hal0 processes sharing one environment (database, channel layer, lemond URL).
 
@@ -125,11 +131,42 @@ class Stack:
         return proc
 
     def setup(self, username: str = "admin") -> None:
-        """Migrate and create the `admin` login (password `PASSWORD`)."""
-        self.manage("migrate", "--noinput", "-v0")
-        pw = self.tmp_path / "pw"
+        """Migrate and create the `admin` login (password `PASSWORD`).
+
+        On SQLite (no DATABASE_URL) the first setup of each test process does that with
+        `manage.py` into a template, and every later one copies the template: two Django
+        processes (~3 s of CPU on a slow CI machine) per stack, dozens of stacks per run.
+        The one thing the migrations take from the environment, the `local` node's lemond
+        URL and keys, is then set as the seed migration would have set it."""
+        if "DATABASE_URL" in self.env:
+            self._migrate(self.tmp_path, username, self.env)
+            return
+        template = _TEMPLATES.get(username)
+        if template is None:
+            where = Path(tempfile.mkdtemp(prefix="hal0-template-"))
+            self._migrate(where, username, {**self.env, "HAL0_VAR_DIR": str(where)})
+            template = _TEMPLATES[username] = where / "hal0.sqlite3"
+        target = self.tmp_path / "hal0.sqlite3"
+        with contextlib.closing(sqlite3.connect(template)) as src, \
+                contextlib.closing(sqlite3.connect(target)) as dst:
+            src.backup(dst)
+            dst.execute("UPDATE slots_node SET base_url = ?, api_key = ?, admin_api_key = ? "
+                        "WHERE name = 'local'",
+                        (self.env.get("HAL0_LEMONADE_URL", "http://127.0.0.1:13305").rstrip("/"),
+                         self.env.get("HAL0_LEMONADE_API_KEY", ""),
+                         self.env.get("HAL0_LEMONADE_ADMIN_API_KEY", "")))
+            dst.commit()
+
+    def _migrate(self, var_dir: Path, username: str, env: dict[str, str]) -> None:
+        pw = var_dir / "pw"
         pw.write_text(PASSWORD)
-        self.manage("ensure_admin", "--username", username, "--password-file", str(pw))
+        for args in (("migrate", "--noinput", "-v0"),
+                     ("ensure_admin", "--username", username, "--password-file", str(pw))):
+            proc = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, text=True,
+                                  capture_output=True, timeout=120, env=env)
+            if proc.returncode != 0:
+                raise AssertionError(f"manage.py {' '.join(args)} failed:\n{proc.stdout}\n"
+                                     f"{proc.stderr}")
 
     def start(self, *args: str, name: str = "serve", python: tuple[str, ...] = ("manage.py",),
               **extra_env: str) -> subprocess.Popen:
