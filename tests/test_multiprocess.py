@@ -292,7 +292,10 @@ def test_one_reconciler_polls_a_node_and_another_takes_over_within_15_s(cluster)
 
         # a reconciler restarted on the same box takes a dead one's lease at once
         third = stack.start("reconcile", name="reconcile", HAL0_HOSTNAME="box-2")
-        time.sleep(2)
+        # running (a slow machine takes seconds to start Django), and polling nothing
+        wait_for(lambda: "reconciler" in Path(third.log_path).read_text()
+                 and " started" in Path(third.log_path).read_text(), timeout=30)
+        time.sleep(1)
         assert holder_pid(lease_holder(cluster)) == second.pid
         stack.kill(second)
         killed = time.monotonic()
