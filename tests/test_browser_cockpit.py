@@ -9,12 +9,14 @@ simulator for the whole module, one browser and one logged-in page.
 * a `/v1` request made with an API token from outside the browser appears on the open
   Activity page by itself.
 
-Screenshots of both go to docs/img/ (try-it.png, activity.png).
+Screenshots of both go to test-artifacts/ (try-it.png, activity.png), and with
+HAL0_DOCS_SCREENSHOTS=1 to docs/img/, so a test run leaves the tree clean.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import re
 import wave
 from pathlib import Path
@@ -26,7 +28,8 @@ from tests.harness import CHROMIUM, HAVE_CHROMIUM, Stack, browser_login, chromiu
 from tests.sim_fixtures import start_simulator
 
 ROOT = Path(__file__).resolve().parent.parent
-DOC_IMAGES = ROOT / "docs" / "img"
+DOC_IMAGES = ROOT / ("docs/img" if os.environ.get("HAL0_DOCS_SCREENSHOTS") == "1"
+                     else "test-artifacts")
 
 pytestmark = [
     pytest.mark.e2e,
