@@ -24,9 +24,10 @@ run: $(VENV)/.installed
 	$(PY) manage.py serve
 
 # The suites mostly wait on subprocesses (serve, simulators, Chromium): more workers than
-# cores. A file's tests stay on one worker, so a module's shared server starts once.
+# cores. A file's tests stay on one worker, so a module's shared server starts once; the
+# longest files go first (tests/conftest.py LONGEST_FIRST).
 PYTEST_WORKERS ?= 4
-PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
+PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 ## test: lint (ruff; mypy on the actions, views and gateway) + the whole test suite (in parallel; PYTEST_WORKERS=0 runs it in one process)
 test: $(VENV)/.installed
