@@ -164,6 +164,7 @@ class Plan:
     checked: bool = True  # False: lemond could not be asked; nothing is refused then
     known: bool = True  # False: lemond does not list the model
     already_loaded: bool = False
+    loaded: LoadedModel | None = None  # lemond's entry when it has the model up already
     needs: Footprint = field(default_factory=lambda: Footprint(None))
     budget: str = ""  # "GPU memory" or "RAM"
     free_gb: float | None = None  # now, on that budget
@@ -296,7 +297,8 @@ def compute(slot: Any, model: str, action: str, *, entry: dict | None, health: H
         _plan_download(plan, entry, stats, slot.node.version)
         if action == "download":
             return plan
-    if health.find(model) is not None:
+    plan.loaded = health.find(model)
+    if plan.loaded is not None:
         plan.already_loaded = True
         return plan
     _plan_evictions(plan, slot, health, slots)

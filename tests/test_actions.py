@@ -427,6 +427,54 @@ def test_loading_a_slot_loaded_with_the_same_options_is_a_no_op(node, sim):
     assert sim.state()["load_calls_total"] == calls + 2
 
 
+@pytest.mark.parametrize("seen_by_hal0", ["offline", "adopted"])
+def test_a_load_lemond_already_holds_records_no_load_time(node, sim, seen_by_hal0):
+    """lemond has the slot's model up with the very options hal0 would send, but hal0 did
+    not load it (another tool did; or the reconciler adopted it, options unknown). The
+    load is a no-op in lemond: no "loaded in 0.0 s" in "last load" or the chart."""
+    import providers
+    from slots.views import load_chart
+
+    chat = slot()
+    body = providers.get().load_body(chat)
+    httpx.post(f"{sim.url}/v1/load", json=body, timeout=10).raise_for_status()
+    before = health(sim)["all_models_loaded"][0]
+    fields = {"last_load_ms": 41000}
+    if seen_by_hal0 == "adopted":
+        fields.update(state="ready", loaded_model=chat.model_name, loaded_options={})
+    Slot.objects.filter(name="chat").update(**fields)
+
+    result = lifecycle.do_load_slot("chat", actor="cli")
+
+    assert result.state == "ready"
+    after = health(sim)["all_models_loaded"][0]
+    assert after["pid"] == before["pid"]  # lemond really did not reload it
+    fresh = slot()
+    assert fresh.state == "ready" and fresh.last_load_ms == 41000
+    assert fresh.loaded_options == body  # known now: the next load is hal0's own no-op
+    event = SlotEvent.objects.get(slot_name="chat", action="load")
+    assert event.ok and event.duration_ms is None and "not reloaded" in event.message
+    assert load_chart(fresh)["bars"] == []
+
+
+def test_a_load_over_other_options_is_a_real_load_with_its_time(node, sim):
+    """The same model up in lemond with another context size: lemond reloads it, and that
+    load's time is recorded as usual."""
+    import providers
+
+    chat = slot()
+    body = {**providers.get().load_body(chat), "ctx_size": 4096}
+    httpx.post(f"{sim.url}/v1/load", json=body, timeout=10).raise_for_status()
+    before = health(sim)["all_models_loaded"][0]
+
+    lifecycle.do_load_slot("chat", actor="cli")
+
+    assert health(sim)["all_models_loaded"][0]["pid"] != before["pid"]
+    event = SlotEvent.objects.get(slot_name="chat", action="load")
+    assert event.duration_ms is not None and event.duration_ms >= 100
+    assert slot().last_load_ms == event.duration_ms
+
+
 # --- a busy state whose process is gone (#14 Medium 4) ------------------------------------------
 
 def events(name="chat") -> list[tuple[str, str, str, bool]]:

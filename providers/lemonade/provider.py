@@ -145,6 +145,19 @@ class LemonadeProvider:
             body["pinned"] = bool(slot.pinned)
         return body
 
+    @staticmethod
+    def runs_with(entry: LoadedModel, body: dict[str, Any]) -> bool:
+        """Is the loaded `entry` already running with every option of `body` (a
+        `load_body`)? Then lemond answers that load as a no-op: same options, so it only
+        touches the LRU and the pin (lemond-api.md §2.4). The pin is no recipe option."""
+        for key, value in body.items():
+            if key in ("model_name", "pinned"):
+                continue
+            seen = entry.recipe if key == "recipe" else entry.recipe_options.get(key)
+            if seen != value:
+                return False
+        return True
+
     def environment(self, slot: SlotConfig) -> dict[str, str]:
         """The slot's identity block, as a process serving it would see it."""
         _, backend = device_to_backend(slot.device)

@@ -286,8 +286,9 @@ def do_load_slot(slot: Slot | str, *, actor: Actor, join_timeout: float | None =
     if _loaded_as_asked(slot, body):
         slot.refresh_from_db()
         return slot
+    plan = None
     if slot.state not in states.BUSY:  # a load in progress is joined, not planned again
-        fit.check(slot, action="load")
+        plan = fit.check(slot, action="load")
     deadline = time.monotonic() + (join_timeout or settings.HAL0_LEMONADE_LOAD_TIMEOUT)
     while (from_state := _transition(slot, "load", State.LOADING,
                                      f"loading {slot.model_name}")) is None:
@@ -295,7 +296,8 @@ def do_load_slot(slot: Slot | str, *, actor: Actor, join_timeout: float | None =
         if joined is not None:
             return joined
         # the load it joined died with its process: plan and load it here
-        fit.check(slot, action="load")
+        plan = fit.check(slot, action="load")
+    held = plan.loaded if plan is not None else None
     with _recorded(slot, "load", from_state, actor) as started:
         try:
             provider.load(slot)
@@ -303,10 +305,32 @@ def do_load_slot(slot: Slot | str, *, actor: Actor, join_timeout: float | None =
             raise fail(slot, "load", from_state, lemond_error(slot, exc, "load"),
                        actor=actor, started=started, loaded_model="") from None
         elapsed = ms_since(started)
+        if _was_no_op(slot, provider, held, body):
+            # Still asked (lemond then refreshes its LRU time and the pin), but nothing was
+            # loaded: its few milliseconds are no load time for "last load" or the chart.
+            observed = _ready(slot.model_name, elapsed, body)
+            del observed["last_load_ms"]
+            record(slot, "load", actor=actor, from_state=from_state,
+                   message=f"{slot.model_name} was loaded in lemond already, with the same "
+                   "options: taken over, not reloaded", observed=observed)
+            return slot
         record(slot, "load", actor=actor, from_state=from_state, duration_ms=elapsed,
                message=f"loaded {slot.model_name} in {elapsed / 1000:.1f} s",
                observed=_ready(slot.model_name, elapsed, body))
     return slot
+
+
+def _was_no_op(slot: Slot, provider: Any, held: LoadedModel | None, body: dict | None) -> bool:
+    """Did the load just made find the model up in lemond (`held`, seen by the fit check)
+    with the options it asked for, so that lemond loaded nothing? Loaded by someone else
+    (another tool, or before hal0 knew its options). A backend process that changed since
+    (lemond resolved an option hal0 leaves out differently, and reloaded) was a real load."""
+    if held is None or not held.up or body is None or not provider.runs_with(held, body):
+        return False
+    if held.pid is None:
+        return True  # this lemond names no process: the options are all there is to compare
+    now = provider.status(slot).entry
+    return now is not None and now.pid == held.pid
 
 
 def _refuse_kept_loaded(slot: Slot) -> None:
