@@ -13,6 +13,7 @@ tracked images alone.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -46,15 +47,25 @@ def stack(tmp_path_factory):
         stack.setup(username="operator")
         stack.manage("slots", "load", "chat")
         stack.manage("slots", "pin", "chat")
-        yield stack.serve(), sim
+        yield stack.serve(), sim, stack
     finally:
         stack.stop()
         sim.stop()
 
 
+def make_slot(hal0: Stack, name: str, model: str) -> None:
+    """A chat slot on the local node, offline, made (or reset) the way an operator would,
+    with `slots import`: each test sets up the slots it needs, whatever ran before it."""
+    path = hal0.tmp_path / f"slot-{name}.json"
+    path.write_text(json.dumps([{"name": name, "capability": "chat", "device": "gpu-vulkan",
+                                 "model_name": model, "node": "local", "enabled": True}]))
+    hal0.manage("slots", "import", str(path))
+    hal0.manage("slots", "unload", name)
+
+
 @pytest.fixture(scope="module")
 def page(stack):
-    url, _ = stack
+    url = stack[0]
     with chromium() as browser:
         page = browser_login(browser, url)
         yield page
@@ -64,9 +75,9 @@ def page(stack):
 def test_model_field_refuses_a_typo_and_its_picker_fills_it(stack, page):
     from playwright.sync_api import expect
 
-    url, _ = stack
+    url = stack[0]
     page.goto(f"{url}/new-slot/")
-    page.fill("#id_name", "chat2")
+    page.fill("#id_name", "picked")
     page.select_option("#id_capability", "chat")
     page.select_option("#id_device", "gpu-vulkan")
     page.fill("#id_model_name", SMALL + "F")
@@ -82,13 +93,14 @@ def test_model_field_refuses_a_typo_and_its_picker_fills_it(stack, page):
     dialog.get_by_role("button", name=f"Use {SMALL}", exact=True).click()
     expect(page.locator("#id_model_name")).to_have_value(SMALL)
     page.get_by_role("button", name="Create").click()
-    page.wait_for_url(f"{url}/slots/chat2/")
+    page.wait_for_url(f"{url}/slots/picked/")
 
 
 def test_fit_check_refuses_a_load_that_would_evict_a_pinned_slot(stack, page):
     from playwright.sync_api import expect
 
-    url, sim = stack
+    url, sim, hal0 = stack
+    make_slot(hal0, "chat2", SMALL)  # offline; `chat` holds the pool, loaded and pinned
     page.goto(f"{url}/")
     page.wait_for_selector("#live-status.on", timeout=10_000)
     node = page.locator("#node-local")
