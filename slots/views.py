@@ -440,7 +440,10 @@ async def swap_picker(request, name):
 async def model_pick(request):
     """The Model field's picker: the node's catalogue for a capability (the same rows as
     Swap: filter by name, label or size, downloaded first, sizes in GB); "Use this" fills
-    the field. Takes the form's `capability`, `node` and `model_name`."""
+    the field. Takes the form's `capability`, `node` and `model_name`, and on a slot's own
+    page its `slot`: then each row shows its fit, and a model not downloaded offers
+    "Download & load" (as long as the form still names the slot's node and capability:
+    the download goes to the slot's node)."""
     capability = request.GET.get("capability") or ""
     if capability not in Capability.values:
         return HttpResponse("Choose the slot's capability first.", status=400)
@@ -449,30 +452,39 @@ async def model_pick(request):
         else await sync_to_async(Node.local)()
     if node is None:
         return HttpResponse("No such node.", status=400)
+    slot = await Slot.objects.select_related("node").filter(
+        name=request.GET.get("slot") or "", node_id=node.pk, capability=capability).afirst()
     current = (request.GET.get("model_name") or "").strip()
     query = request.GET.get("q", "")
-    rows, error = [], ""
+    rows, error, health = [], "", None
     try:
         async with node.client(settings.HAL0_PAGE_LEMOND_TIMEOUT_S) as client:
-            listed = await asyncio.wait_for(client.models(show_all=True),
-                                            settings.HAL0_PAGE_LEMOND_TIMEOUT_S)
-        rows = model_rows(listed, capability, query, current)
+            reads = [client.models(show_all=True)] + ([client.health()] if slot else [])
+            listed, *rest = await asyncio.wait_for(asyncio.gather(*reads),
+                                                   settings.HAL0_PAGE_LEMOND_TIMEOUT_S)
+        health = rest[0] if rest else None
+        rows = model_rows(listed if isinstance(listed, list) else [], capability, query,
+                          current)
     except (LemonadeError, TimeoutError) as exc:
         error = f"Cannot list lemond's models: {exc or 'no answer in time'}"
-    context = {"rows": rows[:PICKER_ROWS], "more": max(0, len(rows) - PICKER_ROWS),
+    shown = rows[:PICKER_ROWS]
+    if slot is not None and shown:  # the fit of each, as in Swap
+        await sync_to_async(_plan_rows)(slot, shown, health)
+    context = {"rows": shown, "more": max(0, len(rows) - PICKER_ROWS),
                "error": error, "q": query, "node": node, "capability": capability,
-               "label": Capability(capability).label, "current": current}
+               "label": Capability(capability).label, "current": current, "slot": slot,
+               "pulling": {r["id"] for r in rows if pulls.pull_running(node.pk, r["id"])}}
     template = "slots/_model_pick.html#rows" if "q" in request.GET else "slots/_model_pick.html"
     return await sync_to_async(render)(request, template, context)
 
 
 def _pull_fragment(slot: Slot, model: str, phase: str, data: dict,
-                   size: float | None = None) -> str:
+                   size: float | None = None, then: str = "") -> str:
     done = data.get("bytes_downloaded")
     total = data.get("bytes_total") or data.get("total_download_size")
     return render_to_string("slots/_pull.html", {
         "slot": slot, "model": model, "dom_id": dom_id(model), "phase": phase,
-        "size": size, "big": is_big_download(size),
+        "size": size, "big": is_big_download(size), "then": then,
         "percent": data.get("percent"), "file": data.get("file"),
         "done_mb": round(done / 2**20) if isinstance(done, int) else None,
         "total_mb": round(total / 2**20) if isinstance(total, int) else None,
@@ -489,6 +501,9 @@ async def pull_start(request, name):
         return HttpResponse("Pick a model.", status=400)
     user = await request.auser()
     size = _size_field(request)
+    # what the slot does once it is downloaded: "swap" (the Swap dialog) or "load" (the
+    # Model field's picker); either way the slot ends up serving it
+    then = request.POST.get("then") if request.POST.get("then") in ("swap", "load") else ""
     last_push: list[float] = []  # empty: nothing pushed yet (not "at monotonic 0")
 
     async def progress(phase: str, data: dict) -> None:
@@ -496,15 +511,14 @@ async def pull_start(request, name):
         if phase == "progress" and last_push and now - last_push[0] < 0.2:
             return  # a few updates a second are plenty for a progress bar
         last_push[:] = [now]
-        runtime.current().live.send(_pull_fragment(slot, model, phase, data, size))
+        runtime.current().live.send(_pull_fragment(slot, model, phase, data, size, then))
         if phase in PULL_OUTCOMES:
             level, words = PULL_OUTCOMES[phase]
             runtime.current().live.send(toast_html(
                 words.format(model=model, message=data.get("message", "")), level))
 
-    pulls.do_start_pull(slot, model, actor=user, progress=progress,
-                        then_swap=request.POST.get("then") == "swap")
-    return toast(HttpResponse(_pull_fragment(slot, model, "starting", {}, size)),
+    pulls.do_start_pull(slot, model, actor=user, progress=progress, then_serve=bool(then))
+    return toast(HttpResponse(_pull_fragment(slot, model, "starting", {}, size, then)),
                  f"Downloading {model} for {slot.name}…", "info")
 
 

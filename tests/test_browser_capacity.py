@@ -2,6 +2,8 @@
 Playwright) against one `manage.py serve` and one lemond simulator for the module.
 
 * the Model field refuses a typo naming the closest model, and its picker fills it in;
+* on a slot's page that picker downloads and loads a model in one step (fit shown, a big
+  download confirmed first);
 * a load that would make lemond's LRU evict a pinned slot is refused, the reason shown in
   the confirm step, and nothing is loaded;
 * the node header shows used/total memory and each loaded card what its model takes.
@@ -17,6 +19,7 @@ import json
 import os
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.harness import CHROMIUM, HAVE_CHROMIUM, Stack, browser_login, chromium
@@ -135,3 +138,37 @@ def test_fit_check_refuses_a_load_that_would_evict_a_pinned_slot(stack, page):
     expect(row.locator("[id^=pullbtn-]")).to_be_enabled()
     expect(row.locator("[id^=pullswap-]")).to_be_disabled()
     picker.screenshot(path=str(DOCS_IMG / "fit-picker.png"))
+
+
+def test_model_field_downloads_and_loads_in_one_step(stack, page):
+    """On a slot's page, the Model field's picker offers "Download & load" for a model not
+    downloaded, with its fit shown first and a confirmation for a big one; the field is
+    filled in, the progress shows, and the slot ends up serving the model."""
+    from playwright.sync_api import expect
+
+    url, sim, hal0 = stack
+    big = "Qwen3-Embedding-8B-GGUF"  # 8.05 GB: over the 5 GB that asks first
+    assert big not in sim.state().get("downloaded", [])
+    hal0.manage("slots", "unload", "embed")
+    page.goto(f"{url}/slots/embed/")
+    page.wait_for_selector("#live-status.on", timeout=10_000)
+    page.get_by_role("button", name="Browse catalogue…").click()
+    dialog = page.locator("#pick-dialog")
+    expect(dialog).to_contain_text("Download & load")
+    dialog.get_by_label("Filter models").fill("embedding-8b")
+    row = dialog.locator("li", has_text=big)
+    expect(row).to_have_count(1)
+    expect(row.get_by_test_id("fit-verdict")).to_contain_text("needs ~")
+    expect(row).to_contain_text("not downloaded")
+
+    row.get_by_role("button", name=f"Download & load {big} in embed").click()
+    confirm = page.locator("#confirm")
+    expect(confirm).to_contain_text(f"Download {big} (8.05 GB), then load it in embed?")
+    expect(page.locator("#id_model_name")).not_to_have_value(big)  # nothing yet
+    confirm.locator("#confirm-ok").click()
+    expect(page.locator("#id_model_name")).to_have_value(big)
+    expect(page.locator("#slot-embed")).to_contain_text(big, timeout=20_000)
+    expect(page.locator("#slot-embed .badge")).to_have_text("ready", timeout=20_000)
+    assert big in sim.state()["downloaded"]
+    health = httpx.get(f"{sim.url}/v1/health", timeout=10).json()
+    assert big in [m["model_name"] for m in health["all_models_loaded"]]

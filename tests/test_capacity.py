@@ -184,7 +184,7 @@ def test_download_and_swap_in_one_step(sim, node, hal0_runtime):
 
     async def run():
         pulls.do_start_pull(chat, "Qwen3-1.7B-GGUF", actor="cli", progress=progress,
-                            then_swap=True)
+                            then_serve=True)
         await asyncio.gather(*list(pulls.runtime.current().pulls.values()))
 
     asyncio.run(run())
@@ -194,3 +194,26 @@ def test_download_and_swap_in_one_step(sim, node, hal0_runtime):
     assert loaded(sim) == ["Qwen3-1.7B-GGUF"]
     assert list(SlotEvent.objects.filter(slot_name="chat").values_list("action", flat=True)
                 [:2]) == ["swap", "pull"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_download_and_load_of_the_slots_own_model_loads_it(sim, node, hal0_runtime):
+    """"Download & load" from the Model field's picker, for the model the slot already
+    names (never downloaded): downloaded, then a load (no swap to itself)."""
+    Slot.objects.filter(name="chat").update(model_name="Qwen3-1.7B-GGUF")
+    chat = slot()
+    assert "Qwen3-1.7B-GGUF" not in sim.state().get("downloaded", [])
+
+    async def progress(phase, data):
+        pass
+
+    async def run():
+        pulls.do_start_pull(chat, "Qwen3-1.7B-GGUF", actor="cli", progress=progress,
+                            then_serve=True)
+        await asyncio.gather(*list(pulls.runtime.current().pulls.values()))
+
+    asyncio.run(run())
+    assert hal0_runtime.wait_idle(30)
+    assert slot().state == "ready" and loaded(sim) == ["Qwen3-1.7B-GGUF"]
+    assert list(SlotEvent.objects.filter(slot_name="chat").values_list("action", flat=True)
+                [:2]) == ["load", "pull"]

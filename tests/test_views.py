@@ -311,6 +311,46 @@ async def test_download_runs_with_progress_and_is_recorded(node, sim, admin_user
     assert event.ok and event.model == NOT_DOWNLOADED_LLM
 
 
+@pytest.mark.django_db
+def test_the_model_field_picker_offers_download_and_load_on_a_slots_page(admin_client, node):
+    """On a slot's page the Model field's picker shares the Swap dialog's rows: each with
+    its fit, and "Download & load" (which fills the field too) for a model not downloaded;
+    on the new-slot page (no slot yet) and for another node or capability, only "Use
+    this"."""
+    page = admin_client.get("/slots/chat/").content.decode()
+    assert 'hx-vals=\'{"slot": "chat"}\'' in page  # Browse… says which slot
+    query = {"capability": "chat", "node": node.pk, "model_name": "Qwen3-4B-Instruct-2507-GGUF",
+             "q": "llama-3.2-1b"}
+    html = admin_client.get("/catalogue/", {**query, "slot": "chat"}).content.decode()
+    row = html[html.index(NOT_DOWNLOADED_LLM):]
+    assert f'data-pick-model="{NOT_DOWNLOADED_LLM}"' in row  # "Use this" stays
+    assert "Download &amp; load" in row and '"then": "load"' in row
+    assert f'data-fill-model="{NOT_DOWNLOADED_LLM}"' in row
+    assert 'data-testid="fit-verdict"' in row and "needs ~" in row
+    assert "Swap to this" not in html
+    for other in ({}, {"slot": "chat", "capability": "embed", "q": ""},
+                  {"slot": "nosuch"}):
+        plain = admin_client.get("/catalogue/", {**query, **other}).content.decode()
+        assert "Download &amp; load" not in plain and "fit-verdict" not in plain
+        assert "data-pick-model" in plain
+
+
+@pytest.mark.django_db
+def test_the_swap_and_field_pickers_render_one_row_markup(admin_client, node):
+    """One partial (`_model_row.html`) for both pickers: the same row says the same
+    things (size, downloaded or not, labels) in either."""
+    swap = admin_client.get("/slots/chat/models/", {"q": "qwen3-0.6b"}).content.decode()
+    pick = admin_client.get("/catalogue/", {"capability": "chat", "node": node.pk,
+                                            "q": "qwen3-0.6b"}).content.decode()
+
+    def about(html: str) -> str:
+        start = html.index('<span class="model-id">Qwen3-0.6B-GGUF</span>')
+        return html[start:html.index("</span>", html.index('class="muted"', start)) + 7]
+
+    assert about(swap) == about(pick)
+    assert "0.38 GB · downloaded" in about(pick)
+
+
 @pytest.mark.django_db(transaction=True)
 async def test_download_can_be_cancelled(node, sim, admin_user, monkeypatch):
     import asyncio

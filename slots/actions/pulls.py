@@ -23,6 +23,7 @@ from ..capacity import Plan
 from ..models import Slot
 from . import fit, lifecycle
 from .audit import Actor, actor_name, ms_since, record
+from .errors import get_slot
 
 log = logging.getLogger("hal0.actions")
 
@@ -35,10 +36,11 @@ def pull_running(node_id: int, model: str) -> bool:
 
 
 def do_start_pull(slot: Slot, model: str, *, actor: Actor, progress: Progress,
-                  then_swap: bool = False) -> bool:
+                  then_serve: bool = False) -> bool:
     """Start downloading `model` on the slot's node (call from the event loop). `progress`
     gets ("progress" | "complete" | "error" | "cancelled", data). False if one is running.
-    `then_swap`: once downloaded, swap the slot to it ("Download & swap", one step)."""
+    `then_serve`: once downloaded, the slot serves it ("Download & swap" in the Swap
+    dialog, "Download & load" in the Model field's picker: one step each)."""
     key = (slot.node_id, model)
     if pull_running(*key):
         return False
@@ -46,7 +48,7 @@ def do_start_pull(slot: Slot, model: str, *, actor: Actor, progress: Progress,
     # A fresh context: the task outlives the request, whose thread-sensitive executor
     # (Django's per-request context) is gone by the time the download ends.
     task = asyncio.get_running_loop().create_task(
-        _pull(slot, model, actor_name(actor), progress, then_swap),
+        _pull(slot, model, actor_name(actor), progress, then_serve),
         context=contextvars.Context())
     pulls[key] = task
     task.add_done_callback(lambda _task: pulls.pop(key, None))
@@ -62,7 +64,7 @@ def do_cancel_pull(node_id: int, model: str) -> bool:
 
 
 async def _pull(slot: Slot, model: str, actor: str, progress: Progress,
-                then_swap: bool = False) -> None:
+                then_serve: bool = False) -> None:
     started = time.monotonic()
     outcome, message = "error", ""
     try:
@@ -93,9 +95,18 @@ async def _pull(slot: Slot, model: str, actor: str, progress: Progress,
             code="" if outcome == "complete" else f"pull.{outcome}", message=message)
     except Exception:  # the slot may be gone; the download outcome was still shown
         log.exception("could not record the pull of %s", model)
-    if then_swap and outcome == "complete":  # its own fit check runs in the swap
-        runtime.current().submit(lifecycle.do_action, "swap", slot.name, actor=actor,
-                                 model=model)
+    if then_serve and outcome == "complete":  # its own fit check runs in the load or swap
+        runtime.current().submit(serve_downloaded, slot.name, model, actor=actor)
+
+
+def serve_downloaded(name: str, model: str, *, actor: Actor) -> Slot:
+    """After "Download & load/swap": load the slot when the download was its own model
+    (e.g. never downloaded yet), else swap it to the new one (which becomes its model only
+    if the load succeeds)."""
+    slot = get_slot(name)
+    if slot.model_name == model:
+        return lifecycle.do_load_slot(slot, actor=actor)
+    return lifecycle.do_swap_slot(slot, model, actor=actor)
 
 
 class _Refused(Exception):

@@ -97,6 +97,18 @@
     }
     closeModal();
   });
+  // "Download & load" in that picker: the slot will serve the model, so the field says so
+  // too (a Save afterwards must not put the old model back). On beforeRequest: only once
+  // a big download's confirmation was answered yes; the dialog stays open for the progress.
+  document.addEventListener("htmx:beforeRequest", function (event) {
+    var elt = event.detail && event.detail.elt;
+    var model = elt && elt.getAttribute && elt.getAttribute("data-fill-model");
+    var field = model && document.getElementById("id_model_name");
+    if (field) {
+      field.value = model;
+      field.dispatchEvent(new Event("change", {bubbles: true}));
+    }
+  });
   // Keep Tab inside an open modal dialog (showModal makes the page inert, but Tab would
   // still leave for the browser's own controls).
   var FOCUSABLE = "a[href], button:not([disabled]), input:not([disabled]):not([type=hidden])," +
