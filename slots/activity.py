@@ -24,13 +24,14 @@ from django.template.loader import render_to_string
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from .live import Live, local_layer
+from .admission import Admission
+from .live import ACTIVITY_GROUP, Live, local_layer
 from .metrics import RequestSample, slot_stats
 from .models import SLOT_NAME_RE, RequestMetric, Slot
 
 log = logging.getLogger("hal0.activity")
 
-GROUP = "activity"
+GROUP = ACTIVITY_GROUP
 PAGE_ROWS = 100  # rows the page opens with (and keeps: hal0.js trims older ones)
 STATUSES = {"ok": "succeeded (< 400)", "error": "failed (≥ 400)"}
 FIELDS = ("slot_name", "endpoint", "status", "latency_ms", "ttft_ms", "tokens_in",
@@ -141,6 +142,22 @@ def trend(slot_name: str, now: datetime | None = None) -> dict[str, Any]:
     return {"count": sum(h["n"] for h in hours), "start": start, "end": start + timedelta(hours=24),
             "charts": [_series(tps, start, "tok/s", "tokens/s"),
                        _series(latency, start, "ms", "latency")]}
+
+
+def queues(admission: Admission, slots: Any = None) -> list[tuple[str, dict[str, Any]]]:
+    """Each slot's fair queue in this process (by name), for the page's queue table: the
+    slots with a concurrency limit, and any that queued here before losing theirs.
+    `slots`: the page's own list of slots (by name), to save the query."""
+    if slots is None:
+        slots = Slot.objects.order_by("name").only("pk", "name", "max_concurrency")
+    return [(s.name, stats) for s in slots
+            if (stats := admission.stats(s.pk, s.max_concurrency)) is not None]
+
+
+def render_queues(admission: Admission) -> str:
+    """The queue table, out-of-band: what an open Activity page gets when a queue moves."""
+    return render_to_string("slots/_activity_queues.html",
+                            {"queues": queues(admission), "oob": True})
 
 
 # --- pushing -------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Any
 
 from django.template.loader import render_to_string
 
-from .live import Live, local_layer
+from .live import ACTIVITY_GROUP, Live, local_layer
 
 log = logging.getLogger("hal0.admission")
 
@@ -84,6 +84,7 @@ class Gate:
             if self.active < limit and not self.depth:
                 self.active += 1
                 self._waited(0.0)
+                self._admission.changed(self)  # "serving" moved (one push per burst)
                 return now
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         line = self._lines.get(who)
@@ -121,6 +122,8 @@ class Gate:
         self.service_s = held if self.service_s is None else 0.8 * self.service_s + 0.2 * held
         if self.depth:
             self._grant()
+        else:
+            self._admission.changed(self)  # nothing waits: only "serving" moved
 
     def _grant(self) -> None:
         while self._lines and self.active < self.limit:
@@ -210,8 +213,9 @@ class Admission:
 
     # --- the card's live update --------------------------------------------------------------
     def changed(self, gate: Gate) -> None:
-        """The queue's depth changed: push the card's queue line to open dashboards, at most
-        once per PUSH_EVERY_S per slot."""
+        """The queue's depth or serving count changed: push the card's queue line to open
+        dashboards and nudge open Activity pages, at most once per PUSH_EVERY_S per slot
+        (a call on every request costs a set lookup; the push is scheduled once)."""
         if self._live is None or gate.pk in self._push_due:
             return
         try:
@@ -226,8 +230,13 @@ class Admission:
         gate = self.gates.get(pk)
         if gate is None or self._live is None:
             return
-        if local_layer() and not self._live.viewers():
-            return  # nobody in this process is watching
+        local = local_layer()
+        if not local or self._live.page_watching():  # an Activity page may be open
+            # Only a nudge: each Activity page's socket renders its own queue table (that
+            # takes the slot list from the database, which this event loop must not read).
+            self._live.send_message(ACTIVITY_GROUP, {"type": "activity.queues"})
+        if local and not self._live.viewers():
+            return  # no dashboard open in this process
         try:
             html = render_to_string("slots/_slot_queue.html",
                                     {"queue": gate.stats(), "name": gate.name, "oob": True})

@@ -118,6 +118,13 @@ class ActivityConsumer(AsyncWebsocketConsumer):
             await self.send(text_data=render_to_string("slots/_activity_rows.html",
                                                        {"rows": rows, "oob": True}))
 
+    async def activity_queues(self, event):
+        """A slot's queue moved: the page's queue table again, from this process's queues
+        (the table says "this process"; every slot's line, as the page shows them)."""
+        html = await database_sync_to_async(activity.render_queues)(
+            runtime.current().admission)
+        await self.send(text_data=html)
+
 
 # --- lemond logs -----------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from .models import Node, Slot
 log = logging.getLogger("hal0.live")
 
 GROUP = "dashboard"
+ACTIVITY_GROUP = "activity"  # the Activity pages (slots.activity pushes their rows and queues)
 MODELS_GROUP = "models"  # the gateway's /models/sse listeners: slot states as data
 
 Message = tuple[str, dict[str, Any]]  # (group, channel-layer message)

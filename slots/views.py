@@ -149,9 +149,7 @@ def activity_page(request):
     slots = list(Slot.objects.order_by("name").only("pk", "name", "max_concurrency"))
     names = {s.name for s in slots}
     slot = slot if slot in names else ""
-    admission = runtime.current().admission
-    queues = [(s.name, stats) for s in slots
-              if (stats := admission.stats(s.pk, s.max_concurrency)) is not None]
+    queues = activity.queues(runtime.current().admission, slots)
     filters = {k: v for k, v in (("slot", slot), ("status", status)) if v}
     return render(request, "slots/activity.html", {
         "rows": activity.recent(request.user, slot, status), "slots": slots,

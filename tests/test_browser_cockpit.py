@@ -16,8 +16,11 @@ HAL0_DOCS_SCREENSHOTS=1 to docs/img/, so a test run leaves the tree clean.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
+import threading
+import time
 import wave
 from pathlib import Path
 
@@ -48,7 +51,7 @@ def site(tmp_path_factory):
     try:
         stack.setup(username="operator")
         token = stack.manage("tokens", "create", "ci-bot").stdout.strip().split()[-1]
-        yield stack.serve(), token
+        yield stack.serve(), token, stack, sim
     finally:
         stack.stop()
         sim.stop()
@@ -56,7 +59,7 @@ def site(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(site):
-    url, _ = site
+    url = site[0]
     with chromium() as browser:
         tab = browser_login(browser, url)
         yield tab
@@ -84,7 +87,7 @@ def _open(page, url: str, slot: str):
 def test_each_try_panel_answers_through_the_gateway(site, page):
     from playwright.sync_api import expect
 
-    url, _ = site
+    url = site[0]
     panel = _open(page, url, "chat")
     panel.get_by_role("button", name="Send (chat)").click()
     expect(panel.locator(".try-answer")).not_to_be_empty(timeout=20_000)
@@ -130,7 +133,7 @@ def test_each_try_panel_answers_through_the_gateway(site, page):
 def test_a_try_error_shows_the_gateways_message(site, page):
     from playwright.sync_api import expect
 
-    url, token = site
+    url, token = site[:2]
     panel = _open(page, url, "chat")
     panel.locator("#try-prompt").fill("")  # the browser's own check stops an empty prompt
     panel.get_by_role("button", name="Send (chat)").click()
@@ -152,7 +155,7 @@ def test_a_try_error_shows_the_gateways_message(site, page):
 def test_a_v1_request_appears_live_on_the_activity_page(site, page):
     from playwright.sync_api import expect
 
-    url, token = site
+    url, token = site[:2]
     page.goto(f"{url}/activity/")
     expect(page.locator("#live-status.on")).to_be_visible(timeout=10_000)
     rows = page.locator("#activity-rows tr")
@@ -171,3 +174,46 @@ def test_a_v1_request_appears_live_on_the_activity_page(site, page):
     expect(newest.locator("td.status")).to_have_text("200")
     assert " UTC" in newest.locator("time").inner_text()
     page.locator("table.activity").screenshot(path=str(DOC_IMAGES / "activity.png"))
+
+
+def test_the_activity_pages_queue_figures_follow_by_themselves(site, page):
+    """The queue table (serving / limit, waiting) changes as requests queue and leave,
+    without a reload, like the rows below it."""
+    from playwright.sync_api import expect
+
+    url, token, stack, sim = site
+    limit = stack.tmp_path / "queue.json"
+    limit.write_text(json.dumps({"slots": [{"name": "chat", "max_concurrency": 1,
+                                            "queue_timeout_s": 60}]}))
+    stack.manage("slots", "import", str(limit))
+    time.sleep(1.5)  # serve's routing table is cached for HAL0_GATEWAY_ROUTE_CACHE_S (1 s)
+    headers = {"Authorization": f"Bearer {token}"}
+    body = {"model": "chat", "messages": [{"role": "user", "content": "Say hello."}]}
+    assert httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers,
+                      timeout=60).status_code == 200  # loaded, and the limit is in force
+    page.goto(f"{url}/activity/")
+    expect(page.locator("#live-status.on")).to_be_visible(timeout=10_000)
+    queue = page.locator("#queue-chat")
+    expect(queue.get_by_test_id("queue-waiting")).to_have_text("0")
+    sim.configure(token_delay=0.1, reply_length=200)  # a stream of about 20 s
+    second: list[int] = []
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", headers=headers,
+                          json={**body, "stream": True}, timeout=60) as holding:
+            chunks = holding.iter_raw()  # kept: a dropped iterator closes the stream
+            next(chunks)  # it holds the slot's one place
+            behind = threading.Thread(target=lambda: second.append(httpx.post(
+                f"{url}/v1/chat/completions", json={**body, "max_tokens": 3},
+                headers=headers, timeout=60).status_code))
+            behind.start()
+            expect(queue.get_by_test_id("queue-waiting")).to_have_text("1", timeout=10_000)
+            expect(queue.get_by_test_id("queue-serving")).to_have_text("1 / 1")
+        # the stream is gone: the one behind it is served, then nothing waits
+        behind.join(60)
+        assert second == [200]
+        expect(queue.get_by_test_id("queue-waiting")).to_have_text("0", timeout=10_000)
+        expect(queue.get_by_test_id("queue-serving")).to_have_text("0 / 1", timeout=10_000)
+    finally:
+        sim.configure(token_delay=0.01, reply_length=0)
+        limit.write_text(json.dumps({"slots": [{"name": "chat", "max_concurrency": None}]}))
+        stack.manage("slots", "import", str(limit))

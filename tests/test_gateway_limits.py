@@ -476,3 +476,43 @@ def test_a_queue_that_builds_up_is_pushed_to_open_dashboards(slot):
     assert 'hx-swap-oob="true"' in html and "/1 serving" in html
     # one or two wait behind the one served (the push comes 0.5 s after the first change)
     assert re.search(r'data-testid="queue-depth">[12]<', html), html
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_queue_that_builds_up_is_pushed_to_open_activity_pages(slot, admin_user):
+    """The Activity page's queue table follows the queue too: the admission nudges the
+    Activity group, and each page's socket answers with its table, out-of-band."""
+    from asgiref.sync import sync_to_async
+    from channels.testing import WebsocketCommunicator
+    from django.test import AsyncClient
+
+    from hal0site.asgi import application
+
+    Slot.objects.filter(pk=slot.pk).update(max_concurrency=1, queue_timeout_s=60)
+    routes.invalidate_routes()
+    raw = _token("watched")
+
+    async def scenario():
+        client = AsyncClient()
+        await sync_to_async(client.force_login)(admin_user)
+        cookie = f"sessionid={client.cookies['sessionid'].value}"
+        socket = WebsocketCommunicator(application, "/ws/activity/",
+                                       headers=[(b"host", b"testserver"),
+                                                (b"cookie", cookie.encode()),
+                                                (b"origin", b"http://testserver")])
+        connected, _ = await socket.connect()
+        assert connected
+        await socket.receive_from(5)  # the live-status badge
+        held = [asyncio.ensure_future(_call(raw, {"delay": 1.0})) for _ in range(3)]
+        while True:
+            html = await socket.receive_from(30)
+            if 'id="activity-queues"' in html:
+                break
+        await asyncio.gather(*held)
+        await socket.disconnect()
+        return html
+
+    html = async_to_sync(scenario)()
+    assert 'hx-swap-oob="true"' in html and 'id="queue-talk"' in html
+    assert re.search(r'data-testid="queue-waiting">[12]<', html), html
+    assert 'data-testid="queue-serving">1 / 1<' in html
