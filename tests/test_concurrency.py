@@ -108,8 +108,11 @@ def test_fifty_concurrent_mixed_calls(pg_stack):
         rows = conn.execute("SELECT slot_name, action, count(*) FROM slots_slotevent "
                             "WHERE ok AND action IN ('load','unload','swap','restart') "
                             "GROUP BY slot_name, action").fetchall()
+        # each has its duration, but a load that found lemond holding the model with its
+        # options already: it loaded nothing, and says so
         missing = conn.execute("SELECT count(*) FROM slots_slotevent WHERE duration_ms IS NULL "
-                               "AND action IN ('load','unload','swap','restart')").fetchone()[0]
+                               "AND action IN ('load','unload','swap','restart') "
+                               "AND message NOT LIKE '%not reloaded'").fetchone()[0]
     events = {(s, a): n for s, a, n in rows}
     for (slot, action), n in ok.items():
         if action == "load":

@@ -388,9 +388,10 @@ def do_restart_slot(slot: Slot | str, *, actor: Actor) -> Slot:
             raise fail(slot, "restart", from_state, lemond_error(slot, exc, "restart"),
                        actor=actor, started=started, loaded_model="") from None
         elapsed = ms_since(started)
+        # with the options it loaded with: a load after it is then hal0's own no-op
         record(slot, "restart", actor=actor, from_state=from_state, duration_ms=elapsed,
                message=f"restarted {slot.model_name} in {elapsed / 1000:.1f} s",
-               observed=_ready(slot.model_name, elapsed))
+               observed=_ready(slot.model_name, elapsed, provider.load_body(slot)))
     return slot
 
 
@@ -432,7 +433,8 @@ def do_swap_slot(slot: Slot | str, new_model: str, *, actor: Actor) -> Slot:
         elapsed = ms_since(started)
         record(slot, "swap", actor=actor, from_state=from_state, duration_ms=elapsed,
                model=new_model, message=f"swapped {old_model} → {new_model}",
-               observed={"model_name": new_model, **_ready(new_model, elapsed)})
+               observed={"model_name": new_model, **_ready(
+                   new_model, elapsed, provider.load_body(slot, model_name=new_model))})
     return slot
 
 
@@ -492,9 +494,10 @@ def do_restore_slot(slot: Slot | str, *, reason: str = "",
     from_state = _transition(slot, "load", State.LOADING, f"restoring {slot.model_name}")
     if from_state is None:  # someone else is loading it already
         return slot
+    provider = providers.get()
     with _recorded(slot, "restored", from_state, actor) as started:
         try:
-            providers.get().load(slot)
+            provider.load(slot)
         except LemonadeError as exc:
             raise fail(slot, "restored", from_state, lemond_error(slot, exc, "restore"),
                        actor=actor, started=started, loaded_model="") from None
@@ -502,7 +505,7 @@ def do_restore_slot(slot: Slot | str, *, reason: str = "",
         note = f" ({reason})" if reason else ""
         record(slot, "restored", actor=actor, from_state=from_state, duration_ms=elapsed,
                message=f"reloaded {slot.model_name} in {elapsed / 1000:.1f} s{note}",
-               observed=_ready(slot.model_name, elapsed))
+               observed=_ready(slot.model_name, elapsed, provider.load_body(slot)))
     return slot
 
 
