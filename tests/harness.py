@@ -385,3 +385,13 @@ def browser_login(browser, url: str, username: str = "operator", *, width: int =
     page.click("button[type=submit]")
     page.wait_for_url(f"{url}/")
     return page
+
+
+def screenshot_of(page, selector: str, path: str) -> None:
+    """A picture of the element `selector` as the page shows it now: the page clipped to the
+    element's box. An element screenshot fails when a live push replaces the element while
+    Playwright waits for it to be stable ("not attached to the DOM"); the replacement sits
+    in the same place, so the clip is the same picture."""
+    box = page.locator(selector).first.bounding_box()
+    assert box is not None, f"{selector} is not visible"
+    page.screenshot(path=path, clip=box)

@@ -23,6 +23,7 @@ from tests.harness import (
     browser_login,
     chromium,
     free_port,
+    screenshot_of,
     wait_for,
 )
 from tests.sim_fixtures import start_simulator
@@ -189,7 +190,7 @@ def test_a_keyboard_user_loads_swaps_and_pins_hearing_each_outcome(site, browser
     assert active_id(page) == "act-chat-pin"
     press_enter(page)
     expect(page.locator("#act-chat-pin")).to_have_text("Pin chat")
-    page.locator("#slot-chat").screenshot(path=str(ARTIFACTS / "keyboard-focus.png"))
+    screenshot_of(page, "#slot-chat", str(ARTIFACTS / "keyboard-focus.png"))  # pushed
     page.context.close()
 
 

@@ -22,7 +22,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import CHROMIUM, HAVE_CHROMIUM, Stack, browser_login, chromium
+from tests.harness import (
+    CHROMIUM,
+    HAVE_CHROMIUM,
+    Stack,
+    browser_login,
+    chromium,
+    screenshot_of,
+)
 from tests.sim_fixtures import TEST_DEFAULTS, start_simulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,8 +118,8 @@ def test_fit_check_refuses_a_load_that_would_evict_a_pinned_slot(stack, page):
     expect(node.locator(".gauge.ram")).to_contain_text("/ 31.3 GB")
     expect(page.locator("#slot-chat .takes")).to_contain_text("estimate")
     DOCS_IMG.mkdir(parents=True, exist_ok=True)
-    page.locator("#nodesection-local, #node-local").first.screenshot(
-        path=str(DOCS_IMG / "memory-bars.png"))
+    # the node header is pushed every HAL0_STATS_EVERY_S
+    screenshot_of(page, "#nodesection-local, #node-local", str(DOCS_IMG / "memory-bars.png"))
 
     calls = sim.state()["load_calls"]
     page.locator("#slot-chat2").get_by_role("button", name="Load chat2", exact=True).click()
