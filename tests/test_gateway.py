@@ -379,7 +379,8 @@ def test_serving_is_counted_across_gateway_processes(gw_stack, gw_sim, hal0):
     try:
         assert hal0.post("chat/completions", json=chat_body()).status_code == 200
         wait_for(lambda: hal0.state("chat") == "ready")
-        gw_sim.configure(token_delay=0.15)  # a ~2.5 s stream
+        # a ~6 s stream: long enough to outlast the steps below on a busy, slow machine
+        gw_sim.configure(token_delay=0.15, reply_length=40)
         with _stream(hal0) as response:
             chunks = response.iter_raw()
             next(chunks)

@@ -206,7 +206,8 @@ def test_serving_holds_while_another_serve_streams(cluster):
     assert httpx.post(f"{a}/v1/chat/completions", json=body, headers=headers,
                       timeout=30).status_code == 200
     wait_for(lambda: slot_state(cluster, "chat") == "ready", timeout=5)
-    sim.configure(token_delay=0.15)
+    # a ~6 s stream: long enough to outlast the steps below on a busy, slow machine
+    sim.configure(token_delay=0.15, reply_length=40)
     try:
         with httpx.stream("POST", f"{a}/v1/chat/completions", headers=headers, timeout=30,
                           json={**body, "stream": True}) as response:
@@ -221,7 +222,7 @@ def test_serving_holds_while_another_serve_streams(cluster):
             for _ in chunks:
                 pass
     finally:
-        sim.configure(token_delay=TEST_DEFAULTS.get("token_delay", 0.01))
+        sim.configure(token_delay=TEST_DEFAULTS.get("token_delay", 0.01), reply_length=0)
     wait_for(lambda: slot_state(cluster, "chat") == "ready", timeout=5)
     with psycopg.connect(cluster["database_url"]) as conn:
         claims = conn.execute("SELECT count(*) FROM slots_lease WHERE name LIKE 'serving:%'")
