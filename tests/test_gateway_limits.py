@@ -18,7 +18,7 @@ import pytest
 from asgiref.sync import async_to_sync
 from django.core.management import CommandError, call_command
 
-from slots import live, portability, runtime, tokens
+from slots import live, portability, ratelimits, runtime, tokens
 from slots.forms import SlotForm, TokenForm
 from slots.gateway import asgi as gateway_asgi
 from slots.gateway import limits, routes
@@ -209,6 +209,43 @@ def test_reset_durations_are_written_as_openai_writes_them():
     assert limits.duration(1.5) == "1.5s"
     assert limits.duration(360) == "6m0s"
     assert limits.duration(59.9996) == "1m0s"
+
+
+def test_in_memory_windows_start_no_thread_per_request(monkeypatch):
+    """`limits`' own MemoryStorage starts a 10 ms timer thread on a hit whenever none is
+    alive: up to 100 threads a second under a steady stream, each taking the GIL from the
+    event loop. hal0's windows count the same without any."""
+    windows = ratelimits.RateLimits()
+    asyncio.run(windows.admit(7, 1000, 1000))  # builds the storage (its one first timer)
+    time.sleep(0.05)
+    timers = []
+    start = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda self: (
+        isinstance(self, threading.Timer) and timers.append(self), start(self))[1])
+
+    async def requests() -> list[int]:
+        remaining = []
+        for _ in range(5):
+            verdict = await windows.admit(7, 1000, 1000)
+            remaining.append(verdict.windows[0].remaining)
+            windows.charge(7, 1000, 10)
+            await asyncio.sleep(0.02)  # past the 10 ms timer: limits would start a new one
+        return remaining
+
+    assert asyncio.run(requests()) == [998, 997, 996, 995, 994]  # still counted
+    assert timers == []
+
+
+def test_in_memory_windows_sweep_expired_keys_inline():
+    storage = ratelimits._LazyMemoryStorage()
+    time.sleep(0.05)  # past the one timer its constructor starts
+    storage.incr("gone", expiry=0.01)
+    time.sleep(0.02)
+    storage.incr("here", expiry=60)
+    assert "gone" in storage.storage  # not swept yet: at most once per SWEEP_EVERY_S
+    storage._next_sweep = 0.0
+    storage.incr("here", expiry=60)
+    assert "gone" not in storage.storage and storage.get("here") == 2
 
 
 # --- setting the limits -------------------------------------------------------------------
