@@ -159,10 +159,20 @@ def bearer_token(header: str) -> str:
     return header[7:].strip() if header[:7].lower() == "bearer " else ""
 
 
+# the request attribute where the fast path (slots.gateway.asgi) leaves the token it has
+# verified before reading the body: (principal, why), as tokens.averify answers
+VERIFIED = "hal0_verified_token"
+
+
 async def _principal(request) -> tuple[tokens.Principal | None, JsonResponse | None]:
-    raw = bearer_token(request.headers.get("Authorization", ""))
-    principal, why = await tokens.averify(raw, runtime.current().token_stamps)
+    # taken once: a later check on the same request (a /models/sse stream's, while it
+    # lasts) verifies afresh and sees a revocation
+    verified = vars(request).pop(VERIFIED, None)
+    if verified is None:  # through Django's handler (runserver, tests), or a later check
+        verified = await tokens.averify(bearer_token(request.headers.get("Authorization", "")))
+    principal, why = verified
     if principal is not None:
+        runtime.current().token_stamps.note(principal.id)
         return principal, None
     message = {
         "missing": "Missing API key: send `Authorization: Bearer <token>` (create one with "
@@ -405,16 +415,11 @@ def _json_request(request) -> tuple[str | None, dict, bytes]:
 async def _route_for(principal, model: str | None, endpoint: str) -> Route:
     """The slot a request goes to, checked against the key's scope and the endpoint."""
     capability = ENDPOINTS[endpoint]
-    table = await route_table()
-    route = table.resolve(model, capability)
+    route = (await route_table()).resolve_allowed(model, capability, principal.allows_slot)
     if route is None:
         raise _Refused(openai_error(
             404, f"The model {model!r} does not exist: name a slot, a capability or a model "
                  "a slot serves (GET /v1/models).", code="model_not_found", param="model"))
-    named = table.by_name.get(model) if model else None
-    if named is not None and not principal.allows_slot(route.name) \
-            and principal.allows_slot(named.name):
-        route = named  # a key scoped to the seeded `embed` slot still reaches it by name
     if not principal.allows_slot(route.name):
         raise _Refused(openai_error(
             403, f"This API key may not use slot {route.name!r}.", type_="permission_error",

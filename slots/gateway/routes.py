@@ -3,6 +3,7 @@ cached for HAL0_GATEWAY_ROUTE_CACHE_S (a documented cache: `_cache`)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -156,25 +157,54 @@ def _load_routes() -> RouteTable:
 
 
 class _Cache:
-    """The routing table and until when it is fresh (a cache: any process may drop it)."""
+    """The routing table and until when it is fresh (a cache: any process may drop it),
+    and the load running for it."""
 
     table: RouteTable | None = None
     until: float = 0.0
+    generation = 0  # bumped by invalidate_routes: a load started before is not reused
+    loading: asyncio.Future | None = None
+    loading_generation = -1
 
 
 _cache = _Cache()
 
 
 async def route_table() -> RouteTable:
+    """The cached table, or the one being loaded: when the cache expires under 16 requests
+    at once they share one load (one query on the runtime's database thread), instead of
+    queueing 16 identical ones behind each other every HAL0_GATEWAY_ROUTE_CACHE_S."""
     table = _cache.table
-    if table is None or time.monotonic() >= _cache.until:
-        # on the runtime's database thread: never queued behind a reconciler pass
-        table = _cache.table = await runtime.current().run_db(_load_routes)
+    if table is not None and time.monotonic() < _cache.until:
+        return table
+    loading = _cache.loading
+    if loading is None or _cache.loading_generation != _cache.generation \
+            or loading.get_loop() is not asyncio.get_running_loop():
+        loading = _cache.loading = asyncio.ensure_future(_load(_cache.generation))
+        _cache.loading_generation = _cache.generation
+        loading.add_done_callback(_loaded)
+    # shielded: a request cancelled while waiting does not cancel the others' load
+    return await asyncio.shield(loading)
+
+
+async def _load(generation: int) -> RouteTable:
+    # on the runtime's database thread: never queued behind a reconciler pass
+    table = await runtime.current().run_db(_load_routes)
+    if generation == _cache.generation:  # nothing changed meanwhile: cache it
+        _cache.table = table
         _cache.until = time.monotonic() + settings.HAL0_GATEWAY_ROUTE_CACHE_S
     return table
 
 
+def _loaded(future: asyncio.Future) -> None:
+    if _cache.loading is future:
+        _cache.loading = None
+    if not future.cancelled():
+        future.exception()  # retrieved: the waiting requests report it
+
+
 def invalidate_routes() -> None:
     _cache.table = None
+    _cache.generation += 1
 
 
