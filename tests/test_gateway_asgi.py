@@ -231,3 +231,40 @@ def test_the_gateway_view_reads_at_most_the_cap_through_django_too(settings, cli
     audio = client.post("/v1/audio/transcriptions", {"model": "stt", "file": io.BytesIO(
         b"\0" * 70_000)}, headers={"Authorization": f"Bearer {raw}"})
     assert audio.status_code == 413 and audio.json()["error"]["code"] == "request.too_large"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_requests_that_find_the_route_cache_expired_share_one_load(monkeypatch):
+    node = Node.objects.create(name="n", base_url="http://127.0.0.1:9")
+    Slot.objects.create(name="talk", capability="chat", device="cpu", model_name="M", node=node)
+    loads = []
+    load = routes._load_routes
+    monkeypatch.setattr(routes, "_load_routes", lambda: (loads.append(1), load())[1])
+    routes.invalidate_routes()
+
+    async def many():
+        first = await asyncio.gather(*(routes.route_table() for _ in range(16)))
+        routes.invalidate_routes()  # a change: the next request loads afresh
+        return first, await routes.route_table()
+
+    first, after = async_to_sync(many)()
+    assert len(loads) == 2  # 16 at once: one load; after the invalidation: one more
+    assert all(table is first[0] for table in first) and "talk" in after.by_name
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_fast_path_verifies_the_token_once_per_request(echo, monkeypatch):
+    node = Node.objects.create(name="echo", base_url=echo)
+    Slot.objects.create(name="talk", capability="chat", device="cpu", model_name="M",
+                        node=node, state=State.READY, loaded_model="M")
+    routes.invalidate_routes()
+    raw = tokens.create_token("once")[1]
+    hashed = []
+    hash_token = tokens.hash_token
+    monkeypatch.setattr(tokens, "hash_token", lambda value: (hashed.append(value),
+                                                             hash_token(value))[1])
+    status, _, content = async_to_sync(_call)(
+        "POST", "/v1/chat/completions", json.dumps({"model": "talk"}).encode(),
+        {"Authorization": f"Bearer {raw}", "Content-Type": "application/json"})
+    assert status == 200, content
+    assert hashed == [raw]
