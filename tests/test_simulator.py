@@ -154,7 +154,8 @@ def test_health_shape(lemond_sim, c, shape):
 def test_loading_shows_in_health_only_from_v10_8(lemond_sim, c):
     for shape, visible in (("11", True), ("10.6", False)):
         lemond_sim.reset()
-        lemond_sim.configure(version_shape=shape, load_delay=0.6)
+        # 2 s: the checks below must fall inside the load even on a busy, slow machine
+        lemond_sim.configure(version_shape=shape, load_delay=2.0)
         thread = threading.Thread(target=lambda: httpx.post(
             f"{lemond_sim.url}/v1/load", json={"model_name": QWEN}, timeout=10))
         thread.start()
