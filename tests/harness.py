@@ -391,7 +391,7 @@ def screenshot_of(page, selector: str, path: str) -> None:
     """A picture of the element `selector` as the page shows it now: the page clipped to the
     element's box. An element screenshot fails when a live push replaces the element while
     Playwright waits for it to be stable ("not attached to the DOM"); the replacement sits
-    in the same place, so the clip is the same picture."""
-    box = page.locator(selector).first.bounding_box()
-    assert box is not None, f"{selector} is not visible"
+    in the same place, so the clip is the same picture. The box is asked for again while a
+    push is swapping the element in (for that instant there is none)."""
+    box, _ = wait_for(lambda: page.locator(selector).first.bounding_box(), timeout=10)
     page.screenshot(path=path, clip=box)

@@ -325,12 +325,14 @@ def test_a_busy_slot_queues_round_robin_across_tokens(slot):
     burst, lone = _token("burst"), _token("lone")
 
     async def scenario():
-        # b0 holds the slot for 2 s, so the other seven and then the lone one are all
-        # queued before it ends, however slow the machine (a 50 ms b0 could end first, and
-        # the queue never reached 7)
-        first = [asyncio.ensure_future(_call(burst, {"delay": 2.0 if i == 0 else 0.05,
-                                                     "tag": f"b{i}"}))
-                 for i in range(8)]
+        # b0 is served first and holds the slot for 2 s, so the other seven and then the
+        # lone one are all queued before it ends, however slow the machine (with all eight
+        # sent at once, any of them could arrive first, and a 50 ms first one could end
+        # before the queue reached 7)
+        first = [asyncio.ensure_future(_call(burst, {"delay": 2.0, "tag": "b0"}))]
+        await until(lambda: Upstream.now == 1, timeout=30)
+        first += [asyncio.ensure_future(_call(burst, {"delay": 0.05, "tag": f"b{i}"}))
+                  for i in range(1, 8)]
         await until(lambda: _queued(slot.pk) == 7, timeout=30)
         alone = asyncio.ensure_future(_call(lone, {"delay": 0.05, "tag": "lone"}))
         await until(lambda: _queued(slot.pk) == 8, timeout=30)
