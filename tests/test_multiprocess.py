@@ -1,7 +1,7 @@
 """Several processes: two `serve --no-reconciler` and `manage.py reconcile` on PostgreSQL and
 Redis cooperate. A change made through one serve reaches a dashboard on the other; the
 reconciler's observations reach dashboards on both; one reconciler polls a node at a time,
-and another takes its lease over within 15 s of its SIGKILL.
+and another takes its lease over once it expires after a SIGKILL (TTL 10 s).
 
 The first tests exercise the lease itself (any database, in-process)."""
 
@@ -261,10 +261,10 @@ def test_a_tokens_rate_limits_hold_across_both_serves_on_redis(cluster):
 
 
 @scaleout
-def test_one_reconciler_polls_a_node_and_another_takes_over_within_15_s(cluster):
+def test_one_reconciler_polls_a_node_and_another_takes_over_after_its_lease_ttl(cluster):
     stack, sim, a = cluster["stack"], cluster["sim"], cluster["a"]
     first = cluster["reconciler"]  # on "box-1"
-    wait_for(lambda: holder_pid(lease_holder(cluster)) == first.pid, timeout=10)
+    wait_for(lambda: holder_pid(lease_holder(cluster)) == first.pid, timeout=30)
     second = stack.start("reconcile", name="reconcile", HAL0_HOSTNAME="box-2")
     time.sleep(3)  # several lease attempts and poll periods
     assert holder_pid(lease_holder(cluster)) == first.pid
@@ -281,13 +281,16 @@ def test_one_reconciler_polls_a_node_and_another_takes_over_within_15_s(cluster)
         killed = time.monotonic()
         # lemond changes while nobody polls: the new holder must find out
         httpx.post(f"{sim.url}/v1/load", json={"model_name": CHAT_MODEL}, timeout=10)
+        # The lease TTL is 10 s, so the takeover takes 10-11 s (printed; docs/scaleout.md).
+        # The checks allow 30 s: a CI machine running four workers on two cores may stretch
+        # it, and what is tested is that it happens, without the first process's help.
         _, took_over = wait_for(lambda: holder_pid(lease_holder(cluster)) == second.pid,
-                                timeout=15, interval=0.1)
+                                timeout=30, interval=0.1)
         _, seen_at = dashboard.wait(lambda m: card_state(m, "chat") == "ready", since=killed,
-                                    timeout=max(0.1, 15 - (time.monotonic() - killed)))
+                                    timeout=max(0.1, 30 - (time.monotonic() - killed)))
         print(f"\nanother box: lease taken over {took_over:.1f} s after SIGKILL; the change "
               f"was on the dashboard {seen_at - killed:.1f} s after it")
-        assert seen_at - killed < 15
+        assert took_over >= 5  # not before the dead holder's lease expired
         assert client.get("/api/slots/chat/").json()["state"] == "ready"  # adopted
         assert "polling node local" in Path(second.log_path).read_text()
 

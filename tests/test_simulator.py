@@ -1055,7 +1055,8 @@ def test_counts_load_requests_open_at_once(lemond_sim):
     """The simulator measures how many /v1/load calls for one model overlap."""
     import concurrent.futures
 
-    lemond_sim.configure(load_delay=0.3)
+    # 2 s: three threads' requests must all be open within it, even on a busy machine
+    lemond_sim.configure(load_delay=2.0)
     body = {"model_name": "Qwen3-0.6B-GGUF"}
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         codes = list(pool.map(lambda _: httpx.post(f"{lemond_sim.url}/v1/load", json=body,
