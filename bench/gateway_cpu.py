@@ -54,6 +54,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.gateway import wait_http  # noqa: E402  (the same start-up wait as gateway.py)
 from tests.harness import free_port  # noqa: E402
 from tests.sim_fixtures import start_simulator  # noqa: E402
 
@@ -88,19 +89,6 @@ def context_switches(pid: int) -> int:
     return total
 
 
-def wait_http(url: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url}: the server exited with {process.returncode}")
-        try:
-            httpx.get(url, timeout=0.5)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
-
-
 class Stack:
     """The simulator, hal0 (from `root`, and from each `compare` checkout) and the
     passthrough, started and stopped together."""
@@ -130,7 +118,8 @@ class Stack:
                      "PYTHONPATH": str(ROOT)}, ROOT)
         for name, process in self.processes.items():
             wait_http(f"http://127.0.0.1:{self.ports[name]}/"
-                      + ("live" if name == "passthrough" else "api/health"), process)
+                      + ("live" if name == "passthrough" else "api/health"),
+                      timeout=60, process=process)
         return self
 
     def _hal0(self, name: str, root: Path, limited: bool, profile: Path | None) -> None:
