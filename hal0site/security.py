@@ -7,10 +7,13 @@ The policy string lives in settings (`CONTENT_SECURITY_POLICY`, with the reasoni
 
 from __future__ import annotations
 
+from functools import cache
 from urllib.parse import urlsplit
 
 from channels.security.websocket import WebsocketDenier
 from django.conf import settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 from django.http.request import is_same_domain, split_domain_port, validate_host
 from django.utils.deprecation import MiddlewareMixin
 
@@ -31,8 +34,11 @@ class ContentSecurityPolicyMiddleware(MiddlewareMixin):
 GATEWAY_CSP = "default-src 'none'; frame-ancestors 'none'"
 
 
-def gateway_headers(secure: bool = False) -> list[tuple[str, str]]:
-    """What SecurityMiddleware, XFrameOptionsMiddleware and the CSP middleware would add."""
+@cache
+def gateway_headers(secure: bool = False) -> tuple[tuple[str, str], ...]:
+    """What SecurityMiddleware, XFrameOptionsMiddleware and the CSP middleware would add.
+    A cache (one answer per `secure`, cleared when a test changes settings): it is asked on
+    every gateway response."""
     headers = []
     if settings.SECURE_CONTENT_TYPE_NOSNIFF:
         headers.append(("X-Content-Type-Options", "nosniff"))
@@ -50,7 +56,12 @@ def gateway_headers(secure: bool = False) -> list[tuple[str, str]]:
         if settings.SECURE_HSTS_PRELOAD:
             hsts += "; preload"
         headers.append(("Strict-Transport-Security", hsts))
-    return headers
+    return tuple(headers)
+
+
+@receiver(setting_changed)
+def _settings_changed(**kwargs) -> None:
+    gateway_headers.cache_clear()
 
 
 # --- websockets ------------------------------------------------------------------------------

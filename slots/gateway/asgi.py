@@ -119,13 +119,20 @@ async def _verify(scope) -> tuple[tokens.Principal | None, str] | None:
         return None
 
 
-async def _listen_for_disconnect(receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-def _headers(response: HttpResponse) -> list[tuple[bytes, bytes]]:
+def _headers(response: HttpResponse, extra: Iterable[tuple[str, str]] = (),
+             length: int | None = None) -> list[tuple[bytes, bytes]]:
+    """The response's headers as ASGI sends them, then those of `extra` (the security
+    headers) it has not set itself, and `Content-Length: length` unless it has one. Built
+    here rather than set on the response first: Django's header mapping checks and
+    converts every name and value it is given, which took longer than the sending."""
     headers = [(k.encode("latin1"), str(v).encode("latin1")) for k, v in response.items()]
+    names = {name.lower() for name, _ in headers}
+    for name, value in extra:
+        key = name.encode("latin1")
+        if key.lower() not in names:
+            headers.append((key, value.encode("latin1")))
+    if length is not None and b"content-length" not in names:
+        headers.append((b"Content-Length", str(length).encode("latin1")))
     for cookie in response.cookies.values():
         headers.append((b"set-cookie", cookie.output(header="").strip().encode("latin1")))
     return headers
@@ -134,11 +141,10 @@ def _headers(response: HttpResponse) -> list[tuple[bytes, bytes]]:
 async def _send(response: HttpResponse, send, secure: bool = False,
                 headers: Headers | None = None) -> None:
     # Django's middleware never sees these responses: add the headers it would have.
-    for name, value in headers(secure) if headers is not None else ():
-        response.headers.setdefault(name, value)
+    extra = headers(secure) if headers is not None else ()
     if response.streaming:
         await send({"type": "http.response.start", "status": response.status_code,
-                    "headers": _headers(response)})
+                    "headers": _headers(response, extra)})
         async with contextlib.aclosing(aiter(response)) as chunks:  # type: ignore[arg-type,var-annotated]
             async for chunk in chunks:
                 if chunk:
@@ -147,10 +153,8 @@ async def _send(response: HttpResponse, send, secure: bool = False,
         await send({"type": "http.response.body", "body": b""})
         return
     body = response.content
-    if not response.has_header("Content-Length"):
-        response["Content-Length"] = str(len(body))
     await send({"type": "http.response.start", "status": response.status_code,
-                "headers": _headers(response)})
+                "headers": _headers(response, extra, len(body))})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -226,10 +230,21 @@ async def _request(scope, body, send, headers: Headers | None) -> ASGIRequest | 
         return None
 
 
+async def _cancel_on_disconnect(receive, task: asyncio.Task) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    task.cancel()
+
+
 async def _run(request, send, headers: Headers | None, receive=None) -> None:
     """Run the view and send its response. With `receive` (the body has been read), a
     client that goes away cancels the view or the stream, and with it the upstream
-    request to lemond, like Django's handler."""
+    request to lemond, like Django's handler.
+
+    The view runs in the server's task for the request, not in one of its own: a task
+    more per request, and waiting on both, took a measurable share of the fast path's
+    CPU (docs/benchmarks.md). Only the disconnect listener is a task; it cancels this
+    one, and a cancellation it did not cause (the server shutting down) goes on up."""
     started = []
 
     async def tracked_send(message):
@@ -237,19 +252,17 @@ async def _run(request, send, headers: Headers | None, receive=None) -> None:
             started.append(True)
         await send(message)
 
-    work = asyncio.ensure_future(_respond(request, tracked_send, headers))
-    tasks = [work]
-    if receive is not None:
-        tasks.append(asyncio.ensure_future(_listen_for_disconnect(receive)))
+    this = asyncio.current_task()
+    listener = None
+    if receive is not None and this is not None:
+        listener = asyncio.ensure_future(_cancel_on_disconnect(receive, this))
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            if not task.done():
-                task.cancel()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-    error = results[0]
-    if isinstance(error, Exception) and not isinstance(error, asyncio.CancelledError):
+        await _respond(request, tracked_send, headers)
+    except asyncio.CancelledError:
+        if not _disconnected(listener):
+            raise
+        # the client left: nothing to answer
+    except Exception as error:
         log.error("gateway request failed: %s", request.path_info, exc_info=error)
         # A view or its response failed. Finish the response, or the client waits for
         # its own timeout: Daphne answers only for an app that raises itself, and has
@@ -260,6 +273,19 @@ async def _run(request, send, headers: Headers | None, receive=None) -> None:
             else:
                 await send({"type": "http.response.body", "body": b"",
                             "more_body": False})
+    finally:
+        if listener is not None:
+            if not listener.done():
+                listener.cancel()
+            elif _disconnected(listener):
+                this.uncancel()  # type: ignore[union-attr]  # its cancel has been delivered
+
+
+def _disconnected(listener: asyncio.Task | None) -> bool:
+    """Whether the disconnect listener has cancelled the request's task."""
+    if listener is None or not listener.done() or listener.cancelled():
+        return False
+    return listener.exception() is None  # (a failed receive is retrieved here, not logged)
 
 
 def wrap(django_app, *, headers: Headers | None = None):

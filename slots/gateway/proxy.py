@@ -98,6 +98,11 @@ class _Upstream:
 _upstream = _Upstream()
 
 
+# A cache of lemond's endpoint URLs, parsed: httpx would parse the same string again for
+# every request (bounded: a few per slot and node).
+_url = functools.lru_cache(maxsize=256)(httpx.URL)
+
+
 def http_client() -> httpx.AsyncClient:
     """One client per process, created on (and bound to) the running event loop."""
     loop = asyncio.get_running_loop()
@@ -109,6 +114,8 @@ def http_client() -> httpx.AsyncClient:
                                   pool=settings.HAL0_GATEWAY_CONNECT_TIMEOUT_S),
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
             trust_env=False,  # lemond is on loopback/LAN: never via an environment proxy
+            # uncompressed: the usage is read from the body, and passed on as it came
+            headers={"Accept-Encoding": "identity"},
         )
         _upstream.loop = loop
     return http
@@ -290,15 +297,15 @@ def _upstream_error_body(content: bytes) -> bytes:
 
 async def _forward(request, endpoint: str, route: Route, flight: Flight, *, content=None,
                    data=None, files=None):
-    headers = {"Accept-Encoding": "identity",
-               "Accept": request.headers.get("Accept", "*/*")}
+    # (META, not request.headers: that would parse every header name for one of them)
+    headers = {"Accept": request.META.get("HTTP_ACCEPT", "*/*")}
     if content is not None:
         headers["Content-Type"] = "application/json"
     if route.api_key:  # lemond's key: only ever in this upstream header
         headers["Authorization"] = f"Bearer {route.api_key}"
     client = http_client()
-    upstream = client.build_request("POST", route.upstream_url(endpoint), headers=headers,
-                                    content=content, data=data, files=files)
+    upstream = client.build_request("POST", _url(route.upstream_url(endpoint)),
+                                    headers=headers, content=content, data=data, files=files)
     try:
         response = await client.send(upstream, stream=True)
     except httpx.TimeoutException as exc:
