@@ -120,13 +120,16 @@ def cluster(tmp_path_factory):
                           REDIS_URL=REDIS_URL.format(db=0),
                           HAL0_REDIS_PREFIX=f"hal0-test-{uuid.uuid4().hex}",
                           HAL0_LEMONADE_URL=sim.url,
-                          HAL0_POLL_ACTIVE_S="0.25", HAL0_POLL_IDLE_S="0.25",
-                          HAL0_RECONCILE_TIMEOUT_S="1")
+                          HAL0_POLL_ACTIVE_S="0.25", HAL0_POLL_IDLE_S="0.25")
             stack.setup()
             try:
                 a = stack.serve("--no-reconciler")
                 b = stack.serve("--no-reconciler")
                 reconciler = stack.start("reconcile", name="reconcile", HAL0_HOSTNAME="box-1")
+                # Its first poll done: until then it has no picture of lemond to compare, and
+                # an unload it finds reads "not loaded when the reconciler started" (a loaded
+                # CI machine takes seconds to start Django).
+                wait_for(lambda: node_last_seen(database_url) is not None, timeout=60)
                 yield {"stack": stack, "sim": sim, "a": a, "b": b, "reconciler": reconciler,
                        "database_url": database_url.replace("postgres://", "postgresql://")}
             finally:
@@ -134,6 +137,12 @@ def cluster(tmp_path_factory):
                 assert "Traceback" not in stack.logs(), stack.logs()[-5000:]
     finally:
         sim.stop()
+
+
+def node_last_seen(database_url: str, node: str = "local"):
+    with psycopg.connect(database_url.replace("postgres://", "postgresql://")) as conn:
+        return conn.execute("SELECT last_seen FROM slots_node WHERE name = %s",
+                            (node,)).fetchone()[0]
 
 
 def lease_holder(cluster, node: str = "local") -> str | None:
@@ -181,7 +190,7 @@ def test_the_reconcilers_observations_reach_dashboards_on_both_serves(cluster):
         httpx.post(f"{sim.url}/v1/unload", json={"model_name": CHAT_MODEL}, timeout=10)
         for name, sock in zip("AB", sockets, strict=True):
             message, at = sock.wait(lambda m: card_state(m, "chat") == "offline", since=started)
-            assert "unloaded outside hal0" in message
+            assert "unloaded outside hal0" in message, message.split("<footer")[0][-1500:]
             print(f"\nlemond change -> reconcile process -> dashboard on serve {name}: "
                   f"{(at - started) * 1000:.0f} ms")
     finally:
