@@ -416,8 +416,9 @@ async def test_failed_restores_are_retried_with_growing_spacing(node, sim, setti
     starts = [e.created_at.timestamp() - e.duration_ms / 1000 for e in events]
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     # backoff 0.3 s, doubling: attempts are scheduled no sooner than 0.3, 0.6, 1.2 s apart
-    # (a start measured from the row is late by the claim's few ms, hence 0.8 x), and not
-    # much later than that at the active poll rate
+    # (a start measured from the row is late by the claim's few ms, hence 0.8 x), and each
+    # comes well before the idle poll period (10 s): the retry is the active poll's, however
+    # late a loaded machine runs it (2.8 s for a 1.2 s wait was seen on two busy cores)
     # The lower bounds are what shows the spacing grows; a strict gaps[0] < gaps[1] would
     # also compare the poll's jitter (up to a few hundred ms on a loaded machine).
     # A row written late (a slow machine's commit) moves one start later: that lengthens one
@@ -425,7 +426,7 @@ async def test_failed_restores_are_retried_with_growing_spacing(node, sim, setti
     for k, wait in enumerate(itertools.accumulate((0.3, 0.6, 1.2)), start=1):
         assert starts[k] - starts[0] >= 0.8 * wait, (gaps, wait)
     for gap, wait in zip(gaps, (0.3, 0.6, 1.2), strict=True):
-        assert gap <= wait + 1.5, (gaps, wait)
+        assert gap <= wait + 5, (gaps, wait)
     assert gaps[2] > gaps[0], gaps
 
 
