@@ -3,9 +3,20 @@ pointing at it, logged-in users. Module-specific fixtures live in their test mod
 
 from __future__ import annotations
 
+import functools
+
+import httpx._transports.default
 import pytest
 
 pytest_plugins = ("tests.sim_fixtures",)
+
+# Every httpx.Client (and so every httpx.get/post) builds an SSL context and loads certifi's
+# CA bundle into it: ~25 ms of CPU for a client that then talks plain HTTP to loopback. The
+# suite's polling loops made thousands of them (half a minute of CPU in test_serve alone).
+# The tests make no TLS connection, so one context per argument set serves them all; hal0's
+# own processes (serve, the simulators) are untouched.
+httpx._transports.default.create_ssl_context = functools.lru_cache(maxsize=8)(
+    httpx._transports.default.create_ssl_context)
 
 
 # The modules that take longest, longest first (wall time summed over a run on the 2-core
