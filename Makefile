@@ -6,11 +6,14 @@ PY := $(VENV)/bin/python
 .PHONY: demo run test test-fast test-fresh-boot fuzz lint bench clean conformance
 
 # uv resolves and installs the same packages as pip from the same index, in a third of the
-# time (a fresh CI machine spends it on every run).
+# time (a fresh CI machine spends it on every run). It writes no bytecode unless asked, and
+# this machine's environment sets PYTHONDONTWRITEBYTECODE: every Python process compiled
+# Django, Twisted and Channels from source on each start (~1 s of CPU; the test suite starts
+# about 150 of them). --compile-bytecode does it once, at install.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet uv
-	$(PY) -m uv pip install --quiet --python $(PY) -e ".[test]"
+	$(PY) -m uv pip install --quiet --compile-bytecode --python $(PY) -e ".[test]"
 	touch $@
 
 ## demo: venv + install + migrate + admin login + simulator if no lemond + serve on :8000
@@ -28,21 +31,25 @@ run: $(VENV)/.installed
 # longest files go first (tests/conftest.py LONGEST_FIRST).
 PYTEST_WORKERS ?= 4
 PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
+# hal0's own modules and the test modules (pytest's rewritten ones) are cached as bytecode
+# during a test run even where the environment says not to: the first of the run's many
+# processes compiles them, the others load them (__pycache__ is git-ignored).
+TEST_ENV := PYTHONDONTWRITEBYTECODE=
 
 ## test: lint (ruff; mypy on the actions, views and gateway) + the whole test suite (in parallel; PYTEST_WORKERS=0 runs it in one process)
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m mypy
-	$(PY) -m pytest -q $(PYTEST_PARALLEL)
+	$(TEST_ENV) $(PY) -m pytest -q $(PYTEST_PARALLEL)
 
 ## test-fast: the in-process tests only (no hal0 processes, no browser): pytest -m "not e2e"
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not e2e" $(PYTEST_PARALLEL)
+	$(TEST_ENV) $(PY) -m pytest -q -m "not e2e" $(PYTEST_PARALLEL)
 
 ## test-fresh-boot: the whole suite with the monotonic clock near zero, as on an appliance
 ## seconds after power-on (needs root for the time namespace; PYTEST_ARGS picks tests)
 test-fresh-boot: $(VENV)/.installed
-	tests/fresh-boot $(PY) -m pytest -q $(PYTEST_PARALLEL) $(PYTEST_ARGS)
+	$(TEST_ENV) tests/fresh-boot $(PY) -m pytest -q $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 ## fuzz: the property-based tests with fresh random inputs, 1500 examples each (~3 min)
 fuzz: $(VENV)/.installed
