@@ -1037,7 +1037,7 @@ def test_log_websocket(lemond_sim, c):
 
 
 def test_cli_process_lifecycle(lemond_sim_factory):
-    sim = lemond_sim_factory(version_shape="10.0", api_key="k", downloaded=[QWEN])
+    sim = lemond_sim_factory(version_shape="10.0", api_key="k", downloaded=[QWEN], manage=True)
     assert "lemond simulator (version 10.0.0-sim) listening on http://127.0.0.1:" in sim.output()
     auth = {"Authorization": "Bearer k"}
     assert httpx.get(f"{sim.url}/api/v1/health").status_code == 401
