@@ -24,12 +24,12 @@ httpx._transports.default.create_ssl_context = functools.lru_cache(maxsize=8)(
 # (--no-loadscope-reorder; xdist's own order is by test count, which started these few-test,
 # long modules last and left one worker running them alone at the end). Longest first keeps
 # the workers' ends close; a module missing here only runs later, never wrongly.
-LONGEST_FIRST = ("test_serve", "test_faults", "test_security", "test_gateway", "test_clients",
-                 "test_multiprocess", "test_a11y", "test_simulator", "test_properties",
-                 "test_nodes", "test_browser", "test_browser_capacity", "test_client",
-                 "test_installer", "test_browser_cockpit", "test_simulator_v11",
-                 "test_actions", "test_gateway_limits", "test_lemond_truth",
-                 "test_settings", "test_reconciler", "test_slots_command")
+LONGEST_FIRST = ("test_serve", "test_gateway", "test_a11y", "test_security", "test_simulator",
+                 "test_faults", "test_multiprocess", "test_gateway_limits", "test_installer",
+                 "test_browser_capacity", "test_browser_cockpit", "test_browser",
+                 "test_actions", "test_clients", "test_client", "test_nodes",
+                 "test_reconciler", "test_lemond_truth", "test_simulator_v11", "test_views",
+                 "test_concurrency", "test_properties")
 
 
 def _module_rank(item) -> int:
