@@ -145,7 +145,8 @@ class Runtime:
         self.token_stamps = tokens.TokenStamps()
         self.metrics = metrics.MetricsBuffer(
             serving=self.serving, stamps=self.token_stamps,
-            on_written=lambda rows: activity.push_batch(self.live, rows, self.metrics.pending()))
+            on_written=lambda batch: activity.push_batch(self.live, batch,
+                                                         self.metrics.pending()))
         self.pulls: dict[tuple[int, str], asyncio.Task] = {}
         # slot pk -> the load gateway requests for it wait on (one per slot per process)
         self.gateway_loads_running: dict[int, asyncio.Future] = {}

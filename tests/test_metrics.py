@@ -187,10 +187,10 @@ def test_a_request_recorded_at_any_moment_of_a_failed_write_is_kept(db, hal0_run
     swapped or put back under its feet."""
     buffer = hal0_runtime.metrics
 
-    def locked(rows, **kwargs):
+    def locked(samples):
         raise OperationalError("database is locked")
 
-    monkeypatch.setattr(RequestMetric.objects, "bulk_create", locked)
+    monkeypatch.setattr(metrics, "insert", locked)
     buffer.record(obs(latency=0.0))
     recorded = [0.0]
     go, done, stop = threading.Event(), threading.Event(), threading.Event()
