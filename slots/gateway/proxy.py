@@ -44,7 +44,7 @@ from ..actions.lifecycle import do_ensure_loaded
 from ..admission import Gate
 from ..jsonbody import NotAJsonObject, json_object
 from ..metrics import RequestSample
-from . import limits
+from . import limits, pool
 from .endpoints import ENDPOINTS, MULTIPART_ENDPOINTS, body_cap, too_large_message
 from .routes import Route, invalidate_routes, route_table
 
@@ -112,7 +112,10 @@ def http_client() -> httpx.AsyncClient:
             timeout=httpx.Timeout(settings.HAL0_GATEWAY_READ_TIMEOUT_S,
                                   connect=settings.HAL0_GATEWAY_CONNECT_TIMEOUT_S,
                                   pool=settings.HAL0_GATEWAY_CONNECT_TIMEOUT_S),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+            # its idle connections checked cheaply: the pool checks them all per request
+            transport=pool.wrap(httpx.AsyncHTTPTransport(
+                limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+                trust_env=False)),
             trust_env=False,  # lemond is on loopback/LAN: never via an environment proxy
             # uncompressed: the usage is read from the body, and passed on as it came
             headers={"Accept-Encoding": "identity"},
