@@ -405,10 +405,12 @@ def test_a_stopped_gateway_process_gives_its_serving_claims_back(gw_stack, gw_si
     try:
         assert other.post("chat/completions", json=chat_body()).status_code == 200
         wait_for(lambda: hal0.state("chat") == "ready")
-        gw_sim.configure(token_delay=0.2)
+        # a 30 s stream, cut short by the SIGTERM: it outlasts a serving write that a busy
+        # machine's SQLite lock holds up for seconds (a 3 s stream once ended before it)
+        gw_sim.configure(token_delay=0.2, reply_length=150)
         with _stream(other) as response:
             next(response.iter_raw())
-            wait_for(lambda: hal0.state("chat") == "serving")
+            wait_for(lambda: hal0.state("chat") == "serving", timeout=20)
             claims = "SELECT COUNT(*) FROM slots_lease WHERE name LIKE 'serving:%'"
             assert hal0.query(claims) == [(1,)]
             other.process.terminate()
