@@ -163,23 +163,22 @@ def render_queues(admission: Admission) -> str:
 
 # --- pushing -------------------------------------------------------------------------------
 
-def push_batch(pages: Live, rows: Sequence[RequestMetric | RequestSample],
+def push_batch(pages: Live, batch: Sequence[RequestSample],
                pending: list[RequestSample] | None = None) -> None:
     """After a batch is committed: its rows (the writer's samples) to open Activity pages,
     and fresh stats to the open pages of the slots it touched. Never raises (the writer
     must go on)."""
     try:
-        _push(pages, rows, pending or [])
+        _push(pages, batch, pending or [])
     except Exception:
         log.exception("could not push the activity of a metrics batch")
 
 
-def _push(pages: Live, batch: Sequence[RequestMetric | RequestSample],
-          pending: list[RequestSample]) -> None:
+def _push(pages: Live, batch: Sequence[RequestSample], pending: list[RequestSample]) -> None:
     if not batch or (local_layer() and not pages.page_watching()):
         return  # nobody in this process is watching (a shared layer: maybe elsewhere)
     # rows as the database holds them, built only now that somebody is watching
-    rows = [r.row() if isinstance(r, RequestSample) else r for r in batch]
+    rows = [sample.row() for sample in batch]
     newest_first = sorted(rows, key=lambda r: r.started_at, reverse=True)
     pages.send_message(GROUP, {"type": "activity.rows",
                                "rows": [row_data(r) for r in newest_first]})

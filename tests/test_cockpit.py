@@ -17,6 +17,7 @@ from django.utils import timezone
 from hal0site.asgi import application
 from slots import activity, runtime
 from slots.gateway.routes import invalidate_routes
+from slots.metrics import RequestSample
 from slots.models import RequestMetric, Slot
 
 ORIGIN = (b"origin", b"http://127.0.0.1:8000")
@@ -153,10 +154,10 @@ async def test_a_written_batch_appears_live_for_those_who_may_see_it(admin_user,
     operator = await connect(alice)
     state = runtime.current()
     state.live.bind_loop()
-    rows = [RequestMetric(slot_name="chat", endpoint="chat/completions", status=200,
-                          started_at=timezone.now(), latency_ms=80.0, ttft_ms=12.0,
-                          tokens_in=3, tokens_out=9, tokens_per_s=55.0, token_name="ci-bot")]
-    await sync_to_async(activity.push_batch)(state.live, rows)
+    batch = [RequestSample(slot_name="chat", endpoint="chat/completions", status=200,
+                           started_at=timezone.now(), latency_ms=80.0, ttft_ms=12.0,
+                           tokens_in=3, tokens_out=9, tokens_per_s=55.0, token_name="ci-bot")]
+    await sync_to_async(activity.push_batch)(state.live, batch)
     html = await staff.receive_from(timeout=5)
     assert 'hx-swap-oob="afterbegin:#activity-rows"' in html and "ci-bot" in html
     assert "55.0" in html and "12 ms" in html
