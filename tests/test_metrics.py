@@ -59,6 +59,22 @@ def test_observations_are_written_in_one_batch_on_flush(db):
     assert runtime.current().metrics.flush() == 0
 
 
+def test_the_writers_insert_stores_every_field_of_a_sample(db):
+    """metrics.insert writes its own INSERT (not bulk_create): every column of the model,
+    the values as the sample holds them, long names cut to the columns' lengths."""
+    fields = {f.name for f in RequestMetric._meta.concrete_fields if not f.primary_key}
+    assert set(metrics.COLUMNS) == fields  # a new column needs its value in the INSERT
+    sample = RequestSample(slot_name="s" * 40, endpoint="chat/completions", status=429,
+                           started_at=timezone.now() - timedelta(seconds=5), latency_ms=12.5,
+                           ttft_ms=3.25, tokens_in=7, tokens_out=11, tokens_per_s=42.0,
+                           stream=True, token_name="t" * 70)
+    metrics.insert([sample, obs(latency=1)])
+    stored = RequestMetric.objects.filter(status=429).values(*metrics.COLUMNS).get()
+    expected = {name: getattr(sample, name) for name in metrics.COLUMNS}
+    assert stored == {**expected, "slot_name": "s" * 32, "token_name": "t" * 64}
+    assert RequestMetric.objects.count() == 2
+
+
 def test_old_rows_are_pruned(db, settings):
     settings.HAL0_METRICS_RETENTION_H = 1
     runtime.current().metrics.record(obs(ago=timedelta(hours=2)))
