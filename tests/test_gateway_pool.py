@@ -64,3 +64,72 @@ def test_the_gateway_client_checks_its_idle_connections_cheaply():
         return type(transport._pool._network_backend)  # type: ignore[attr-defined]
 
     assert async_to_sync(backend)() is pool._Backend
+
+
+async def _after_a_burst(requests: int, keepalive: int, inspect) -> tuple[list[int], object]:
+    """`requests` at once through a wrapped transport keeping `keepalive` idle connections,
+    against a server that holds each answer until all have arrived (so the pool needs a
+    connection per request), then one more request (a walk of the pool, as the next
+    gateway request makes); returns the statuses and `inspect(pool)`, called before the
+    client closes."""
+    arrived = asyncio.Event()
+    waiting = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                waiting.append(writer)
+                if len(waiting) >= requests:
+                    arrived.set()
+                await arrived.wait()
+                writer.write(REPLY)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.CancelledError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = pool.wrap(httpx.AsyncHTTPTransport(
+        trust_env=False, limits=httpx.Limits(max_connections=64,
+                                             max_keepalive_connections=keepalive)))
+    async with server, httpx.AsyncClient(transport=transport, trust_env=False) as client:
+        answers = await asyncio.gather(*(client.get(f"http://127.0.0.1:{port}/")
+                                         for _ in range(requests)))
+        answers.append(await client.get(f"http://127.0.0.1:{port}/"))
+        return [a.status_code for a in answers], inspect(transport._pool)  # type: ignore[attr-defined]
+
+
+def test_the_pool_keeps_httpcores_keepalive_limit():
+    statuses, kept = async_to_sync(_after_a_burst)(
+        8, 3, lambda p: (type(p), len(p.connections)))
+    assert statuses == [200] * 9
+    # httpcore closes idle connections past the limit: 8 were open, at most 3 stay
+    assert kept[0] is pool._Pool and kept[1] <= 3
+
+
+def test_the_pools_walk_asks_each_connection_once_whether_it_is_idle(monkeypatch):
+    """httpcore 1.0 counts the pool's connections once per idle connection, calling
+    is_idle() on every one: n² calls per walk. The gateway's pool walks in n."""
+    calls = []
+
+    def walk(kept) -> int:
+        cls = type(kept.connections[0])
+        original = cls.is_idle
+        monkeypatch.setattr(cls, "is_idle",
+                            lambda self: (calls.append(1), original(self))[1])
+        kept._assign_requests_to_connections()
+        return len(kept.connections)
+
+    statuses, connections = async_to_sync(_after_a_burst)(16, 64, walk)
+    assert statuses == [200] * 17 and connections == 16
+    assert 16 <= len(calls) <= 2 * 16, len(calls)  # httpcore's own walk: 16 + 16 × 16
+
+
+def test_the_pools_walk_is_httpcores_own_apart_from_the_count():
+    """`_Pool` copies httpcore 1.0.9's walk. A newer httpcore may have changed it (or
+    fixed the count): then compare the two again and update `_Pool` or drop it."""
+    import httpcore
+    assert httpcore.__version__.startswith("1.0."), (
+        f"httpcore {httpcore.__version__}: re-check slots.gateway.pool._Pool against "
+        "httpcore's AsyncConnectionPool._assign_requests_to_connections")

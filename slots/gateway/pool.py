@@ -9,6 +9,13 @@ about as many connections, and these checks took a large share of the gateway's 
 request (docs/benchmarks.md). `wrap(transport)` gives the transport's pool a network
 backend whose streams keep their socket at hand and poll it directly; everything else
 (connecting, TLS, reading, writing, timeouts) is still httpcore's and anyio's.
+
+The pool's walk itself is quadratic in httpcore 1.0: for every idle connection it counts
+the pool's connections by calling `is_idle()` on each of them (the count is only compared
+with `max_keepalive_connections`). With 16 connections that is a few hundred calls per
+request, and the more connections a busy moment left open, the more every later request
+pays. `wrap` also gives the pool `_Pool`'s walk: the same decisions in the same order,
+with the count taken once.
 """
 
 from __future__ import annotations
@@ -58,6 +65,53 @@ class _Stream(httpcore.AsyncNetworkStream):
         return self._stream.get_extra_info(info)
 
 
+class _Pool(httpcore.AsyncConnectionPool):
+    """httpcore's pool with a linear walk (see the module docstring). `_assign_requests_to_
+    connections` is httpcore 1.0's, line for line, except the surplus-idle rule:
+    httpcore writes `len([connection.is_idle() for connection in self._connections])`,
+    which is the number of connections, computed with a call per connection."""
+
+    def _assign_requests_to_connections(self) -> list[httpcore.AsyncConnectionInterface]:
+        closing_connections = []
+        # Close and drop connections that are closed, expired, or idle past the keep-alive
+        # limit.
+        for connection in list(self._connections):
+            if connection.is_closed():
+                self._connections.remove(connection)
+            elif connection.has_expired():
+                self._connections.remove(connection)
+                closing_connections.append(connection)
+            elif (connection.is_idle()
+                  and len(self._connections) > self._max_keepalive_connections):
+                self._connections.remove(connection)
+                closing_connections.append(connection)
+
+        # Assign queued requests to connections.
+        queued_requests = [request for request in self._requests if request.is_queued()]
+        for pool_request in queued_requests:
+            origin = pool_request.request.url.origin
+            available_connections = [
+                connection for connection in self._connections
+                if connection.can_handle_request(origin) and connection.is_available()]
+            idle_connections = [
+                connection for connection in self._connections if connection.is_idle()]
+            if available_connections:  # reuse an existing connection
+                connection = available_connections[0]
+                pool_request.assign_to_connection(connection)
+            elif len(self._connections) < self._max_connections:  # a new connection
+                connection = self.create_connection(origin)
+                self._connections.append(connection)
+                pool_request.assign_to_connection(connection)
+            elif idle_connections:  # close an idle connection, then a new one
+                connection = idle_connections[0]
+                self._connections.remove(connection)
+                closing_connections.append(connection)
+                connection = self.create_connection(origin)
+                self._connections.append(connection)
+                pool_request.assign_to_connection(connection)
+        return closing_connections
+
+
 class _Backend(httpcore.AsyncNetworkBackend):
     """The pool's own backend, its streams wrapped in `_Stream`."""
 
@@ -83,11 +137,13 @@ class _Backend(httpcore.AsyncNetworkBackend):
 
 
 def wrap(transport: httpx.AsyncHTTPTransport) -> httpx.AsyncHTTPTransport:
-    """The transport, its pool's backend wrapped (before it opens any connection). httpx
-    takes no network backend of its own, so this reaches its pool (`_pool`), which has
-    been there since httpx 0.18; `tests/test_gateway_pool.py` checks it still is."""
+    """The transport, its pool's backend wrapped and its walk linear (before it opens any
+    connection). httpx takes no network backend or pool class of its own, so this reaches
+    its pool (`_pool`, there since httpx 0.18) and makes it a `_Pool` (a subclass that
+    adds no state); `tests/test_gateway_pool.py` checks both still hold."""
     pool = transport._pool
-    if not isinstance(pool, httpcore.AsyncConnectionPool):
+    if type(pool) is not httpcore.AsyncConnectionPool:
         raise TypeError(f"unexpected httpx pool {type(pool).__name__}")
+    pool.__class__ = _Pool
     pool._network_backend = _Backend(pool._network_backend)
     return transport
