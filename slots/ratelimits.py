@@ -32,9 +32,7 @@ from dataclasses import dataclass
 
 from limits import RateLimitItem, RateLimitItemPerMinute
 from limits.aio.storage import RedisStorage as AsyncRedisStorage
-from limits.aio.strategies import FixedWindowRateLimiter as AsyncFixedWindow
 from limits.storage import MemoryStorage
-from limits.strategies import FixedWindowRateLimiter
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +61,10 @@ class Verdict:
     refused: Window | None = None
 
 
-# a cache of immutable items, one per limit value in use (bounded)
+WINDOW_S = 60  # both limits are per minute
+
+# one `limits` item per limit value in use, and the storage key of each (item, token) pair:
+# building them costs more than the counting (bounded caches of immutable values)
 @functools.lru_cache(maxsize=1024)
 def _requests(limit: int) -> RateLimitItem:
     return RateLimitItemPerMinute(limit, namespace="hal0-rpm")
@@ -72,6 +73,11 @@ def _requests(limit: int) -> RateLimitItem:
 @functools.lru_cache(maxsize=1024)
 def _tokens(limit: int) -> RateLimitItem:
     return RateLimitItemPerMinute(limit, namespace="hal0-tpm")
+
+
+@functools.lru_cache(maxsize=4096)
+def _key(item: RateLimitItem, token_id: int) -> str:
+    return item.key_for(str(token_id))
 
 
 class _LazyMemoryStorage(MemoryStorage):
@@ -98,19 +104,31 @@ class _LazyMemoryStorage(MemoryStorage):
             self._MemoryStorage__expire_events()  # type: ignore[attr-defined]
 
 
-class _Memory:
-    """The synchronous in-memory limiter behind the asyncio limiter's interface."""
+# `limits` wraps a storage's methods in its error translation once per class, so a subclass
+# has them wrapped twice; the parent's (wrapped once) do the same for a fraction of the calls
+for _name in ("incr", "get", "get_expiry", "clear"):
+    setattr(_LazyMemoryStorage, _name, getattr(MemoryStorage, _name))
 
-    __slots__ = ("limiter",)
 
-    def __init__(self, limiter: FixedWindowRateLimiter) -> None:
-        self.limiter = limiter
-
-    async def hit(self, item: RateLimitItem, key: str, cost: int = 1) -> bool:
-        return self.limiter.hit(item, key, cost=cost)
-
-    async def get_window_stats(self, item: RateLimitItem, key: str) -> tuple[float, int]:
-        return tuple(self.limiter.get_window_stats(item, key))  # type: ignore[return-value]
+def _verdict(rpm: int | None, tpm: int | None, requests: tuple[int, float] | None,
+             tokens: tuple[int, float] | None) -> Verdict:
+    """The windows from what the storage counted: `requests` (requests in the window,
+    this one included when it was counted; reset) and `tokens` (tokens charged; reset)."""
+    windows = []
+    refused = None
+    if requests is not None and rpm:
+        count, reset = requests
+        window = Window("requests", rpm, max(0, rpm - count), reset)
+        windows.append(window)
+        if count > rpm:
+            refused = window
+    if tokens is not None and tpm:
+        used, reset = tokens
+        window = Window("tokens", tpm, max(0, tpm - used), reset)
+        windows.append(window)
+        if used >= tpm:  # spent: refused, and the request was not counted
+            refused = window
+    return Verdict(tuple(windows), refused)
 
 
 class RateLimits:
@@ -119,68 +137,79 @@ class RateLimits:
     def __init__(self, redis_url: str = "", key_prefix: str = "hal0") -> None:
         self.redis_url = redis_url
         self.key_prefix = f"{key_prefix}:limits"
-        self._memory: _Memory | None = None
-        self._aio: tuple[asyncio.AbstractEventLoop, AsyncFixedWindow] | None = None
+        self._memory: _LazyMemoryStorage | None = None
+        self._aio: tuple[asyncio.AbstractEventLoop, AsyncRedisStorage] | None = None
         self._charges: set[asyncio.Task] = set()  # Redis charges in flight (kept referenced)
 
     @property
     def shared(self) -> bool:
         return bool(self.redis_url)
 
-    def _memory_limiter(self) -> _Memory:
+    def _memory_storage(self) -> _LazyMemoryStorage:
         # built on first use
         if self._memory is None:
-            self._memory = _Memory(FixedWindowRateLimiter(_LazyMemoryStorage()))
+            self._memory = _LazyMemoryStorage()
         return self._memory
 
-    def _redis_limiter(self) -> AsyncFixedWindow:
+    def _redis_storage(self) -> AsyncRedisStorage:
         loop = asyncio.get_running_loop()
         if self._aio is None or self._aio[0] is not loop:
             url = self.redis_url if self.redis_url.startswith("async+") \
                 else f"async+{self.redis_url}"
-            storage = AsyncRedisStorage(url, implementation="redispy",
-                                        key_prefix=self.key_prefix)
-            self._aio = (loop, AsyncFixedWindow(storage))
+            self._aio = (loop, AsyncRedisStorage(url, implementation="redispy",
+                                                 key_prefix=self.key_prefix))
         return self._aio[1]
 
     # --- the request path -----------------------------------------------------------------
+    # A fixed window, as `limits`' FixedWindowRateLimiter counts it, read and counted through
+    # the storage directly: the strategy's `hit` and `get_window_stats` read each key again
+    # (five storage calls per request where three or four do; on the event loop each one
+    # is latency for every request in flight).
     async def admit(self, token_id: int, rpm: int | None, tpm: int | None) -> Verdict:
         """Count one request for the token; refused when its request window is full or its
         token window spent (a request refused for tokens is not counted as a request)."""
-        key = str(token_id)
-        windows: _Memory | AsyncFixedWindow = \
-            self._redis_limiter() if self.shared else self._memory_limiter()
-        requests: Window | None = None
-        tokens: Window | None = None
-        refused: Window | None = None
+        if not self.shared:
+            return self.admit_here(token_id, rpm, tpm)
+        storage = self._redis_storage()
+        tokens = requests = None
         if tpm:
-            reset, remaining = await windows.get_window_stats(_tokens(tpm), key)
-            tokens = Window("tokens", tpm, remaining, reset)
-            if remaining <= 0:
-                refused = tokens
+            key = _key(_tokens(tpm), token_id)
+            tokens = (await storage.get(key), await storage.get_expiry(key))
         if rpm:
-            item = _requests(rpm)
-            allowed = refused is not None or await windows.hit(item, key)
-            reset, remaining = await windows.get_window_stats(item, key)
-            requests = Window("requests", rpm, remaining, reset)
-            if not allowed:
-                refused = requests
-        return Verdict(tuple(w for w in (requests, tokens) if w is not None), refused)
+            key = _key(_requests(rpm), token_id)
+            count = await storage.get(key) if tokens and tokens[0] >= tpm \
+                else await storage.incr(key, WINDOW_S)
+            requests = (count, await storage.get_expiry(key))
+        return _verdict(rpm, tpm, requests, tokens)
+
+    def admit_here(self, token_id: int, rpm: int | None, tpm: int | None) -> Verdict:
+        """`admit` with this process's windows (no REDIS_URL): the same steps, synchronous."""
+        storage = self._memory_storage()
+        tokens = requests = None
+        if tpm:
+            key = _key(_tokens(tpm), token_id)
+            tokens = (storage.get(key), storage.get_expiry(key))
+        if rpm:
+            key = _key(_requests(rpm), token_id)
+            count = storage.get(key) if tokens and tokens[0] >= tpm \
+                else storage.incr(key, WINDOW_S)
+            requests = (count, storage.get_expiry(key))
+        return _verdict(rpm, tpm, requests, tokens)
 
     def charge(self, token_id: int, tpm: int, used: int) -> None:
         """Charge a finished response's tokens to the token's window (from the event loop
         or a thread; with Redis it is sent in the background)."""
         if used <= 0:
             return
+        key = _key(_tokens(tpm), token_id)
         if not self.shared:
-            self._memory_limiter().limiter.hit(_tokens(tpm), str(token_id), cost=used)
+            self._memory_storage().incr(key, WINDOW_S, amount=used)
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # a dropped stream finalized outside the loop: nothing to send on
             return
-        task = loop.create_task(self._redis_limiter().hit(_tokens(tpm), str(token_id),
-                                                          cost=used))
+        task = loop.create_task(self._redis_storage().incr(key, WINDOW_S, amount=used))
         self._charges.add(task)
         task.add_done_callback(self._charges.discard)
 
