@@ -27,7 +27,8 @@ checkout's hal0 beside it as `hal0@<dir name>` (e.g. an older commit exported wi
 passthrough and client: commits compare directly, in the same run. `--limited` adds
 hal0 with a token with rpm/tpm limits and a slot with max_concurrency (none reached;
 needs a hal0 that has them). `--profile FILE` runs `serve` under `bench/profiled.py` and
-profiles its event-loop thread during the measured hal0 batches at the first concurrency:
+profiles its event-loop thread during the measured hal0 batches (or `--profile-target`'s,
+e.g. hal0-limited) at the first concurrency:
 it prints the function calls per request and the costliest functions, and keeps the
 stats in FILE (`python -m pstats FILE`). Profiling slows hal0 down: its CPU figures in a
 `--profile` run are not comparable with a plain run.
@@ -209,7 +210,8 @@ async def batch(client: httpx.AsyncClient, url: str, headers: dict, model: str, 
     return latencies, errors
 
 
-async def measure(stack: Stack, requests: int, levels: list[int], rounds: int) -> dict:
+async def measure(stack: Stack, requests: int, levels: list[int], rounds: int,
+                  profiled: str = "hal0") -> dict:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     targets = stack.targets()
     clients = {name: httpx.AsyncClient(timeout=60, limits=limits, trust_env=False)
@@ -228,7 +230,7 @@ async def measure(stack: Stack, requests: int, levels: list[int], rounds: int) -
                 shift = round_no % len(names)
                 for name in names[shift:] + names[:shift]:
                     url, headers, model, pid = targets[name]
-                    profiling = stack.profile is not None and level_no == 0 and name == "hal0"
+                    profiling = stack.profile is not None and level_no == 0 and name == profiled
                     if profiling:
                         os.kill(pid, signal.SIGUSR1)
                     cpu, switches = cpu_seconds(pid), context_switches(pid)
@@ -297,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limited", action="store_true",
                         help="also a token with limits and a slot with max_concurrency")
     parser.add_argument("--profile", type=Path, help="profile serve's event loop into FILE")
+    parser.add_argument("--profile-target", default="hal0",
+                        help="the target --profile profiles (e.g. hal0-limited)")
     parser.add_argument("--json", help="also write the raw results here")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -305,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     profile = args.profile.resolve() if args.profile else None
     compare = [path.resolve() for path in args.compare]
     with Stack(args.root.resolve(), compare, args.limited, profile) as stack:
-        results = asyncio.run(measure(stack, args.requests, levels, args.rounds))
+        results = asyncio.run(measure(stack, args.requests, levels, args.rounds,
+                                        args.profile_target))
     load = "/".join(f"{x:.2f}" for x in os.getloadavg())
     head = (f"hal0 from {args.root.resolve()}"
             + "".join(f", hal0@{path.name} from {path}" for path in compare)
