@@ -51,6 +51,8 @@ class DashboardConsumer(AsyncWebsocketConsumer):
         pages = runtime.current().live
         pages.bind_loop()
         await self.channel_layer.group_add(live.GROUP, self.channel_name)
+        self.user_group = live.user_group(self.scope["user"].pk)  # its own actions' outcomes
+        await self.channel_layer.group_add(self.user_group, self.channel_name)
         await self.accept()
         self.counted = True
         pages.viewer_joined()
@@ -70,6 +72,8 @@ class DashboardConsumer(AsyncWebsocketConsumer):
                 runtime.current().live.page_watcher(False)
                 await self.channel_layer.group_discard(self.slot_group, self.channel_name)
         await self.channel_layer.group_discard(live.GROUP, self.channel_name)
+        if getattr(self, "user_group", None):
+            await self.channel_layer.group_discard(self.user_group, self.channel_name)
 
     async def push_html(self, event):
         await self.send(text_data=event["html"])

@@ -40,6 +40,12 @@ MODELS_GROUP = "models"  # the gateway's /models/sse listeners: slot states as d
 Message = tuple[str, dict[str, Any]]  # (group, channel-layer message)
 
 
+def user_group(user_id: int) -> str:
+    """The open dashboards of one user: an action's late outcome (a toast) goes there, not
+    to everyone else watching."""
+    return f"user-{user_id}"
+
+
 def render_slot_card(slot: Slot) -> str:
     return render_to_string("slots/_slot_card.html", {"slot": slot, "oob": True})
 

@@ -260,9 +260,10 @@ async def slot_action(request, name, action):
         error = action_error(action, wrapped.exception())
         message = error or finished
     else:
-        # the outcome comes later: pushed to the open pages with the card
-        future.add_done_callback(lambda f: state.live.send(toast_html(
-            *_outcome(action, f, finished))))
+        # the outcome comes later: the card goes to every open page, the toast to this
+        # user's own pages
+        future.add_done_callback(lambda f: state.live.send_to(
+            live.user_group(user.pk), toast_html(*_outcome(action, f, finished))))
         error, message = "", started
     return await _answer(request, name, error, message=message, with_card=bool(done),
                          close_modal=(action == "swap" or request.POST.get("confirmed") == "1")
@@ -512,7 +513,7 @@ async def pull_start(request, name):
         runtime.current().live.send(_pull_fragment(slot, model, phase, data, size, then))
         if phase in PULL_OUTCOMES:
             level, words = PULL_OUTCOMES[phase]
-            runtime.current().live.send(toast_html(
+            runtime.current().live.send_to(live.user_group(user.pk), toast_html(
                 words.format(model=model, message=data.get("message", "")), level))
 
     pulls.do_start_pull(slot, model, actor=user, progress=progress, then_serve=bool(then))

@@ -252,3 +252,34 @@ def test_a_push_after_the_loop_stopped_still_reaches_other_processes(settings):
         assert message == {"type": "push.html", "html": '<div id="slot-y"></div>'}
     finally:
         async_to_sync(layer.group_discard)(live.GROUP, channel)
+
+
+# --- an action's late outcome -----------------------------------------------------------------
+
+async def test_a_late_outcome_toast_goes_to_the_pages_of_the_user_who_acted(
+        node, sim, session_cookie, django_user_model, monkeypatch):
+    """A load that outlasts the view's wait is answered "Loading chat…"; its outcome comes
+    later as a toast on the acting user's open pages. Another user's dashboard gets the
+    card (everyone sees the state) but not the toast meant for someone else."""
+    from slots import views
+
+    monkeypatch.setattr(views, "ACTION_WAIT_S", 0.0)
+    sim.configure(load_delay=0.5)
+    other = await sync_to_async(django_user_model.objects.create_user)(
+        "bob", "", "another-long-password", is_staff=True, is_superuser=True)
+    other_client = AsyncClient()
+    await sync_to_async(other_client.force_login)(other)
+    other_cookie = (b"cookie", f"sessionid={other_client.cookies['sessionid'].value}".encode())
+    mine, theirs = await _dashboard(session_cookie), await _dashboard(other_cookie)
+
+    client = AsyncClient()
+    client.cookies["sessionid"] = session_cookie[1].decode().split("=", 1)[1]
+    response = await client.post("/slots/chat/do/load/", headers={"HX-Request": "true"})
+    assert "Loading chat" in response["HX-Trigger"]
+    toast = await receive_until(mine, 'id="toasts"', timeout=10)
+    assert "chat is loaded." in toast
+    await receive_until(theirs, 'state-ready', timeout=5)  # the card reached bob
+    while not await theirs.receive_nothing(timeout=0.5):
+        assert 'id="toasts"' not in await theirs.receive_from()
+    await mine.disconnect()
+    await theirs.disconnect()
