@@ -723,6 +723,18 @@ def test_a_real_serve_refuses_oversized_bodies_before_reading_them(tmp_path, lem
                            {"Content-Length": str(4 * 1024 * 1024),
                             "Content-Type": "multipart/form-data; boundary=b"}, [b"--b"])
         assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        # the slot page's Try-it upload has the same cap as the endpoint it posts to
+        audio = httpx.post(f"{url}/slots/stt/try/audio/transcriptions", timeout=30,
+                           files={"file": ("a.wav", b"\0" * 2_000_000, "audio/wav")})
+        assert audio.status_code != 413  # reached hal0 (which wants a login and a CSRF token)
+        answer = _raw_post(url, "/slots/stt/try/audio/transcriptions",
+                           {"Content-Length": str(4 * 1024 * 1024),
+                            "Content-Type": "multipart/form-data; boundary=b"}, [b"--b"])
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        answer = _raw_post(url, "/slots/chat/try/chat/completions",
+                           {"Content-Length": str(2 * 1024 * 1024),
+                            "Content-Type": "application/json"}, [b"{"])
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]  # the other panels: 1 MB
         # and serve is fine: small requests work, logins too
         assert httpx.get(f"{url}/api/health", timeout=10).status_code == 200
         assert login(url).get("/api/slots/").status_code == 200

@@ -25,6 +25,8 @@ ENDPOINTS: dict[str, str] = {
 MULTIPART_ENDPOINTS = frozenset({"audio/transcriptions"})
 # paths that carry files get HAL0_MAX_UPLOAD_MB instead of HAL0_MAX_BODY_MB
 UPLOAD_PATHS = frozenset(PREFIX + endpoint for endpoint in MULTIPART_ENDPOINTS)
+# ... and so do the slot pages' Try-it uploads (/slots/<name>/try/audio/transcriptions)
+TRY_UPLOAD_SUFFIXES = tuple("/try/" + endpoint for endpoint in MULTIPART_ENDPOINTS)
 MB = 1024 * 1024
 
 # what hal0 lists itself (GET), besides the proxied ENDPOINTS
@@ -53,8 +55,10 @@ def handles(path: str) -> bool:
 
 def body_cap(path: str) -> int:
     """The largest request body (bytes) hal0 accepts for `path` (no query string):
-    `HAL0_MAX_BODY_MB`, or `HAL0_MAX_UPLOAD_MB` for the upload endpoints."""
-    if path in UPLOAD_PATHS:
+    `HAL0_MAX_BODY_MB`, or `HAL0_MAX_UPLOAD_MB` for the upload endpoints (the gateway's and
+    the Try-it panels' that post to them)."""
+    if path in UPLOAD_PATHS or (path.startswith("/slots/")
+                                and path.endswith(TRY_UPLOAD_SUFFIXES)):
         return int(settings.HAL0_MAX_UPLOAD_MB * MB)
     return int(settings.HAL0_MAX_BODY_MB * MB)
 
