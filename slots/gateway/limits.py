@@ -47,16 +47,26 @@ def duration(seconds: float) -> str:
     return text
 
 
+# each kind's three header names, as Django's header mapping keys them (lower case)
+_NAMES = {kind: tuple(f"x-ratelimit-{what}-{kind}" for what in ("limit", "remaining", "reset"))
+          for kind in _UNITS}
+
+
 def stamp(response: HttpResponse, verdict: Verdict | None) -> HttpResponse:
-    """Add the token's x-ratelimit-* headers to a response."""
+    """Add the token's x-ratelimit-* headers to a response. They go straight into the
+    response's header dict (Django's `ResponseHeaders._store`, name -> (name, value)):
+    its `__setitem__` checks each name and value for encodings and line breaks, which cost
+    more than the rest of a limited request's accounting, and these are digits and
+    durations hal0 wrote itself."""
     if verdict is None:
         return response
     now = time.time()
+    store = response.headers._store  # type: ignore[attr-defined]
     for window in verdict.windows:
-        kind = window.kind
-        response[f"x-ratelimit-limit-{kind}"] = str(window.limit)
-        response[f"x-ratelimit-remaining-{kind}"] = str(max(0, window.remaining))
-        response[f"x-ratelimit-reset-{kind}"] = duration(window.reset_in(now))
+        limit, remaining, reset = _NAMES[window.kind]
+        store[limit] = (limit, str(window.limit))
+        store[remaining] = (remaining, str(max(0, window.remaining)))
+        store[reset] = (reset, duration(window.reset_in(now)))
     return response
 
 
