@@ -12,7 +12,7 @@ chat completion
 * through hal0 (model = "chat": token check, routing, model substitution, serving count,
   metrics),
 * through hal0 with limits set but never reached (**hal0-limited**: a token with rpm and
-  tpm limits, to the slot "chat2" with `max_concurrency`, same simulator cost),
+  tpm limits, to the slot "chat2" with `max_concurrency` and the same model as "chat"),
 * through the passthrough,
 
 `--requests` times per target at each concurrency, interleaved in rounds so that noise
@@ -57,10 +57,10 @@ MODEL = "Qwen3-4B-Instruct-2507-GGUF"  # the seeded chat slot's model
 # hal0 = `manage.py serve`; hal0-limited = the same process, a token with rpm/tpm limits
 # and a slot with max_concurrency, none of them reached
 TARGETS = ("direct", "hal0", "hal0-limited", "passthrough")
-# the extra slots: "chat2" for hal0-limited (another model: the simulator keeps both
-# loaded), "chatq" for the fairness run
+# the extra slots: "chat2" for hal0-limited (the same model as "chat", so that the two
+# targets differ only in their limits), "chatq" for the fairness run
 EXTRA_SLOTS = [
-    {"name": "chat2", "capability": "chat", "device": "cpu", "model_name": "Qwen3-0.6B-GGUF",
+    {"name": "chat2", "capability": "chat", "device": "cpu", "model_name": MODEL,
      "max_concurrency": 10_000, "queue_timeout_s": 60, "idle_timeout_s": 0},
     {"name": "chatq", "capability": "chat", "device": "cpu", "model_name": "Qwen3-1.7B-GGUF",
      "max_concurrency": 1, "queue_timeout_s": 120, "idle_timeout_s": 0},

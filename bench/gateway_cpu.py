@@ -62,7 +62,7 @@ from tests.sim_fixtures import start_simulator  # noqa: E402
 MODEL = "Qwen3-4B-Instruct-2507-GGUF"  # the seeded chat slot's model
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 LIMITED_SLOT = {"name": "chat2", "capability": "chat", "device": "cpu",
-                "model_name": "Qwen3-0.6B-GGUF", "max_concurrency": 10_000,
+                "model_name": MODEL, "max_concurrency": 10_000,
                 "queue_timeout_s": 60, "idle_timeout_s": 0}
 
 
