@@ -4,6 +4,7 @@ it still notices a connection lemond has closed, and the gateway's client uses i
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 
 import httpx
@@ -127,9 +128,32 @@ def test_the_pools_walk_asks_each_connection_once_whether_it_is_idle(monkeypatch
 
 
 def test_the_pools_walk_is_httpcores_own_apart_from_the_count():
-    """`_Pool` copies httpcore 1.0.9's walk. A newer httpcore may have changed it (or
-    fixed the count): then compare the two again and update `_Pool` or drop it."""
+    """`_Pool` copies httpcore 1.0.9's walk. An httpcore whose walk differs (a new
+    version may change it, or fix the count) fails this: then compare the two again and
+    update `_Pool`, or drop it, and record the new source's hash here."""
+    import hashlib
+    import inspect
+
     import httpcore
-    assert httpcore.__version__.startswith("1.0."), (
-        f"httpcore {httpcore.__version__}: re-check slots.gateway.pool._Pool against "
-        "httpcore's AsyncConnectionPool._assign_requests_to_connections")
+    source = inspect.getsource(httpcore.AsyncConnectionPool._assign_requests_to_connections)
+    assert hashlib.sha256(source.encode()).hexdigest()[:16] == "ea1547e78a655633", (
+        f"httpcore {httpcore.__version__} changed its pool's walk: re-check "
+        "slots.gateway.pool._Pool against AsyncConnectionPool._assign_requests_to_connections")
+
+
+def test_a_pool_class_of_httpxs_own_keeps_its_walk(caplog, monkeypatch):
+    """Should httpx hand over a pool subclass of its own, the gateway still gets the cheap
+    idle check, keeps that class's walk and says so, instead of failing every request."""
+    import httpcore
+
+    class Theirs(httpcore.AsyncConnectionPool):
+        pass
+
+    transport = httpx.AsyncHTTPTransport(trust_env=False)
+    transport._pool.__class__ = Theirs  # type: ignore[attr-defined]
+    monkeypatch.setattr(logging.getLogger("hal0"), "propagate", True)  # into caplog
+    with caplog.at_level("WARNING", logger="hal0.gateway"):
+        pool.wrap(transport)
+    assert type(transport._pool) is Theirs  # type: ignore[attr-defined]
+    assert isinstance(transport._pool._network_backend, pool._Backend)  # type: ignore[attr-defined]
+    assert "Theirs" in caplog.text

@@ -20,6 +20,7 @@ with the count taken once.
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import typing
@@ -27,6 +28,7 @@ import typing
 import httpcore
 import httpx
 
+log = logging.getLogger("hal0.gateway")
 
 def readable(sock: socket.socket | None) -> bool:
     """Whether a read would not block: data, or the peer closed the connection (what
@@ -142,8 +144,11 @@ def wrap(transport: httpx.AsyncHTTPTransport) -> httpx.AsyncHTTPTransport:
     its pool (`_pool`, there since httpx 0.18) and makes it a `_Pool` (a subclass that
     adds no state); `tests/test_gateway_pool.py` checks both still hold."""
     pool = transport._pool
-    if type(pool) is not httpcore.AsyncConnectionPool:
+    if not isinstance(pool, httpcore.AsyncConnectionPool):
         raise TypeError(f"unexpected httpx pool {type(pool).__name__}")
-    pool.__class__ = _Pool
+    if type(pool) is httpcore.AsyncConnectionPool:
+        pool.__class__ = _Pool
+    else:  # a pool class of httpx's own: keep its walk (slower, not wrong)
+        log.warning("httpx's pool is a %s: its walk stays httpcore's", type(pool).__name__)
     pool._network_backend = _Backend(pool._network_backend)
     return transport
