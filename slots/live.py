@@ -155,7 +155,8 @@ class Live:
         self._publish([(group, message)])
 
     def send_to(self, group: str, html: str) -> None:
-        """Push an HTML fragment to another page's group (a slot page's stats)."""
+        """Push an HTML fragment to one group of pages (a slot page's stats, a user's own
+        pages' toasts)."""
         if html:
             self._publish([(group, {"type": "push.html", "html": html})])
 

@@ -54,7 +54,8 @@ class Window(NamedTuple):
 
 class Verdict(NamedTuple):
     """What `RateLimits.admit` decided: the windows the token has and the one that refused
-    it (None: admitted)."""
+    it (None: admitted). A 2-tuple, like `slots.gateway.limits.admit`'s answer (verdict,
+    refusal): do not unpack one for the other."""
 
     windows: tuple[Window, ...]
     refused: Window | None = None
@@ -75,8 +76,10 @@ def _tokens(limit: int) -> RateLimitItem:
 
 
 @functools.lru_cache(maxsize=4096)
-def _key(item: RateLimitItem, token_id: int) -> str:
-    return item.key_for(str(token_id))
+def _key(kind: str, limit: int, token_id: int) -> str:
+    """The storage key of a token's window: kind "rpm" or "tpm" (keyed by plain values:
+    two `limits` items of one amount compare equal whatever their namespace)."""
+    return (_requests(limit) if kind == "rpm" else _tokens(limit)).key_for(str(token_id))
 
 
 class _LazyMemoryStorage(MemoryStorage):
@@ -104,8 +107,12 @@ class _LazyMemoryStorage(MemoryStorage):
 
 
 # `limits` wraps a storage's methods in its error translation once per class, so a subclass
-# has them wrapped twice; the parent's (wrapped once) do the same for a fraction of the calls
+# has them wrapped twice; the parent's (wrapped once) do the same for a fraction of the calls.
 for _name in ("incr", "get", "get_expiry", "clear"):
+    # what is replaced must be limits' wrapper of the parent's method, never a method
+    # defined in `_LazyMemoryStorage` itself
+    _own = vars(_LazyMemoryStorage)[_name]
+    assert _own.__wrapped__ is getattr(MemoryStorage, _name), f"_LazyMemoryStorage.{_name}"
     setattr(_LazyMemoryStorage, _name, getattr(MemoryStorage, _name))
 
 
@@ -162,7 +169,7 @@ class RateLimits:
     # --- the request path -----------------------------------------------------------------
     # A fixed window, as `limits`' FixedWindowRateLimiter counts it, read and counted through
     # the storage directly: the strategy's `hit` and `get_window_stats` read each key again
-    # (five storage calls per request where three or four do; on the event loop each one
+    # (with both limits five storage calls per request where four do, with one three for two; on the event loop each one
     # is latency for every request in flight).
     async def admit(self, token_id: int, rpm: int | None, tpm: int | None) -> Verdict:
         """Count one request for the token; refused when its request window is full or its
@@ -172,10 +179,10 @@ class RateLimits:
         storage = self._redis_storage()
         tokens = requests = None
         if tpm:
-            key = _key(_tokens(tpm), token_id)
+            key = _key("tpm", tpm, token_id)
             tokens = (await storage.get(key), await storage.get_expiry(key))
         if rpm:
-            key = _key(_requests(rpm), token_id)
+            key = _key("rpm", rpm, token_id)
             count = await storage.get(key) if tokens and tokens[0] >= tpm \
                 else await storage.incr(key, WINDOW_S)
             requests = (count, await storage.get_expiry(key))
@@ -186,10 +193,10 @@ class RateLimits:
         storage = self._memory_storage()
         tokens = requests = None
         if tpm:
-            key = _key(_tokens(tpm), token_id)
+            key = _key("tpm", tpm, token_id)
             tokens = (storage.get(key), storage.get_expiry(key))
         if rpm:
-            key = _key(_requests(rpm), token_id)
+            key = _key("rpm", rpm, token_id)
             count = storage.get(key) if tokens and tokens[0] >= tpm \
                 else storage.incr(key, WINDOW_S)
             requests = (count, storage.get_expiry(key))
@@ -200,7 +207,7 @@ class RateLimits:
         or a thread; with Redis it is sent in the background)."""
         if used <= 0:
             return
-        key = _key(_tokens(tpm), token_id)
+        key = _key("tpm", tpm, token_id)
         if not self.shared:
             self._memory_storage().incr(key, WINDOW_S, amount=used)
             return
