@@ -5,6 +5,8 @@ caps (`body_cap`), which `serve`'s Daphne (hal0site.bodylimit) and the gateway s
 
 from __future__ import annotations
 
+import re
+
 from django.conf import settings
 
 PREFIX = "/v1/"
@@ -25,8 +27,9 @@ ENDPOINTS: dict[str, str] = {
 MULTIPART_ENDPOINTS = frozenset({"audio/transcriptions"})
 # paths that carry files get HAL0_MAX_UPLOAD_MB instead of HAL0_MAX_BODY_MB
 UPLOAD_PATHS = frozenset(PREFIX + endpoint for endpoint in MULTIPART_ENDPOINTS)
-# ... and so do the slot pages' Try-it uploads (/slots/<name>/try/audio/transcriptions)
-TRY_UPLOAD_SUFFIXES = tuple("/try/" + endpoint for endpoint in MULTIPART_ENDPOINTS)
+# ... and so do the slot pages' Try-it uploads (slots/urls.py: slots/<name>/try/<endpoint>)
+_UPLOADS = "|".join(re.escape(endpoint) for endpoint in sorted(MULTIPART_ENDPOINTS))
+TRY_UPLOAD_PATH = re.compile(rf"/slots/[^/]+/try/(?:{_UPLOADS})")
 MB = 1024 * 1024
 
 # what hal0 lists itself (GET), besides the proxied ENDPOINTS
@@ -57,8 +60,7 @@ def body_cap(path: str) -> int:
     """The largest request body (bytes) hal0 accepts for `path` (no query string):
     `HAL0_MAX_BODY_MB`, or `HAL0_MAX_UPLOAD_MB` for the upload endpoints (the gateway's and
     the Try-it panels' that post to them)."""
-    if path in UPLOAD_PATHS or (path.startswith("/slots/")
-                                and path.endswith(TRY_UPLOAD_SUFFIXES)):
+    if path in UPLOAD_PATHS or TRY_UPLOAD_PATH.fullmatch(path):
         return int(settings.HAL0_MAX_UPLOAD_MB * MB)
     return int(settings.HAL0_MAX_BODY_MB * MB)
 
