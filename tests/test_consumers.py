@@ -256,6 +256,29 @@ def test_a_push_after_the_loop_stopped_still_reaches_other_processes(settings):
 
 # --- an action's late outcome -----------------------------------------------------------------
 
+async def _two_users(session_cookie, django_user_model):
+    """The admin's and bob's open dashboards, and an htmx client logged in as the admin."""
+    other = await sync_to_async(django_user_model.objects.create_user)(
+        "bob", "", "another-long-password", is_staff=True, is_superuser=True)
+    other_client = AsyncClient()
+    await sync_to_async(other_client.force_login)(other)
+    other_cookie = (b"cookie", f"sessionid={other_client.cookies['sessionid'].value}".encode())
+    mine, theirs = await _dashboard(session_cookie), await _dashboard(other_cookie)
+    client = AsyncClient()
+    client.cookies["sessionid"] = session_cookie[1].decode().split("=", 1)[1]
+    return mine, theirs, client
+
+
+async def _all_until_quiet(comm: WebsocketCommunicator, needle: str) -> list[str]:
+    """Every message up to the one containing `needle`, and then until 0.5 s of quiet."""
+    seen: list[str] = []
+    while not any(needle in html for html in seen):
+        seen.append(await comm.receive_from(timeout=10))
+    while not await comm.receive_nothing(timeout=0.5):
+        seen.append(await comm.receive_from())
+    return seen
+
+
 async def test_a_late_outcome_toast_goes_to_the_pages_of_the_user_who_acted(
         node, sim, session_cookie, django_user_model, monkeypatch):
     """A load that outlasts the view's wait is answered "Loading chat…"; its outcome comes
@@ -265,24 +288,29 @@ async def test_a_late_outcome_toast_goes_to_the_pages_of_the_user_who_acted(
 
     monkeypatch.setattr(views, "ACTION_WAIT_S", 0.0)
     sim.configure(load_delay=0.5)
-    other = await sync_to_async(django_user_model.objects.create_user)(
-        "bob", "", "another-long-password", is_staff=True, is_superuser=True)
-    other_client = AsyncClient()
-    await sync_to_async(other_client.force_login)(other)
-    other_cookie = (b"cookie", f"sessionid={other_client.cookies['sessionid'].value}".encode())
-    mine, theirs = await _dashboard(session_cookie), await _dashboard(other_cookie)
-
-    client = AsyncClient()
-    client.cookies["sessionid"] = session_cookie[1].decode().split("=", 1)[1]
+    mine, theirs, client = await _two_users(session_cookie, django_user_model)
     response = await client.post("/slots/chat/do/load/", headers={"HX-Request": "true"})
     assert "Loading chat" in response["HX-Trigger"]
     toast = await receive_until(mine, 'id="toasts"', timeout=10)
     assert "chat is loaded." in toast
-    seen: list[str] = []  # everything bob's page got: the card, and then quiet
-    while not any("state-ready" in html for html in seen):
-        seen.append(await theirs.receive_from(timeout=5))
-    while not await theirs.receive_nothing(timeout=0.5):
-        seen.append(await theirs.receive_from())
+    seen = await _all_until_quiet(theirs, "state-ready")  # the card reached bob
+    assert not any('id="toasts"' in html for html in seen)
+    await mine.disconnect()
+    await theirs.disconnect()
+
+
+async def test_a_downloads_outcome_toast_goes_to_the_user_who_started_it(
+        node, sim, session_cookie, django_user_model):
+    """A download's progress is on every open page (the slot's download row); its
+    outcome's toast only on the starter's pages."""
+    model = "Llama-3.2-1B-Instruct-GGUF"  # not downloaded in the simulator
+    mine, theirs, client = await _two_users(session_cookie, django_user_model)
+    response = await client.post("/slots/chat/pull/", {"model": model},
+                                 headers={"HX-Request": "true"})
+    assert response.status_code == 200
+    toast = await receive_until(mine, 'id="toasts"', timeout=20)
+    assert f"Downloaded {model}." in toast
+    seen = await _all_until_quiet(theirs, "downloaded")  # bob saw it finish
     assert not any('id="toasts"' in html for html in seen)
     await mine.disconnect()
     await theirs.disconnect()
