@@ -8,6 +8,8 @@ import functools
 import httpx._transports.default
 import pytest
 
+from tests.harness import cookie_for
+
 pytest_plugins = ("tests.sim_fixtures",)
 
 # Every httpx.Client (and so every httpx.get/post) builds an SSL context and loads certifi's
@@ -124,10 +126,9 @@ def dead_node(db):
 
 
 @pytest.fixture
-def session_cookie(client, admin_user):
+def session_cookie(admin_user):
     """A logged-in admin's session cookie, as a websocket handshake header."""
-    client.force_login(admin_user)
-    return (b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode())
+    return cookie_for(admin_user)
 
 
 @pytest.fixture

@@ -247,6 +247,16 @@ def login(url: str, client_class=httpx.Client, username: str = "admin", **kwargs
     return client
 
 
+def cookie_for(user) -> tuple[bytes, bytes]:
+    """A session cookie for `user` (logged in now, in the test database), as a websocket
+    handshake header. Sync: from async code, call it through sync_to_async."""
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    return (b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode())
+
+
 def redis_available(url: str = "redis://127.0.0.1:6379/0") -> bool:
     try:
         import redis

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
-from django.test import AsyncClient, Client
+from django.test import Client
 from django.utils import timezone
 
 from hal0site.asgi import application
@@ -19,6 +19,7 @@ from slots import activity, runtime
 from slots.gateway.routes import invalidate_routes
 from slots.metrics import RequestSample
 from slots.models import RequestMetric, Slot
+from tests.harness import cookie_for
 
 ORIGIN = (b"origin", b"http://127.0.0.1:8000")
 HOST = (b"host", b"127.0.0.1:8000")
@@ -139,9 +140,7 @@ def test_the_activity_page_shows_the_slot_queues(admin_client):
 @pytest.mark.django_db(transaction=True)
 async def test_a_written_batch_appears_live_for_those_who_may_see_it(admin_user, alice):
     async def connect(user, query=""):
-        client = AsyncClient()
-        await sync_to_async(client.force_login)(user)
-        cookie = (b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode())
+        cookie = await sync_to_async(cookie_for)(user)
         socket = WebsocketCommunicator(application, f"/ws/activity/{query}",
                                        headers=[HOST, cookie, ORIGIN])
         connected, _ = await socket.connect()

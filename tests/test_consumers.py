@@ -15,7 +15,7 @@ from hal0site.asgi import application
 from slots import live, runtime
 from slots.actions import config, lifecycle
 from slots.models import Node, Slot, State
-from tests.harness import REDIS_URL, in_a_worker_after_the_loop_stopped, redis_available
+from tests.harness import REDIS_URL, cookie_for, in_a_worker_after_the_loop_stopped, redis_available
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -260,9 +260,7 @@ async def _two_users(session_cookie, django_user_model):
     """The admin's and bob's open dashboards, and an htmx client logged in as the admin."""
     other = await sync_to_async(django_user_model.objects.create_user)(
         "bob", "", "another-long-password", is_staff=True, is_superuser=True)
-    other_client = AsyncClient()
-    await sync_to_async(other_client.force_login)(other)
-    other_cookie = (b"cookie", f"sessionid={other_client.cookies['sessionid'].value}".encode())
+    other_cookie = await sync_to_async(cookie_for)(other)
     mine, theirs = await _dashboard(session_cookie), await _dashboard(other_cookie)
     client = AsyncClient()
     client.cookies["sessionid"] = session_cookie[1].decode().split("=", 1)[1]

@@ -112,7 +112,8 @@ def http_client() -> httpx.AsyncClient:
             timeout=httpx.Timeout(settings.HAL0_GATEWAY_READ_TIMEOUT_S,
                                   connect=settings.HAL0_GATEWAY_CONNECT_TIMEOUT_S,
                                   pool=settings.HAL0_GATEWAY_CONNECT_TIMEOUT_S),
-            # its idle connections checked cheaply: the pool checks them all per request
+            # a pool that walks its connections in linear time and checks idle ones with
+            # one poll: it walks them all several times per request (slots.gateway.pool)
             transport=pool.wrap(httpx.AsyncHTTPTransport(
                 limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
                 trust_env=False)),
