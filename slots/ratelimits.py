@@ -30,7 +30,7 @@ import math
 import time
 from typing import NamedTuple
 
-from limits import RateLimitItem, RateLimitItemPerMinute
+from limits import RateLimitItemPerMinute
 from limits.aio.storage import RedisStorage as AsyncRedisStorage
 from limits.storage import MemoryStorage
 
@@ -63,23 +63,12 @@ class Verdict(NamedTuple):
 
 WINDOW_S = 60  # both limits are per minute
 
-# one `limits` item per limit value in use, and the storage key of each (item, token) pair:
-# building them costs more than the counting (bounded caches of immutable values)
-@functools.lru_cache(maxsize=1024)
-def _requests(limit: int) -> RateLimitItem:
-    return RateLimitItemPerMinute(limit, namespace="hal0-rpm")
-
-
-@functools.lru_cache(maxsize=1024)
-def _tokens(limit: int) -> RateLimitItem:
-    return RateLimitItemPerMinute(limit, namespace="hal0-tpm")
-
-
 @functools.lru_cache(maxsize=4096)
 def _key(kind: str, limit: int, token_id: int) -> str:
-    """The storage key of a token's window: kind "rpm" or "tpm" (keyed by plain values:
-    two `limits` items of one amount compare equal whatever their namespace)."""
-    return (_requests(limit) if kind == "rpm" else _tokens(limit)).key_for(str(token_id))
+    """The storage key of a token's window, kind "rpm" or "tpm": `limits`' own key for a
+    per-minute item of that size (e.g. `hal0-rpm/7/100/1/minute`). Cached (bounded,
+    immutable values): building the item and its key costs more than the counting."""
+    return RateLimitItemPerMinute(limit, namespace=f"hal0-{kind}").key_for(str(token_id))
 
 
 class _LazyMemoryStorage(MemoryStorage):
