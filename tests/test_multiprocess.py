@@ -256,6 +256,7 @@ def test_a_tokens_rate_limits_hold_across_both_serves_on_redis(cluster):
     assert [r.headers["x-ratelimit-remaining-requests"] for r in answers] == ["2", "1", "0"]
     refused = post(b, rpm)
     assert refused.status_code == 429
+    assert refused.reason_phrase == "Too Many Requests"  # not Twisted's "Unknown Status"
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
     assert int(refused.headers["retry-after"]) >= 1
     assert refused.headers["x-ratelimit-limit-requests"] == "3"

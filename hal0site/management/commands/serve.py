@@ -14,6 +14,7 @@ from daphne.endpoints import build_endpoint_description_strings
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from twisted.internet import defer, reactor
+from twisted.web import http as twisted_http
 
 from hal0site.asgi import application
 from hal0site.bodylimit import LimitedHTTPFactory
@@ -69,6 +70,9 @@ class Command(BaseCommand):
         # Body caps where Daphne receives the bytes (hal0site.bodylimit): its Server builds
         # the HTTPFactory named in its module.
         daphne.server.HTTPFactory = LimitedHTTPFactory
+        # Twisted knows no reason phrase for 429 and writes "429 Unknown Status": the
+        # gateway's rate-limit and queue refusals read as what they are on the status line
+        twisted_http.RESPONSES.setdefault(429, b"Too Many Requests")
         server = daphne.server.Server(
             application=log_cancelled(application, access) if access else application,
             endpoints=endpoints,
